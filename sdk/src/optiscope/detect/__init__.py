@@ -1,0 +1,16 @@
+"""Streaming detectors: pure functions of a series stream, no I/O.
+
+A detector is anything with ``update(step, values, rank) -> list[AlertEvent]``: it is fed each
+record's values in arrival order and returns the alert transitions (firing or resolved) that the
+record causes. The collector runs the same code for every run; a trainer may run it in-process.
+"""
+from __future__ import annotations
+
+from .base import AlertEvent, Detector
+from .nonfinite import NonFiniteDetector
+
+__all__ = ["AlertEvent", "Detector", "NonFiniteDetector", "default_detectors"]
+
+
+def default_detectors() -> list[Detector]:
+    return [NonFiniteDetector()]

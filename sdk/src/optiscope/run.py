@@ -1,0 +1,160 @@
+"""``optiscope.init`` and the ``Run``: the one object a training script holds.
+
+After ``init()`` returns, nothing here raises into the training loop: errors are logged once and
+the run goes on unobserved rather than crashing the job.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from typing import Any, Mapping
+
+from . import wire
+from .transport.exporter import Exporter
+from .transport.http import HttpClient
+
+log = logging.getLogger("optiscope")
+
+DEFAULT_URL = "http://127.0.0.1:8737"
+DEFAULT_PROJECT = "default"
+FINISH_TIMEOUT = 10.0
+
+
+def new_run_id() -> str:
+    """Time-ordered, collision-resistant id made on the client, so ``run.id`` is known at once
+    even when the collector is not reachable yet: 12 hex digits of milliseconds + 10 random."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+class Run:
+    def __init__(self, project: str, name: str | None, url: str, token: str | None,
+                 config: Mapping[str, Any] | None, rank: int = 0, **exporter_options):
+        self.id = new_run_id()
+        self.project, self.url, self.rank = project, url.rstrip("/"), rank
+        self.name = name or f"run-{self.id[-6:]}"
+        self.config = dict(config or {})
+        self._pid = os.getpid()  # a forked child (DataLoader worker) must not send for the parent
+        self._probes: list = []
+        self._auto_step = 0
+        self._finished = False
+        self._warned: set[str] = set()
+        doc = {"project": project, "name": self.name, "rank": rank,
+               "config": json.loads(json.dumps(self.config, default=str)),
+               "host": socket.gethostname(), "pid": self._pid}
+        self._exporter = Exporter(HttpClient(self.url, token), self.id, doc, rank=rank, **exporter_options)
+        atexit.register(self._atexit)
+
+    @property
+    def api_url(self) -> str:
+        """The run's URL in the REST API."""
+        return f"{self.url}/api/v1/runs/{self.id}"
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values."""
+        return dict(self._exporter.counters)
+
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("optiscope: " + msg, *args)
+
+    def _active(self) -> bool:
+        return not self._finished and os.getpid() == self._pid
+
+    # -- public ------------------------------------------------------------------------------
+    def watch(self, optimizer, model=None, every: int = 1) -> "Run":
+        """Attach to a ``torch.optim.Optimizer`` through its step hooks; sample one step in ``every``.
+
+        ``model`` is accepted for the per-tensor and activation statistics; the global series need
+        only the optimizer.
+        """
+        try:
+            from .probe.optimizer import OptimizerProbe  # imports torch: only here
+            self._probes.append(OptimizerProbe(optimizer, self._emit, every=every))
+        except Exception:
+            self._warn_once("watch", "could not attach to the optimizer; training continues unobserved",
+                            exc_info=True)
+        return self
+
+    def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Record values (Python numbers or 0-d tensors) at ``step``; never waits, never raises.
+
+        Without ``step``: the index of the last completed optimizer step when an optimizer is
+        watched (so log after ``optimizer.step()``), otherwise a counter of ``log`` calls.
+        Tensors are detached and read on the exporter thread, so this call forces no host sync.
+        """
+        if not self._active():
+            return
+        try:
+            if step is None:
+                if self._probes:
+                    step = max(0, self._probes[0].steps - 1)
+                else:
+                    step = self._auto_step
+                    self._auto_step += 1
+            clean = {}
+            for k, v in values.items():
+                if not wire.valid_name(k):
+                    self._warn_once(f"name:{k}", "series name %r is invalid and is not recorded", k)
+                elif hasattr(v, "detach"):
+                    if v.numel() != 1:
+                        self._warn_once(f"shape:{k}", "%r is not a scalar and is not recorded", k)
+                        continue
+                    clean[k] = v.detach().reshape(())
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    clean[k] = float(v)
+                elif hasattr(v, "item"):  # numpy scalars
+                    clean[k] = float(v.item())
+                else:
+                    self._warn_once(f"type:{k}", "%r has type %s, not a number; not recorded", k, type(v).__name__)
+            if clean:
+                self._exporter.submit((int(step), time.time(), clean, None))
+        except Exception:
+            self._warn_once("log", "log() failed; the value is not recorded", exc_info=True)
+
+    def finish(self, timeout: float = FINISH_TIMEOUT, status: str = "finished") -> bool:
+        """Flush and close, waiting at most ``timeout`` seconds; True if everything was delivered."""
+        if not self._active():
+            return True
+        self._finished = True
+        try:
+            for p in self._probes:
+                p.close()
+            return self._exporter.close(timeout, status)
+        except Exception:
+            self._warn_once("finish", "finish() failed", exc_info=True)
+            return False
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(status="crashed" if exc_type is not None else "finished")
+
+    # -- internal ----------------------------------------------------------------------------
+    def _emit(self, step: int, values: dict, vector) -> None:
+        if self._active():
+            self._exporter.submit((step, time.time(), values, vector))
+
+    def _atexit(self) -> None:
+        if self._active():
+            self.finish(timeout=FINISH_TIMEOUT)
+
+
+def init(project: str | None = None, name: str | None = None, url: str | None = None,
+         token: str | None = None, config: Mapping[str, Any] | None = None, **options) -> Run:
+    """Start a run. ``url``, ``token`` and ``project`` fall back to ``OPTISCOPE_URL``,
+    ``OPTISCOPE_TOKEN`` and ``OPTISCOPE_PROJECT``; the collector need not be reachable yet."""
+    project = project or os.environ.get("OPTISCOPE_PROJECT") or DEFAULT_PROJECT
+    url = url or os.environ.get("OPTISCOPE_URL") or DEFAULT_URL
+    token = token or os.environ.get("OPTISCOPE_TOKEN") or None
+    if not wire.valid_name(project):
+        raise ValueError(f"optiscope: invalid project name {project!r}")
+    return Run(project, name, url, token, config, **options)
+

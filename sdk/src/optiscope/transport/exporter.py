@@ -1,0 +1,190 @@
+"""Bounded queue and the background thread that batches records and sends them to the collector.
+
+``submit`` never waits on the network: it appends to a bounded deque (a full queue drops the
+oldest record and counts it) and returns. One daemon thread registers the run, batches records by
+size and time, and sends each batch with its idempotency key (run, rank, seq), retrying only what
+can succeed later. ``close`` is bounded by a timeout.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import random
+import threading
+import time
+from typing import Any
+
+from .. import wire
+from .http import HttpClient
+
+log = logging.getLogger("optiscope")
+
+#: Statuses worth retrying: the collector is restarting, overloaded or behind a failing proxy.
+RETRYABLE = {429, 502, 503, 504}
+
+# A record as the training thread hands it over: (step, unix time, {name: float | 0-d tensor},
+# optional (names, 1-d device tensor)). Tensors are copied to the host here, off the training thread.
+Record = tuple[int, float, dict, Any]
+
+
+def materialize(record: Record) -> tuple[int, float, dict[str, float]]:
+    step, t, values, vector = record
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        # HOST SYNC (exporter thread): a 0-d tensor the user logged is read here, never in log().
+        out[k] = float(v.tolist() if hasattr(v, "tolist") else v)
+    if vector is not None:
+        names, vec = vector
+        # HOST SYNC (exporter thread): the probe's stacked statistics, one copy per sampled step.
+        out.update(zip(names, (float(x) for x in vec.tolist())))
+    return step, t, out
+
+
+class Exporter:
+    def __init__(self, client: HttpClient, run_id: str, run_doc: dict, rank: int = 0,
+                 max_queue: int = 100_000, max_batch_records: int = 1_000, flush_interval: float = 0.5,
+                 max_pending_batches: int = 1_000, backoff_max: float = 10.0):
+        self.client = client
+        self.run_id, self.run_doc, self.rank = run_id, run_doc, rank
+        self.max_queue, self.max_batch_records = max_queue, max_batch_records
+        self.flush_interval, self.max_pending, self.backoff_max = flush_interval, max_pending_batches, backoff_max
+        self.counters = collections.Counter(dropped=0, sent_batches=0, sent_points=0, retries=0,
+                                            rejected_batches=0, bad_values=0)
+        self._queue: collections.deque[Record] = collections.deque()
+        self._pending: collections.deque[tuple[int, bytes, int]] = collections.deque()  # (seq, body, points)
+        self._cv = threading.Condition()
+        self._seq = 0
+        self._registered = False
+        self._closing = False
+        self._deadline = math.inf
+        self._finish_status: str | None = None
+        self._warned: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name="optiscope-exporter", daemon=True)
+        self._thread.start()
+
+    # -- training thread ---------------------------------------------------------------------
+    def submit(self, record: Record) -> None:
+        with self._cv:
+            if len(self._queue) >= self.max_queue:
+                self._queue.popleft()
+                self.counters["dropped"] += 1
+            self._queue.append(record)
+            if len(self._queue) >= self.max_batch_records:
+                self._cv.notify()
+
+    def close(self, timeout: float, status: str = "finished") -> bool:
+        """Flush what is queued, mark the run finished, stop the thread; True if all was delivered."""
+        with self._cv:
+            self._closing = True
+            self._finish_status = status
+            self._deadline = time.monotonic() + max(0.0, timeout)
+            self._cv.notify()
+        self._thread.join(timeout=max(0.0, timeout) + 0.5)
+        with self._cv:
+            # Whatever is still here when the deadline passed is lost; say how much, once.
+            lost = len(self._queue) + sum(p for _, _, p in self._pending)
+        if lost:
+            log.warning("optiscope: finish() timed out with %d records/points undelivered", lost)
+        return lost == 0 and not self._thread.is_alive()
+
+    # -- exporter thread ---------------------------------------------------------------------
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("optiscope: " + msg, *args)
+
+    def _loop(self) -> None:
+        backoff = 0.0
+        while True:
+            with self._cv:
+                if backoff:
+                    self._cv.wait(timeout=min(backoff, max(0.0, self._deadline - time.monotonic())))
+                elif not self._closing and len(self._queue) < self.max_batch_records:
+                    self._cv.wait(timeout=self.flush_interval)
+                closing = self._closing
+                if time.monotonic() >= self._deadline:
+                    return
+                records = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_records))]
+            if records:
+                self._enqueue_batch(records)
+            ok = self._drain()
+            backoff = 0.0 if ok else min(self.backoff_max, max(0.05, backoff * 2)) * random.uniform(0.5, 1.0)
+            if ok and closing:
+                with self._cv:
+                    if self._queue:
+                        continue
+                self._send_finish()
+                return
+
+    def _enqueue_batch(self, records: list[Record]) -> None:
+        out = []
+        for r in records:
+            try:
+                out.append(materialize(r))
+            except Exception:  # an object that is not a number: drop it, never the batch
+                self.counters["bad_values"] += 1
+                self._warn_once("bad_value", "dropped a record whose values could not be read as numbers")
+        if not out:
+            return
+        batch = wire.Batch(self.run_id, self.rank, self._seq, out)
+        self._seq += 1
+        if len(self._pending) >= self.max_pending:
+            _, _, n = self._pending.popleft()
+            self.counters["dropped"] += n
+            self._warn_once("pending_full", "collector unreachable and %d batches pending: dropping the oldest",
+                            self.max_pending)
+        self._pending.append((batch.seq, wire.encode_batch(batch), batch.n_points()))
+
+    def _call(self, method: str, path: str, body) -> int | None:
+        """Returns the status, or None when the collector could not be reached."""
+        try:
+            status, headers, payload = self.client.request(method, path, body)
+        except ConnectionError as e:
+            self._warn_once("unreachable", "collector at %s unreachable (%s); will keep retrying",
+                            self.client.base_url, e)
+            return None
+        if status >= 400 and status not in RETRYABLE:
+            reason = _reason(payload)
+            self._warn_once(f"http{status}:{reason}", "%s %s rejected with %d (%s); dropping it",
+                            method, path, status, reason)
+        return status
+
+    def _drain(self) -> bool:
+        """Register the run if needed, then send pending batches oldest first. False = back off."""
+        if not self._registered:
+            status = self._call("PUT", f"/api/v1/runs/{self.run_id}", self.run_doc)
+            if status is None or status in RETRYABLE:
+                self.counters["retries"] += 1
+                return False
+            self._registered = 200 <= status < 300
+            if not self._registered:  # e.g. 401: nothing we send will be accepted
+                return True
+        while self._pending:
+            seq, body, n = self._pending[0]
+            status = self._call("POST", f"/api/v1/runs/{self.run_id}/batches", body)
+            if status is None or status in RETRYABLE:
+                self.counters["retries"] += 1
+                return False
+            self._pending.popleft()
+            if 200 <= status < 300:
+                self.counters["sent_batches"] += 1
+                self.counters["sent_points"] += n
+            else:
+                self.counters["rejected_batches"] += 1
+        return True
+
+    def _send_finish(self) -> None:
+        if self._registered:
+            self._call("POST", f"/api/v1/runs/{self.run_id}/finish",
+                       {"status": self._finish_status or "finished", "rank": self.rank})
+        self.client.close()
+
+
+def _reason(payload: bytes) -> str:
+    try:
+        doc = json.loads(payload)
+        return str(doc.get("reason") or doc.get("detail") or "")[:200]
+    except Exception:
+        return payload[:200].decode(errors="replace")

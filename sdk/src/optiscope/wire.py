@@ -1,0 +1,180 @@
+"""The versioned wire format shared by the SDK and the collector, and the one table of series names.
+
+A batch is one JSON document (optionally gzip-compressed in transit)::
+
+    {"v": 1, "run": "<run id>", "rank": 0, "seq": 17,
+     "records": [[step, unix_time, {"loss": 2.31, "grad_norm": "NaN"}], ...]}
+
+``(run, rank, seq)`` is the batch's idempotency key: the collector stores a key once and
+acknowledges a repeat without storing it again. Values are JSON numbers; the three non-finite
+values travel as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` because strict JSON has no
+token for them (the decoder also accepts Python's bare ``NaN``/``Infinity`` tokens). Non-finite values
+are data: they are never turned into null or dropped.
+
+This module imports only the standard library: both sides depend on it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+WIRE_VERSION = 1
+
+#: Bounds a sender must respect and a receiver enforces (documented in the README).
+MAX_NAME_LEN = 200
+MAX_RECORDS_PER_BATCH = 10_000
+MAX_VALUES_PER_RECORD = 4_096
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,199}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class SeriesSpec:
+    """One canonical series: the single definition both sides and the README's catalog use."""
+
+    name: str
+    unit: str
+    scope: str
+    formula: str
+
+
+#: The canonical series. Order matters only for display.
+CATALOG: dict[str, SeriesSpec] = {
+    s.name: s
+    for s in (
+        SeriesSpec("loss", "as logged", "global", "the loss value the user logs"),
+        SeriesSpec("lr", "1", "param group 0", "optimizer.param_groups[0]['lr'] at the step"),
+        SeriesSpec("grad_norm", "1", "global",
+                   "sqrt(sum over parameters of ||g||^2), gradients before any clipping"),
+        SeriesSpec("param_norm", "1", "global", "sqrt(sum over parameters of ||theta||^2) after the step"),
+        SeriesSpec("update_norm", "1", "global", "||theta_after - theta_before||_2 over all parameters"),
+        SeriesSpec("update_ratio", "1", "global", "update_norm / param_norm before the step"),
+        SeriesSpec("exp_avg_norm", "1", "global (Adam family)", "||m||_2 of Adam's first moment after the step"),
+        SeriesSpec("exp_avg_sq_norm", "1", "global (Adam family)",
+                   "||v||_2 of Adam's second moment after the step"),
+    )
+}
+
+#: Series a Prometheus scrape exposes, one gauge family each (bounded label sets).
+EXPORTED_SERIES = tuple(CATALOG)
+
+
+class WireError(ValueError):
+    """A batch that cannot be accepted. ``reason`` is machine-readable, ``str(err)`` is for people."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Batch:
+    run: str
+    rank: int
+    seq: int
+    records: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
+
+    def n_points(self) -> int:
+        return sum(len(r[2]) for r in self.records)
+
+
+_NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_NONFINITE_IN = {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "+Infinity": math.inf,
+                 "inf": math.inf, "+inf": math.inf, "Inf": math.inf, "+Inf": math.inf,
+                 "-Infinity": -math.inf, "-inf": -math.inf, "-Inf": -math.inf}
+
+
+def encode_value(x: float) -> float | str:
+    x = float(x)
+    return x if math.isfinite(x) else _NONFINITE_OUT[repr(x)]
+
+
+def decode_value(x: Any) -> float:
+    if isinstance(x, bool):  # bool is an int subclass; a True loss is a sender bug
+        raise WireError("bad_value", f"boolean is not a metric value: {x!r}")
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, str) and x in _NONFINITE_IN:
+        return _NONFINITE_IN[x]
+    raise WireError("bad_value", f"not a number: {x!r}")
+
+
+def valid_name(name: Any) -> bool:
+    return isinstance(name, str) and NAME_RE.match(name) is not None
+
+
+def encode_batch(batch: Batch) -> bytes:
+    doc = {
+        "v": WIRE_VERSION,
+        "run": batch.run,
+        "rank": batch.rank,
+        "seq": batch.seq,
+        "records": [[step, t, {k: encode_value(v) for k, v in values.items()}]
+                    for step, t, values in batch.records],
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _int(doc: Mapping, key: str, lo: int = 0) -> int:
+    v = doc.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise WireError("bad_field", f"'{key}' must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def decode_batch(body: bytes | str) -> Batch:
+    """Parse and validate one batch; raises WireError with a reason on anything malformed."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WireError("malformed_json", f"body is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise WireError("malformed_batch", "a batch is a JSON object")
+    if doc.get("v") != WIRE_VERSION:
+        raise WireError("unsupported_version", f"wire version {doc.get('v')!r} is not supported "
+                                               f"(this collector speaks {WIRE_VERSION})")
+    unknown = set(doc) - {"v", "run", "rank", "seq", "records"}
+    if unknown:
+        raise WireError("unknown_field", f"unknown batch fields: {sorted(unknown)}")
+    run = doc.get("run")
+    if not isinstance(run, str) or not RUN_ID_RE.match(run):
+        raise WireError("bad_field", f"'run' must be a run id, got {run!r}")
+    rank, seq = _int(doc, "rank"), _int(doc, "seq")
+    records_in = doc.get("records")
+    if not isinstance(records_in, list):
+        raise WireError("bad_field", "'records' must be a list")
+    if len(records_in) > MAX_RECORDS_PER_BATCH:
+        raise WireError("too_many_records", f"{len(records_in)} records > {MAX_RECORDS_PER_BATCH}")
+    records = []
+    for i, rec in enumerate(records_in):
+        if not (isinstance(rec, list) and len(rec) == 3 and isinstance(rec[2], dict)):
+            raise WireError("malformed_record", f"record {i} must be [step, time, {{name: value}}]")
+        step, t, values = rec
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise WireError("bad_step", f"record {i}: step must be an integer >= 0, got {step!r}")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+            raise WireError("bad_time", f"record {i}: time must be a finite number, got {t!r}")
+        if len(values) > MAX_VALUES_PER_RECORD:
+            raise WireError("too_many_values", f"record {i}: {len(values)} values > {MAX_VALUES_PER_RECORD}")
+        out = {}
+        for name, v in values.items():
+            if not valid_name(name):
+                raise WireError("bad_name", f"record {i}: invalid series name {name[:80]!r} "
+                                            f"(letters, digits, _ . : / -, at most {MAX_NAME_LEN})")
+            try:
+                out[name] = decode_value(v)
+            except WireError as e:
+                raise WireError(e.reason, f"record {i}, series {name!r}: {e}") from None
+        records.append((step, float(t), out))
+    return Batch(run=run, rank=rank, seq=seq, records=records)
+
+
+def records_from_points(points: Iterable[tuple[int, str, float]], t: float = 0.0):
+    """Group (step, name, value) triples into wire records; used by tests and tools."""
+    by_step: dict[int, dict[str, float]] = {}
+    for step, name, value in points:
+        by_step.setdefault(step, {})[name] = value
+    return [(s, t, v) for s, v in sorted(by_step.items())]

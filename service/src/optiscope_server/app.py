@@ -1,0 +1,207 @@
+"""The collector's HTTP surface: ingest, REST history under /api/v1, /metrics, /healthz."""
+from __future__ import annotations
+
+import hmac
+import zlib
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import text
+
+from optiscope import wire
+
+from . import models as m
+from .metrics import Metrics
+from .store import NotFound, Rejected, Store
+from .telemetry import default_provider, instrument
+from .webhooks import WebhookDispatcher
+
+RUN_ID = Path(pattern=wire.RUN_ID_RE.pattern, max_length=64)
+
+
+@dataclass
+class Settings:
+    """Every bound has a documented default (README, "Collector settings")."""
+
+    db_url: str = "sqlite:///optiscope.db"
+    webhooks: list[str] = field(default_factory=list)
+    token: str | None = None
+    public_url: str = "http://127.0.0.1:8737"
+    max_body_bytes: int = 8 * 1024 * 1024        # after decompression
+    max_series_per_run: int = 10_000
+    metrics_max_runs: int = 200
+    metrics_active_window: float = 300.0          # seconds a finished run stays in /metrics
+    max_points_per_response: int = 100_000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, detail: str):
+        self.status, self.reason, self.detail = status, reason, detail
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, with the limit enforced on streamed and on decompressed bytes before parsing."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds {limit}")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "gzip":
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            body = d.decompress(body, limit + 1)
+        except zlib.error as e:
+            raise ApiError(400, "bad_encoding", f"gzip body cannot be decompressed: {e}") from None
+        if len(body) > limit or d.unconsumed_tail:
+            raise ApiError(413, "body_too_large", f"decompressed body exceeds {limit} bytes")
+    elif encoding not in ("identity", ""):
+        raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported (gzip is)")
+    return body
+
+
+class FinishIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["finished", "crashed"] = "finished"
+    rank: int = Field(0, ge=0)
+
+
+def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = Store(settings.db_url, max_series_per_run=settings.max_series_per_run)
+        metrics = Metrics(store, settings.metrics_max_runs, settings.metrics_active_window)
+        dispatcher = WebhookDispatcher(store, on_result=lambda ok: metrics.webhooks.labels(
+            "delivered" if ok else "failed").inc())
+        dispatcher.start()
+        state.update(store=store, metrics=metrics, dispatcher=dispatcher)
+        yield
+        dispatcher.stop()
+        store.close()
+
+    app = FastAPI(title="optiscope collector", version="0.1.0", lifespan=lifespan,
+                  description="Ingest, history, metrics and alerts for optimizer-state observability.")
+    app.state.tracer_provider = tracer_provider or default_provider()
+    tracer = instrument(app, app.state.tracer_provider)
+
+    def store() -> Store:
+        return state["store"]
+
+    def reject(reason: str) -> None:
+        state["metrics"].rejections.labels(reason).inc()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        if request.url.path.startswith("/api/v1/runs") and request.method in ("PUT", "POST"):
+            reject(exc.reason)
+        return JSONResponse({"reason": exc.reason, "detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound):
+        return JSONResponse({"reason": "not_found", "detail": f"no such run or series: {exc}"}, status_code=404)
+
+    def authorize(request: Request) -> None:
+        if not settings.token:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.token.encode()):
+            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required")
+
+    api = [Depends(authorize)]
+
+    def run_url(run_id: str) -> str:
+        return f"{settings.public_url.rstrip('/')}/api/v1/runs/{run_id}"
+
+    # -- service -----------------------------------------------------------------------------
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        with store().engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return {"status": "ok", "database": store().engine.dialect.name}
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- ingest ------------------------------------------------------------------------------
+    @app.put("/api/v1/runs/{run_id}", tags=["ingest"], dependencies=api, response_model=m.RunOut)
+    def register_run(body: m.RunIn, run_id: str = RUN_ID):
+        try:
+            row = store().upsert_run(run_id, body.project, body.name, body.config, body.host)
+        except Rejected as e:
+            raise ApiError(409, e.reason, str(e)) from None
+        return m.run_out(row, run_url(run_id))
+
+    @app.post("/api/v1/runs/{run_id}/batches", tags=["ingest"], dependencies=api, response_model=m.IngestOut)
+    async def ingest(request: Request, run_id: str = RUN_ID):
+        body = await read_body(request, settings.max_body_bytes)
+        try:
+            batch = wire.decode_batch(body)
+        except wire.WireError as e:
+            raise ApiError(422 if e.reason not in ("malformed_json",) else 400, e.reason, str(e)) from None
+        if batch.run != run_id:
+            raise ApiError(422, "run_mismatch", f"batch is for run {batch.run!r}, posted to {run_id!r}")
+        with tracer.start_as_current_span("store.ingest", attributes={"optiscope.points": batch.n_points()}):
+            try:
+                res = await run_in_threadpool(store().ingest, batch, settings.webhooks, run_url(run_id))
+            except Rejected as e:
+                raise ApiError(422, e.reason, str(e)) from None
+        metrics = state["metrics"]
+        metrics.batches.labels("duplicate" if res.duplicate else "stored").inc()
+        metrics.points.inc(res.points)
+        for rule in res.fired:
+            metrics.alerts.labels(rule).inc()
+        if res.alerts:
+            state["dispatcher"].wake()
+        return m.IngestOut(duplicate=res.duplicate, points=res.points, alerts=res.alerts)
+
+    @app.post("/api/v1/runs/{run_id}/finish", tags=["ingest"], dependencies=api, response_model=m.RunOut)
+    def finish_run(body: FinishIn, run_id: str = RUN_ID):
+        store().finish_run(run_id, body.status)
+        return m.run_out(store().get_run_row(run_id), run_url(run_id))
+
+    # -- history -----------------------------------------------------------------------------
+    @app.get("/api/v1/runs", tags=["history"], dependencies=api, response_model=m.RunList)
+    def list_runs(project: str | None = None, status: Literal["running", "finished", "crashed"] | None = None,
+                  limit: int = Query(100, ge=1, le=1000)):
+        return m.RunList(runs=[m.run_out(r, run_url(r["id"])) for r in store().list_runs(project, status, limit)])
+
+    @app.get("/api/v1/runs/{run_id}", tags=["history"], dependencies=api, response_model=m.RunDetail)
+    def get_run(run_id: str = RUN_ID):
+        return m.run_detail(store().get_run(run_id), run_url(run_id))
+
+    @app.get("/api/v1/runs/{run_id}/series", tags=["history"], dependencies=api, response_model=m.SeriesList)
+    def list_series(run_id: str = RUN_ID):
+        return m.SeriesList(run_id=run_id, series=[m.SeriesInfo(**s) for s in store().list_series(run_id)])
+
+    @app.get("/api/v1/runs/{run_id}/series/{name:path}", tags=["history"], dependencies=api,
+             response_model=m.SeriesData)
+    def get_series(name: str, run_id: str = RUN_ID, rank: int | None = Query(None, ge=0),
+                   start: int | None = Query(None, ge=0), end: int | None = Query(None, ge=0),
+                   limit: int = Query(settings.max_points_per_response, ge=1, le=settings.max_points_per_response)):
+        steps, ranks, values, truncated = store().get_series(run_id, name, rank, start, end, limit)
+        return m.SeriesData(run_id=run_id, name=name, steps=steps, ranks=ranks, values=values, truncated=truncated)
+
+    @app.get("/api/v1/runs/{run_id}/alerts", tags=["alerts"], dependencies=api, response_model=m.AlertList)
+    def run_alerts(run_id: str = RUN_ID, state: Literal["firing", "resolved"] | None = None):
+        return m.AlertList(alerts=[m.alert_out(a, run_url(a["run_id"])) for a in store().list_alerts(run_id, state)])
+
+    @app.get("/api/v1/alerts", tags=["alerts"], dependencies=api, response_model=m.AlertList)
+    def all_alerts(state: Literal["firing", "resolved"] | None = None, limit: int = Query(1000, ge=1, le=10_000)):
+        return m.AlertList(alerts=[m.alert_out(a, run_url(a["run_id"])) for a in store().list_alerts(None, state, limit)])
+
+    return app

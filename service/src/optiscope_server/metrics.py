@@ -1,0 +1,60 @@
+"""Prometheus exposition: the latest value of each canonical series for active runs, plus the
+collector's own counters. Label sets are bounded: at most ``max_runs`` runs are exported, and only
+the canonical series of the wire catalog (one gauge family each)."""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+
+from optiscope.wire import CATALOG, EXPORTED_SERIES
+
+from .store import Store
+
+RUN_LABELS = ("project", "run_id", "run_name")
+
+# The *_created samples double every counter in the exposition and no dashboard or rule uses them.
+disable_created_metrics()
+
+
+class RunSeriesCollector:
+    """Reads the store on each scrape, so every collector replica exports the same values."""
+
+    def __init__(self, store: Store, max_runs: int, active_window: float):
+        self.store, self.max_runs, self.active_window = store, max_runs, active_window
+
+    def collect(self):
+        rows = self.store.active_runs_latest(time.time() - self.active_window, self.max_runs, EXPORTED_SERIES)
+        fams = {n: GaugeMetricFamily(f"optiscope_run_{n}", f"Latest {n} of the run: {CATALOG[n].formula}",
+                                     labels=RUN_LABELS) for n in EXPORTED_SERIES}
+        step = GaugeMetricFamily("optiscope_run_step", "Latest step stored for the run", labels=RUN_LABELS)
+        seen = GaugeMetricFamily("optiscope_run_last_ingest_timestamp_seconds",
+                                 "Unix time of the run's last ingest or state change", labels=RUN_LABELS)
+        firing = GaugeMetricFamily("optiscope_run_alerts_firing", "optiscope alerts firing for the run",
+                                   labels=RUN_LABELS)
+        for r in rows:
+            labels = [r["project"], r["run_id"], r["name"]]
+            for n, v in r["values"].items():
+                fams[n].add_metric(labels, v)  # NaN and +-Inf are exposed as such
+            if r["step"] is not None:
+                step.add_metric(labels, r["step"])
+            seen.add_metric(labels, r["updated_at"])
+            firing.add_metric(labels, r["firing"])
+        active = GaugeMetricFamily("optiscope_runs_active", "Runs exported by this scrape")
+        active.add_metric([], len(rows))
+        yield from fams.values()
+        yield from (step, seen, firing, active)
+
+
+class Metrics:
+    def __init__(self, store: Store, max_runs: int = 200, active_window: float = 300.0):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.batches = Counter("optiscope_ingest_batches", "Batches received, by outcome", ["outcome"], registry=r)
+        self.points = Counter("optiscope_ingest_points", "Points stored", registry=r)
+        self.rejections = Counter("optiscope_ingest_rejections", "Rejected requests, by reason", ["reason"], registry=r)
+        self.alerts = Counter("optiscope_alerts_fired", "Alerts fired, by rule", ["rule"], registry=r)
+        self.webhooks = Counter("optiscope_webhook_deliveries", "Webhook delivery attempts, by outcome",
+                                ["outcome"], registry=r)
+        r.register(RunSeriesCollector(store, max_runs, active_window))
