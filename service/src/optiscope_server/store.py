@@ -177,7 +177,8 @@ class Store:
             raise NotFound(batch.run)
         now = time.time()
         key = self._insert(batches).values(run_id=batch.run, rank=batch.rank, seq=batch.seq, received_at=now)
-        if conn.execute(key.on_conflict_do_nothing()).rowcount == 0:
+        # RETURNING rather than rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+        if conn.execute(key.on_conflict_do_nothing().returning(batches.c.seq)).first() is None:
             return IngestResult(duplicate=True)
         ids = self._series_ids(conn, batch)
         newest: dict[str, tuple[int, float]] = {}
