@@ -59,10 +59,10 @@ class Run:
         """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values."""
         return dict(self._exporter.counters)
 
-    def _warn_once(self, key: str, msg: str, *args) -> None:
+    def _warn_once(self, key: str, msg: str, *args, exc_info: bool = False) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("optiscope: " + msg, *args)
+            log.warning("optiscope: " + msg, *args, exc_info=exc_info)
 
     def _active(self) -> bool:
         return not self._finished and os.getpid() == self._pid

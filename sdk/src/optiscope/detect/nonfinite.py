@@ -30,8 +30,9 @@ class NonFiniteDetector:
             key = (rank, name)
             if not math.isfinite(v) and key not in self.firing:
                 self.firing.add(key)
+                spelled = "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")
                 events.append(AlertEvent(self.rule, self.severity, "firing", name, step, rank, v,
-                                         f"{name} is {v!r} at step {step} on rank {rank}"))
+                                         f"{name} is {spelled} at step {step} on rank {rank}"))
             elif math.isfinite(v) and key in self.firing:
                 self.firing.discard(key)
                 events.append(AlertEvent(self.rule, self.severity, "resolved", name, step, rank, v,

@@ -60,6 +60,7 @@ class Exporter:
         self._closing = False
         self._deadline = math.inf
         self._finish_status: str | None = None
+        self._finish_acked = False
         self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name="optiscope-exporter", daemon=True)
         self._thread.start()
@@ -75,7 +76,8 @@ class Exporter:
                 self._cv.notify()
 
     def close(self, timeout: float, status: str = "finished") -> bool:
-        """Flush what is queued, mark the run finished, stop the thread; True if all was delivered."""
+        """Flush what is queued, mark the run finished, stop the thread. True when every record
+        was delivered and the collector acknowledged the end of the run."""
         with self._cv:
             self._closing = True
             self._finish_status = status
@@ -87,7 +89,7 @@ class Exporter:
             lost = len(self._queue) + sum(p for _, _, p in self._pending)
         if lost:
             log.warning("optiscope: finish() timed out with %d records/points undelivered", lost)
-        return lost == 0 and not self._thread.is_alive()
+        return lost == 0 and self._finish_acked
 
     # -- exporter thread ---------------------------------------------------------------------
     def _warn_once(self, key: str, msg: str, *args) -> None:
@@ -177,8 +179,9 @@ class Exporter:
 
     def _send_finish(self) -> None:
         if self._registered:
-            self._call("POST", f"/api/v1/runs/{self.run_id}/finish",
-                       {"status": self._finish_status or "finished", "rank": self.rank})
+            status = self._call("POST", f"/api/v1/runs/{self.run_id}/finish",
+                                {"status": self._finish_status or "finished", "rank": self.rank})
+            self._finish_acked = status is not None and 200 <= status < 300
         self.client.close()
 
 

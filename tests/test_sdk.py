@@ -1,0 +1,118 @@
+"""The SDK never blocks or crashes training: absent collectors, junk values, forks, bounded finish."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+import optiscope
+from conftest import Collector, free_port, wait_until
+
+
+def test_env_fallbacks(monkeypatch):
+    monkeypatch.setenv("OPTISCOPE_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("OPTISCOPE_PROJECT", "from-env")
+    monkeypatch.setenv("OPTISCOPE_TOKEN", "tok")
+    run = optiscope.init()
+    assert run.project == "from-env" and run.url == os.environ["OPTISCOPE_URL"]
+    assert run._exporter.client._token == "tok"
+    assert run.id and run.api_url.endswith(f"/api/v1/runs/{run.id}")
+    assert run.finish(timeout=0.2) is False  # nothing listens: bounded, reports non-delivery
+
+
+def test_public_surface():
+    assert sorted(optiscope.__all__) == ["CATALOG", "Run", "__version__", "init"]
+    assert set(optiscope.CATALOG) == {"loss", "lr", "grad_norm", "param_norm", "update_norm", "update_ratio",
+                                      "exp_avg_norm", "exp_avg_sq_norm"}
+
+
+def test_sdk_core_imports_without_torch_or_server():
+    import subprocess
+    import sys
+    code = ("import sys, optiscope, optiscope.transport, optiscope.detect, optiscope.wire; "
+            "bad = [m for m in ('torch', 'fastapi', 'sqlalchemy') if m in sys.modules]; "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_collector_absent_then_appears(tmp_path):
+    """Training runs with no collector; everything arrives once it appears; log() never waits."""
+    port = free_port()
+    run = optiscope.init(project="late", url=f"http://127.0.0.1:{port}", backoff_max=0.2)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    run.watch(opt, model)
+    worst = 0.0
+    for step in range(200):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t0 = time.perf_counter()
+        run.log({"loss": loss})
+        worst = max(worst, time.perf_counter() - t0)
+    assert run.counters["sent_points"] == 0 and run.counters["retries"] > 0
+    c = Collector(f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path)
+    c.port, c.url = port, f"http://127.0.0.1:{port}"
+    c.start()
+    try:
+        assert run.finish(timeout=30)
+        assert run.counters["dropped"] == 0
+        assert c.api(f"/runs/{run.id}/series/loss")["steps"] == list(range(200))
+        assert c.api(f"/runs/{run.id}/series/grad_norm")["steps"] == list(range(200))
+        assert c.api(f"/runs/{run.id}")["status"] == "finished"
+    finally:
+        c.stop()
+    assert worst < 0.5  # sanity bound only: log() enqueues and returns (timing is the benchmark's job)
+
+
+def test_junk_never_raises(caplog):
+    run = optiscope.init(project="junk", url=f"http://127.0.0.1:{free_port()}")
+    with caplog.at_level(logging.WARNING, logger="optiscope"):
+        run.log({"bad name": 1.0, "vec": torch.ones(3), "s": "text", "ok": 1, "b": True, "n": None})
+        run.log(None)  # not even a mapping
+        run.watch(object())  # not an optimizer
+    assert "invalid" in caplog.text and "not a scalar" in caplog.text and "could not attach" in caplog.text
+    assert len(run._exporter._queue) == 1  # only {"ok": 1.0}
+    run.finish(timeout=0.1)
+    run.log({"after": 1.0})  # after finish: ignored, no error
+    run.finish(timeout=0.1)  # idempotent
+
+
+def test_queue_is_bounded_and_drops_oldest():
+    run = optiscope.init(project="bounded", url=f"http://127.0.0.1:{free_port()}", max_queue=100,
+                         max_batch_records=10_000, flush_interval=60)
+    for step in range(1000):
+        run.log({"x": float(step)}, step=step)
+    assert len(run._exporter._queue) == 100
+    assert run.counters["dropped"] == 900
+    assert run._exporter._queue[0][0] == 900  # the newest records are the ones kept
+    run.finish(timeout=0.1)
+
+
+def test_context_manager_marks_crash(sqlite_collector):
+    with pytest.raises(RuntimeError):
+        with optiscope.init(project="ctx", url=sqlite_collector.url) as run:
+            run.log({"loss": 1.0}, step=0)
+            raise RuntimeError("training failed")
+    assert sqlite_collector.api(f"/runs/{run.id}")["status"] == "crashed"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_forked_child_sends_nothing(sqlite_collector):
+    run = optiscope.init(project="fork", url=sqlite_collector.url)
+    run.log({"loss": 1.0}, step=0)
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker: logging here must be a silent no-op, and exit must not hang
+        run.log({"loss": 99.0}, step=1)
+        run.finish(timeout=1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    run.log({"loss": 2.0}, step=2)
+    assert run.finish(timeout=20)
+    wait_until(lambda: sqlite_collector.api(f"/runs/{run.id}/series/loss")["steps"] == [0, 2], what="parent points")
+    assert sqlite_collector.api(f"/runs/{run.id}/series/loss")["values"] == [1.0, 2.0]
