@@ -54,7 +54,8 @@ def test_collector_absent_then_appears(tmp_path):
         t0 = time.perf_counter()
         run.log({"loss": loss})
         worst = max(worst, time.perf_counter() - t0)
-    assert run.counters["sent_points"] == 0 and run.counters["retries"] > 0
+    wait_until(lambda: run.counters["retries"] > 0, what="the exporter to find no collector")
+    assert run.counters["sent_points"] == 0
     c = Collector(f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path)
     c.port, c.url = port, f"http://127.0.0.1:{port}"
     c.start()
