@@ -59,8 +59,9 @@ class Store:
         self._insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)
         # Detector state per run, restored from the firing alerts the first time a run is seen.
         self._detectors: dict[str, list[Detector]] = {}
-        self._run_locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        # Batches of one run are ingested one at a time (detector order); striped locks keep that
+        # bounded in memory however many runs a collector sees.
+        self._run_locks = [threading.Lock() for _ in range(64)]
 
     def close(self) -> None:
         self.engine.dispose()
@@ -85,6 +86,8 @@ class Store:
                              .values(status=status, finished_at=now, updated_at=now)).rowcount
         if not n:
             raise NotFound(run_id)
+        # A finished run sends no more batches (a late one restores the state from the store).
+        self._detectors.pop(run_id, None)
 
     def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100) -> list[dict]:
         q = select(runs).order_by(runs.c.created_at.desc()).limit(limit)
@@ -146,8 +149,7 @@ class Store:
 
     # -- ingest ------------------------------------------------------------------------------
     def _run_lock(self, run_id: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._run_locks.setdefault(run_id, threading.Lock())
+        return self._run_locks[hash(run_id) % len(self._run_locks)]
 
     def _detectors_for(self, conn: Connection, run_id: str) -> list[Detector]:
         dets = self._detectors.get(run_id)
