@@ -123,6 +123,7 @@ class Run:
         if not self._active():
             return True
         self._finished = True
+        atexit.unregister(self._atexit)  # a process that makes many runs keeps none of them alive
         try:
             for p in self._probes:
                 p.close()
