@@ -13,12 +13,12 @@ README = (ROOT / "README.md").read_text()
 def test_metric_catalog_matches_wire_module():
     rows = {}
     for line in README.splitlines():
-        m = re.match(r"\| `([a-z_]+)` \| ([^|]+) \| (.+) \| ([^|]+) \|$", line)
+        m = re.match(r"\| `([^`]+)` \| ((?:[^|]|\\\|)+) \| ((?:[^|]|\\\|)+) \| ((?:[^|]|\\\|)+) \| ([^|]+) \|$", line)
         if m and not m.group(1).startswith("optiscope_"):  # the Prometheus table lists optiscope_*
             rows[m.group(1)] = tuple(x.replace("\\|", "|").strip() for x in m.groups()[1:])
     assert set(rows) == set(CATALOG)
     for name, spec in CATALOG.items():
-        assert rows[name] == (spec.scope, spec.formula, spec.unit), name
+        assert rows[name] == (spec.scope, spec.formula, spec.unit, spec.when), name
 
 
 def test_readme_commands_exist():

@@ -71,12 +71,13 @@ class Run:
     def watch(self, optimizer, model=None, every: int = 1) -> "Run":
         """Attach to a ``torch.optim.Optimizer`` through its step hooks; sample one step in ``every``.
 
-        ``model`` is accepted for the per-tensor and activation statistics; the global series need
-        only the optimizer.
+        ``model`` names the per-tensor series (``model.named_parameters()``); the global series
+        need only the optimizer.
         """
         try:
             from .probe.optimizer import OptimizerProbe  # imports torch: only here
-            self._probes.append(OptimizerProbe(optimizer, self._emit, every=every))
+            names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
+            self._probes.append(OptimizerProbe(optimizer, self._emit, every=every, names=names))
         except Exception:
             self._warn_once("watch", "could not attach to the optimizer; training continues unobserved",
                             exc_info=True)

@@ -33,33 +33,71 @@ RUN_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 @dataclass(frozen=True)
 class SeriesSpec:
-    """One canonical series: the single definition both sides and the README's catalog use."""
+    """One series (or family, with ``{i}`` for a param group or ``{name}`` for a parameter): the
+    single definition both sides and the README's catalog use."""
 
     name: str
-    unit: str
     scope: str
     formula: str
+    unit: str
+    when: str
+    exported: bool = False  # exposed on /metrics as optiscope_run_<name> (global series only)
 
 
-#: The canonical series. Order matters only for display.
+_S = "sampled steps"
+_ADAM = "Adam, AdamW"
+_U = "u = m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t), t the optimizer's own step"
+
+#: Every series the SDK emits. Order is the README's.
 CATALOG: dict[str, SeriesSpec] = {
     s.name: s
     for s in (
-        SeriesSpec("loss", "as logged", "global", "the loss value the user logs"),
-        SeriesSpec("lr", "1", "param group 0", "optimizer.param_groups[0]['lr'] at the step"),
-        SeriesSpec("grad_norm", "1", "global",
-                   "sqrt(sum over parameters of ||g||^2), gradients before any clipping"),
-        SeriesSpec("param_norm", "1", "global", "sqrt(sum over parameters of ||theta||^2) after the step"),
-        SeriesSpec("update_norm", "1", "global", "||theta_after - theta_before||_2 over all parameters"),
-        SeriesSpec("update_ratio", "1", "global", "update_norm / param_norm before the step"),
-        SeriesSpec("exp_avg_norm", "1", "global (Adam family)", "||m||_2 of Adam's first moment after the step"),
-        SeriesSpec("exp_avg_sq_norm", "1", "global (Adam family)",
-                   "||v||_2 of Adam's second moment after the step"),
+        SeriesSpec("loss", "global", "the loss value the user logs", "as logged", "when logged", True),
+        SeriesSpec("lr", "param group 0", "optimizer.param_groups[0]['lr']", "1", "every step", True),
+        SeriesSpec("lr/group/{i}", "param group i >= 1", "optimizer.param_groups[i]['lr']", "1", "every step"),
+        SeriesSpec("step_time", "global", "host wall time between the ends of two consecutive optimizer steps",
+                   "s", "every step after the first", True),
+        SeriesSpec("grad_norm", "global", "sqrt(sum over parameters of ||g||^2), gradients before any clipping",
+                   "1", _S, True),
+        SeriesSpec("grad_norm_clipped", "global",
+                   "the same norm of the gradients the optimizer steps with (after clipping; equal to grad_norm "
+                   "when nothing clips)", "1", _S, True),
+        SeriesSpec("grad_nonfinite_tensors", "global", "number of parameter tensors whose gradient holds NaN or +-Inf",
+                   "count", _S, True),
+        SeriesSpec("param_norm", "global", "sqrt(sum over parameters of ||theta||^2) after the step", "1", _S, True),
+        SeriesSpec("update_norm", "global", "||theta_after - theta_before||_2 over all parameters", "1", _S, True),
+        SeriesSpec("update_ratio", "global", "update_norm / param_norm before the step", "1", _S, True),
+        SeriesSpec("update_cosine", "global",
+                   "cos(theta_after - theta_before, -g), g the gradient the optimizer steps with", "1", _S, True),
+        SeriesSpec("exp_avg_norm", "global (Adam family)", "||m||_2 of Adam's first moment after the step", "1", _S, True),
+        SeriesSpec("exp_avg_sq_norm", "global (Adam family)", "||v||_2 of Adam's second moment after the step",
+                   "1", _S, True),
+        SeriesSpec("update_rms", _ADAM, f"sqrt(mean of u^2) over all coordinates; {_U} (v = max_exp_avg_sq "
+                   "with amsgrad)", "1", _S, True),
+        SeriesSpec("update_bimodality", _ADAM, "share of coordinates with |u| > 0.9", "1", _S, True),
+        SeriesSpec("v_underestimation", _ADAM,
+                   "sqrt(mean of g^2 / max(v_hat_{t-1}, eps^2)), before the step, over tensors that have a "
+                   "v_hat_{t-1} (absent on the first step)", "1", _S, True),
+        SeriesSpec("eps_headroom", _ADAM,
+                   "log10(median(sqrt(v_hat)) / eps); the median of a uniform strided sample of about 65,536 "
+                   "coordinates", "decades", _S, True),
+        SeriesSpec("bias_correction1", _ADAM, "1 - beta1^t of the first parameter of param group 0", "1", _S),
+        SeriesSpec("bias_correction2", _ADAM, "1 - beta2^t of the first parameter of param group 0", "1", _S),
+        SeriesSpec("state_norm/{key}", "other optimizers", "||state[key]||_2 over all parameters, for each "
+                   "floating-point state tensor kind (momentum_buffer, square_avg, sum, ...)", "1", _S),
+        SeriesSpec("{stat}/group/{i}", "param group i, when more than one has gradients",
+                   "the global formula over the group's parameters, for stat in grad_norm, update_ratio, "
+                   "update_cosine, exp_avg_norm, exp_avg_sq_norm, update_rms, update_bimodality, "
+                   "v_underestimation, eps_headroom", "as global", _S),
+        SeriesSpec("{stat}/param/{name}", "one parameter tensor (named from model.named_parameters())",
+                   "the global formula over one tensor, for stat in grad_norm, param_norm, update_ratio, "
+                   "update_rms, v_underestimation, eps_headroom (median of a strided sample of at most 4,096 "
+                   "coordinates)", "as global", _S),
     )
 }
 
 #: Series a Prometheus scrape exposes, one gauge family each (bounded label sets).
-EXPORTED_SERIES = tuple(CATALOG)
+EXPORTED_SERIES = tuple(n for n, s in CATALOG.items() if s.exported)
 
 
 class WireError(ValueError):

@@ -1,72 +1,59 @@
-"""Optimizer-state statistics, computed on the device with fused multi-tensor reductions.
+"""Optimizer-state statistics around ``optimizer.step()``, computed on the device.
 
 The probe attaches to any ``torch.optim.Optimizer`` through its step hooks; it never calls
-``optimizer.step`` itself and never changes the model, the optimizer or the RNG state. On a step
-that is not sampled the hooks do a counter increment and nothing else: no kernel, no host sync.
-On a sampled step every statistic stays a device tensor; the probe stacks them into one vector
-that the exporter thread copies to the host (the only sync, and off the training thread).
+``optimizer.step`` itself and never changes the model, the optimizer or the RNG state.
+
+- Every step: the learning rate of each param group and the host-side step time. No kernel runs.
+- Sampled steps (one in ``every``): the full statistics (global, per param group, per tensor),
+  all kept as device tensors and stacked into one vector. The exporter thread copies that vector
+  to the host: the only sync, and off the training thread.
 """
 from __future__ import annotations
 
 import logging
+import re
+import time
 from typing import Callable
 
 import torch
 
+from . import stats as S
+
 log = logging.getLogger("optiscope")
 
-#: Emitted names, in the order of the stacked vector (Adam-family names only when the state has them).
-GLOBAL_NAMES = ("grad_norm", "param_norm", "update_norm", "update_ratio")
-ADAM_NAMES = ("exp_avg_norm", "exp_avg_sq_norm")
-
-Emit = Callable[[int, dict, tuple], None]  # (step, scalar values, (names, device vector))
-
-
-def total_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """L2 norm over a list of tensors as a float64 0-d tensor on ``device``.
-
-    ``torch._foreach_norm`` makes one fused pass per (device, dtype) group and accumulates in
-    float32 even for half-precision inputs; the per-tensor norms are combined in float64.
-    """
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return _combine(list(norms), device)
-
-
-def _combine(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not norms:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
-    return torch.linalg.vector_norm(stacked)
+Emit = Callable[[int, dict, tuple | None], None]  # (step, host values, (names, device vector) | None)
+F64 = torch.float64
+_BAD = re.compile(r"[^A-Za-z0-9_.:/\-]")
 
 
 class OptimizerProbe:
-    """Computes the canonical global series around each sampled ``optimizer.step()``.
+    """``every``: sample one optimizer step in ``every`` (step index ``% every == 0``).
 
-    ``every``: sample one optimizer step in ``every`` (step index ``% every == 0``). Only real
-    optimizer steps count: a step skipped by ``GradScaler`` never calls the hooks, and gradient
-    accumulation calls backward several times but the optimizer once.
+    Only real optimizer steps count: a step skipped by ``GradScaler`` never calls the hooks, and
+    gradient accumulation calls backward several times but the optimizer once.
+    ``names``: parameter names by ``id(param)`` (from ``model.named_parameters()``); others are
+    named ``<group>.<index>``. ``per_tensor``: also emit the per-tensor series on sampled steps.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, emit: Emit, every: int = 1):
+    def __init__(self, optimizer: torch.optim.Optimizer, emit: Emit, every: int = 1,
+                 names: dict[int, str] | None = None, per_tensor: bool = True):
         self.optimizer = optimizer
         self.emit = emit
         self.every = max(1, int(every))
+        self.per_tensor = per_tensor
         self.steps = 0  # completed optimizer steps == index of the next step
+        self._names = {k: _BAD.sub("_", v) for k, v in (names or {}).items()}
         self._sampled = False
-        self._before: list[torch.Tensor] | None = None
-        self._changing: list[torch.Tensor] = []
-        self._grad_norm: torch.Tensor | None = None
-        self._param_norm_before: torch.Tensor | None = None
+        self._pre: dict | None = None
         # Norm of each parameter's accumulated gradient as backward left it, i.e. before any
         # clipping (clip_grad_norm_ rescales .grad in place between backward and step).
         self._backward_norms: dict[int, torch.Tensor] = {}
         self._grad_hooks: dict[int, object] = {}
         self._n_params = -1
         self._failed = False
-        self._handles = [optimizer.register_step_pre_hook(self._pre),
-                         optimizer.register_step_post_hook(self._post)]
+        self._last_step_end: float | None = None
+        self._handles = [optimizer.register_step_pre_hook(self._on_pre),
+                         optimizer.register_step_post_hook(self._on_post)]
         self._hook_new_params()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -75,81 +62,213 @@ class OptimizerProbe:
             h.remove()
         self._handles, self._grad_hooks = [], {}
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+    def _groups(self) -> list[dict]:
+        return self.optimizer.param_groups
 
     def _hook_new_params(self) -> None:
         """Hook parameters not yet hooked (also those added with add_param_group mid-run)."""
-        n = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        n = sum(len(g["params"]) for g in self._groups())
         if n == self._n_params:
             return
         self._n_params = n
-        for p in self._params():
-            if p.requires_grad and id(p) not in self._grad_hooks:
-                self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(self._on_grad)
+        for gi, g in enumerate(self._groups()):
+            for pi, p in enumerate(g["params"]):
+                self._names.setdefault(id(p), f"{gi}.{pi}")
+                if p.requires_grad and id(p) not in self._grad_hooks:
+                    self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(self._on_grad)
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        # Runs after every backward that accumulates into p.grad; only a step about to be sampled
-        # pays for a reduction, and the last backward before the step leaves the final value.
+        # After every backward that accumulates into p.grad; only a step about to be sampled pays
+        # for a reduction, and the last backward before the step leaves the final value.
         if self.steps % self.every == 0 and p.grad is not None and not self._failed:
             self._backward_norms[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
-
-    # -- hooks -------------------------------------------------------------------------------
-    def _pre(self, optimizer, args, kwargs) -> None:
-        self._sampled = self.steps % self.every == 0 and not self._failed
-        if not self._sampled:
-            return
-        try:
-            self._hook_new_params()
-            with torch.no_grad():
-                params = self._params()
-                device = params[0].device if params else torch.device("cpu")
-                with_grad = [p for p in params if p.grad is not None]
-                hooked = [self._backward_norms[id(p)] for p in with_grad if id(p) in self._backward_norms]
-                unhooked = [p.grad for p in with_grad if id(p) not in self._backward_norms]
-                parts = hooked + (list(torch._foreach_norm(unhooked, 2, dtype=torch.float32)) if unhooked else [])
-                self._grad_norm = _combine(parts, device)
-                self._param_norm_before = total_norm(params, device)
-                # Only parameters with a gradient can change (torch.optim skips the others); one
-                # fused copy of them is the exact reference for theta_after - theta_before.
-                self._changing = with_grad
-                self._before = list(torch._foreach_mul(with_grad, 1.0)) if with_grad else []
-        except Exception:  # never crash training; stop probing and say so once
-            self._fail("pre-step")
-
-    def _post(self, optimizer, args, kwargs) -> None:
-        index = self.steps
-        self.steps += 1
-        if not self._sampled:
-            return
-        try:
-            with torch.no_grad():
-                params = self._params()
-                device = params[0].device if params else torch.device("cpu")
-                if self._before:
-                    torch._foreach_sub_(self._before, self._changing)  # theta_before - theta_after
-                update_norm = total_norm(self._before or [], device)
-                param_norm = total_norm(params, device)
-                names = list(GLOBAL_NAMES)
-                stats = [self._grad_norm, param_norm, update_norm, update_norm / self._param_norm_before]
-                state = optimizer.state
-                moments = {k: [state[p][k] for p in params if k in state.get(p, {})] for k in ("exp_avg", "exp_avg_sq")}
-                if moments["exp_avg"]:
-                    names += ADAM_NAMES
-                    stats += [total_norm(moments["exp_avg"], device), total_norm(moments["exp_avg_sq"], device)]
-                vector = torch.stack(stats)
-            lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else float("nan")
-            self.emit(index, {"lr": lr.detach() if isinstance(lr, torch.Tensor) else float(lr)},
-                      (tuple(names), vector))
-        except Exception:
-            self._fail("post-step")
-        finally:
-            self._before, self._changing = None, []
-            self._grad_norm = self._param_norm_before = None
-            self._backward_norms.clear()
 
     def _fail(self, where: str) -> None:
         self._failed = True
         log.warning("optiscope: optimizer probe disabled after an error in its %s hook; training "
                     "continues unobserved by the probe", where, exc_info=True)
 
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_pre(self, optimizer, args, kwargs) -> None:
+        self._sampled = self.steps % self.every == 0 and not self._failed
+        if not self._sampled:
+            return
+        try:
+            self._hook_new_params()
+            with torch.no_grad():
+                self._pre = self._measure_before()
+        except Exception:  # never crash training; stop probing and say so once
+            self._fail("pre-step")
+
+    def _on_post(self, optimizer, args, kwargs) -> None:
+        index = self.steps
+        self.steps += 1
+        now = time.perf_counter()
+        host = self._host_values(now)
+        vector = None
+        if self._sampled and self._pre is not None:
+            try:
+                with torch.no_grad():
+                    vector = self._measure_after(self._pre)
+            except Exception:
+                self._fail("post-step")
+            finally:
+                self._pre = None
+                self._backward_norms.clear()
+        try:
+            self.emit(index, host, vector)
+        except Exception:
+            self._fail("emit")
+
+    def _host_values(self, now: float) -> dict:
+        """Per-step values that cost no device work: learning rates and the host step time."""
+        out: dict = {}
+        for gi, g in enumerate(self._groups()):
+            lr = g.get("lr", float("nan"))
+            lr = lr.detach() if isinstance(lr, torch.Tensor) else float(lr)
+            out["lr" if gi == 0 else f"lr/group/{gi}"] = lr
+        if self._last_step_end is not None:
+            out["step_time"] = now - self._last_step_end  # wall time between two optimizer steps
+        self._last_step_end = now
+        return out
+
+    # -- measurement -------------------------------------------------------------------------
+    def _measure_before(self) -> dict:
+        groups = self._groups()
+        every = [p for g in groups for p in g["params"]]
+        device = every[0].device if every else torch.device("cpu")
+        changing = [p for p in every if p.grad is not None]
+        still = [p for p in every if p.grad is None]
+        post_sq = S.sq_norms([p.grad for p in changing], device)
+        pre = [self._backward_norms.get(id(p)) for p in changing]
+        pre_sq = torch.stack([n.to(device=device, dtype=F64).square() if n is not None else post_sq[i]
+                              for i, n in enumerate(pre)]) if changing else post_sq
+        adam = S.is_adam(self.optimizer)
+        group_of = {id(p): g for g in groups for p in g["params"]}
+        had_v = adam and any("exp_avg_sq" in self.optimizer.state.get(p, {}) for p in changing)
+        vu = S.v_underestimation_sums(changing, self.optimizer, group_of, device) if had_v else None
+        return {
+            "device": device, "changing": changing, "group_of": group_of, "adam": adam,
+            "group_index": [next(i for i, g in enumerate(groups) if g is group_of[id(p)]) for p in changing],
+            "pre_sq": pre_sq, "post_sq": post_sq,
+            "before_sq": S.sq_norms(changing, device), "still_sq": S.sq_norms(still, device).sum(),
+            "vu": vu, "had_v": [("exp_avg_sq" in self.optimizer.state.get(p, {})) for p in changing] if had_v else None,
+            # One fused copy of the parameters that can change: the exact reference for the update.
+            "snapshot": list(torch._foreach_mul(changing, 1.0)) if changing else [],
+        }
+
+    def _measure_after(self, pre: dict) -> tuple[tuple[str, ...], torch.Tensor]:
+        device, changing = pre["device"], pre["changing"]
+        diff = pre["snapshot"]
+        if diff:
+            torch._foreach_sub_(diff, changing)  # theta_before - theta_after
+        upd_sq = S.sq_norms(diff, device)
+        dots = (torch.stack([torch.dot(d.reshape(-1).float(), p.grad.reshape(-1).float()).to(device, F64)
+                             for d, p in zip(diff, changing)]) if changing else torch.zeros(0, dtype=F64, device=device))
+        after_sq = S.sq_norms(changing, device)
+        out = _Vector()
+        grad_norm = pre["pre_sq"].sum().sqrt()
+        update_norm = upd_sq.sum().sqrt()
+        out.add("grad_norm", grad_norm)
+        out.add("grad_norm_clipped", pre["post_sq"].sum().sqrt())
+        out.add("grad_nonfinite_tensors", (~torch.isfinite(pre["pre_sq"])).sum())
+        out.add("param_norm", (after_sq.sum() + pre["still_sq"]).sqrt())
+        out.add("update_norm", update_norm)
+        out.add("update_ratio", update_norm / (pre["before_sq"].sum() + pre["still_sq"]).sqrt())
+        out.add("update_cosine", dots.sum() / (update_norm * pre["post_sq"].sum().sqrt()))
+        adam = None
+        if pre["adam"] and changing and all("exp_avg" in self.optimizer.state.get(p, {}) for p in changing):
+            total = sum(p.numel() for p in changing)
+            adam = S.adam_sums(changing, self.optimizer, pre["group_of"], device, total)
+            self._adam_global(out, adam, pre)
+        else:
+            self._generic_state(out, changing, device)
+        groups = sorted(set(pre["group_index"]))
+        if len(groups) > 1:
+            self._per_group(out, groups, pre, upd_sq, dots, adam)
+        if self.per_tensor:
+            self._per_tensor(out, pre, upd_sq, after_sq, adam)
+        return out.finish()
+
+    def _adam_global(self, out: "_Vector", a: S.AdamSums, pre: dict) -> None:
+        out.add("exp_avg_norm", a.m_sq.sum().sqrt())
+        out.add("exp_avg_sq_norm", a.v_sq.sum().sqrt())
+        out.add("update_rms", (a.u_sq.sum() / a.count.sum()).sqrt())
+        out.add("update_bimodality", a.u_big.sum() / a.count.sum())
+        out.add("eps_headroom", torch.log10(torch.cat(a.samples).median()))
+        out.add("bias_correction1", a.bc1[0])
+        out.add("bias_correction2", a.bc2[0])
+        if pre["vu"] is not None:
+            out.add("v_underestimation", (pre["vu"][0].sum() / pre["vu"][1].sum()).sqrt())
+
+    def _generic_state(self, out: "_Vector", changing: list, device) -> None:
+        """Any other optimizer: the L2 norm of each floating-point state tensor kind it keeps."""
+        keys: dict[str, list] = {}
+        for p in changing:
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0 and k != "step":
+                    keys.setdefault(k, []).append(v)
+        for k, tensors in sorted(keys.items()):
+            name = {"exp_avg": "exp_avg_norm", "exp_avg_sq": "exp_avg_sq_norm"}.get(k, f"state_norm/{_BAD.sub('_', k)}")
+            out.add(name, S.sq_norms(tensors, device).sum().sqrt())
+
+    def _per_group(self, out: "_Vector", groups: list[int], pre: dict, upd_sq, dots, a) -> None:
+        idx = torch.tensor(pre["group_index"], device=pre["device"])
+        n = max(groups) + 1
+
+        def by_group(v):
+            return torch.zeros(n, dtype=F64, device=v.device).index_add_(0, idx, v)
+
+        g_pre, g_post, g_upd, g_dot, g_before = (by_group(v) for v in (
+            pre["pre_sq"], pre["post_sq"], upd_sq, dots, pre["before_sq"]))
+        if a is not None:
+            g_m, g_v, g_u, g_big, g_cnt = (by_group(v) for v in (a.m_sq, a.v_sq, a.u_sq, a.u_big, a.count))
+        if pre["vu"] is not None:
+            g_vu, g_vc = by_group(pre["vu"][0]), by_group(pre["vu"][1])
+        for gi in groups:
+            sfx = f"/group/{gi}"
+            out.add("grad_norm" + sfx, g_pre[gi].sqrt())
+            out.add("update_ratio" + sfx, (g_upd[gi] / g_before[gi]).sqrt())
+            out.add("update_cosine" + sfx, g_dot[gi] / (g_upd[gi] * g_post[gi]).sqrt())
+            if a is not None:
+                out.add("exp_avg_norm" + sfx, g_m[gi].sqrt())
+                out.add("exp_avg_sq_norm" + sfx, g_v[gi].sqrt())
+                out.add("update_rms" + sfx, (g_u[gi] / g_cnt[gi]).sqrt())
+                out.add("update_bimodality" + sfx, g_big[gi] / g_cnt[gi])
+                members = [s for s, g in zip(a.samples, pre["group_index"]) if g == gi]
+                out.add("eps_headroom" + sfx, torch.log10(torch.cat(members).median()))
+            if pre["vu"] is not None and any(h for h, g in zip(pre["had_v"], pre["group_index"]) if g == gi):
+                out.add("v_underestimation" + sfx, (g_vu[gi] / g_vc[gi]).sqrt())
+
+    def _per_tensor(self, out: "_Vector", pre: dict, upd_sq, after_sq, a) -> None:
+        names = [self._names[id(p)] for p in pre["changing"]]
+        out.add_many([f"grad_norm/param/{n}" for n in names], pre["pre_sq"].sqrt())
+        out.add_many([f"param_norm/param/{n}" for n in names], after_sq.sqrt())
+        out.add_many([f"update_ratio/param/{n}" for n in names], (upd_sq / pre["before_sq"]).sqrt())
+        if a is not None:
+            out.add_many([f"update_rms/param/{n}" for n in names], (a.u_sq / a.count).sqrt())
+            out.add_many([f"eps_headroom/param/{n}" for n in names], a.headroom)
+        if pre["vu"] is not None:
+            keep = [i for i, h in enumerate(pre["had_v"]) if h]
+            vu = (pre["vu"][0] / pre["vu"][1]).sqrt()
+            out.add_many([f"v_underestimation/param/{names[i]}" for i in keep], vu[keep])
+
+
+class _Vector:
+    """Names and 0-d/1-d device tensors, concatenated once into the float64 vector the exporter reads."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.names.append(name)
+        self.parts.append(value.to(F64).reshape(1))
+
+    def add_many(self, names: list[str], values: torch.Tensor) -> None:
+        self.names.extend(names)
+        self.parts.append(values.to(F64).reshape(-1))
+
+    def finish(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        device = self.parts[0].device if self.parts else torch.device("cpu")
+        return tuple(self.names), torch.cat([p.to(device) for p in self.parts]) if self.parts else torch.zeros(0)
