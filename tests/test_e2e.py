@@ -27,7 +27,7 @@ def _train_and_reference(run, clip: float):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.01)
-    run.watch(opt, model)
+    run.watch(opt, model, every=1)
     ref = {}
     for step in range(STEPS):
         x = torch.randn(16, 6)

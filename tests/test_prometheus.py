@@ -63,7 +63,7 @@ def test_dashboard_queries_and_alert_rules(sqlite_collector, prometheus, receive
     run = optiscope.init(project="dash", name="nan-run", url=sqlite_collector.url)
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.Adam(model.parameters())
-    run.watch(opt, model)
+    run.watch(opt, model, every=1)
     for step in range(20):
         loss = model(torch.randn(4, 3)).pow(2).mean()
         opt.zero_grad()

@@ -44,7 +44,7 @@ def test_collector_absent_then_appears(tmp_path):
     run = optiscope.init(project="late", url=f"http://127.0.0.1:{port}", backoff_max=0.2)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    run.watch(opt, model)
+    run.watch(opt, model, every=1)
     worst = 0.0
     for step in range(200):
         loss = model(torch.randn(8, 4)).pow(2).mean()

@@ -23,6 +23,8 @@ log = logging.getLogger("optiscope")
 DEFAULT_URL = "http://127.0.0.1:8737"
 DEFAULT_PROJECT = "default"
 FINISH_TIMEOUT = 10.0
+#: Default sampling period of the full optimizer statistics (see bench/overhead.py and the README).
+DEFAULT_EVERY = 50
 
 
 def new_run_id() -> str:
@@ -68,7 +70,7 @@ class Run:
         return not self._finished and os.getpid() == self._pid
 
     # -- public ------------------------------------------------------------------------------
-    def watch(self, optimizer, model=None, every: int = 1) -> "Run":
+    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY) -> "Run":
         """Attach to a ``torch.optim.Optimizer`` through its step hooks; sample one step in ``every``.
 
         ``model`` names the per-tensor series (``model.named_parameters()``); the global series

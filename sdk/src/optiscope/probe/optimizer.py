@@ -52,6 +52,7 @@ class OptimizerProbe:
         self._n_params = -1
         self._failed = False
         self._last_step_end: float | None = None
+        self._scratch = S.Scratch()
         self._handles = [optimizer.register_step_pre_hook(self._on_pre),
                          optimizer.register_step_post_hook(self._on_post)]
         self._hook_new_params()
@@ -146,7 +147,7 @@ class OptimizerProbe:
         adam = S.is_adam(self.optimizer)
         group_of = {id(p): g for g in groups for p in g["params"]}
         had_v = adam and any("exp_avg_sq" in self.optimizer.state.get(p, {}) for p in changing)
-        vu = S.v_underestimation_sums(changing, self.optimizer, group_of, device) if had_v else None
+        vu = S.v_underestimation_sums(changing, self.optimizer, group_of, device, self._scratch) if had_v else None
         return {
             "device": device, "changing": changing, "group_of": group_of, "adam": adam,
             "group_index": [next(i for i, g in enumerate(groups) if g is group_of[id(p)]) for p in changing],
@@ -179,7 +180,7 @@ class OptimizerProbe:
         adam = None
         if pre["adam"] and changing and all("exp_avg" in self.optimizer.state.get(p, {}) for p in changing):
             total = sum(p.numel() for p in changing)
-            adam = S.adam_sums(changing, self.optimizer, pre["group_of"], device, total)
+            adam = S.adam_sums(changing, self.optimizer, pre["group_of"], device, total, self._scratch)
             self._adam_global(out, adam, pre)
         else:
             self._generic_state(out, changing, device)

@@ -22,6 +22,29 @@ HEADROOM_SAMPLE_PER_TENSOR = 4096
 HEADROOM_SAMPLE_TOTAL = 65536
 
 F64 = torch.float64
+#: float32 sums of 0/1 values are exact below 2^24 terms.
+_EXACT_F32_COUNT = 1 << 24
+
+
+class Scratch:
+    """One reusable float32 work buffer per device, as large as the largest tensor seen.
+
+    Fresh large temporaries cost page faults on every sampled step; one buffer kept between
+    sampled steps costs the size of the largest parameter tensor and nothing else.
+    """
+
+    def __init__(self):
+        self._buf: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, n: int, device: torch.device) -> torch.Tensor:
+        buf = self._buf.get(device)
+        if buf is None or buf.numel() < n:
+            buf = self._buf[device] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n]
+
+
+def _count_ones(x: torch.Tensor) -> torch.Tensor:
+    return sum(x[i:i + _EXACT_F32_COUNT].sum().to(F64) for i in range(0, x.numel(), _EXACT_F32_COUNT))
 
 
 def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -69,44 +92,50 @@ class AdamSums:
 
 
 def adam_sums(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, group_of: dict[int, dict],
-              device: torch.device, total_numel: int) -> AdamSums:
-    """Moment norms and normalised-update statistics after the step, one pass per quantity."""
+              device: torch.device, total_numel: int, scratch: Scratch) -> AdamSums:
+    """Moment norms and normalised-update statistics after the step.
+
+    Scalars are folded so that each tensor costs six elementwise passes and three reductions:
+    with d = sqrt(v) + eps * sqrt(bc2) and u' = m / d, u = u' * sqrt(bc2) / bc1, so
+    sum(u^2) = sum(u'^2) * bc2 / bc1^2 and |u| > c  <=>  |u'| > c * bc1 / sqrt(bc2).
+    """
     out: dict[str, list] = {k: [] for k in ("m_sq", "v_sq", "u_sq", "u_big", "headroom", "bc1", "bc2")}
-    counts = []
-    samples = []
+    counts, samples = [], []
     stride = max(1, math.ceil(total_numel / HEADROOM_SAMPLE_TOTAL))
     for p in params:
         st = optimizer.state[p]
         group = group_of[id(p)]
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        m, v = _flat(st["exp_avg"]), _flat(st["exp_avg_sq"])
-        den_src = _flat(st["max_exp_avg_sq"]) if group.get("amsgrad") else v
+        m, v = _flat(st["exp_avg"]).float(), _flat(st["exp_avg_sq"]).float()
+        den_src = _flat(st["max_exp_avg_sq"]).float() if group.get("amsgrad") else v
         bc1, bc2 = _bias_corrections(st["step"], float(beta1), float(beta2))
-        # u, computed in one scratch buffer: sqrt(v) / sqrt(bc2) + eps, then m / that / bc1.
-        u = torch.sqrt(den_src.float())
-        u.div_(torch.sqrt(torch.as_tensor(bc2, device=u.device, dtype=torch.float32)) if isinstance(bc2, torch.Tensor)
-               else math.sqrt(bc2))
-        sample = (_strided(u, HEADROOM_SAMPLE_PER_TENSOR).to(F64) / eps)  # sqrt(v_hat)/eps, before + eps
-        samples.append(u[::stride].to(device=device, dtype=F64) / eps)
-        u.add_(eps)
-        torch.div(m.float(), u, out=u)
-        u.div_(bc1.to(torch.float32) if isinstance(bc1, torch.Tensor) else bc1)
-        out["u_sq"].append(torch.dot(u, u))
-        out["u_big"].append(torch.count_nonzero(u.abs_() > BIMODAL_THRESHOLD))
-        out["m_sq"].append(torch.dot(m.float(), m.float()))
-        out["v_sq"].append(torch.dot(v.float(), v.float()))
+        bc1 = torch.as_tensor(bc1, dtype=F64, device=device)
+        bc2 = torch.as_tensor(bc2, dtype=F64, device=device)
+        sqrt_bc2 = bc2.sqrt()
+        # sqrt(v_hat) / eps on strided samples (tiny): the per-tensor and the global median
+        per_tensor = _strided(den_src, HEADROOM_SAMPLE_PER_TENSOR).to(device=device, dtype=F64).sqrt() / (sqrt_bc2 * eps)
+        samples.append(den_src[::stride].to(device=device, dtype=F64).sqrt() / (sqrt_bc2 * eps))
+        work = torch.sqrt(den_src, out=scratch.get(den_src.numel(), den_src.device))
+        work.add_((eps * sqrt_bc2).to(work.device, torch.float32))
+        torch.div(m, work, out=work)
+        out["u_sq"].append(torch.dot(work, work).to(device, F64) * bc2 / bc1.square())
+        torch.gt(work.abs_(), (BIMODAL_THRESHOLD * bc1 / sqrt_bc2).to(work.device, torch.float32), out=work)
+        out["u_big"].append(_count_ones(work).to(device))
+        out["m_sq"].append(torch.dot(m, m))
+        out["v_sq"].append(torch.dot(v, v))
         counts.append(float(m.numel()))
-        out["headroom"].append(torch.log10(sample.median()))
-        out["bc1"].append(torch.as_tensor(bc1, dtype=F64, device=device))
-        out["bc2"].append(torch.as_tensor(bc2, dtype=F64, device=device))
+        out["headroom"].append(torch.log10(per_tensor.median()))
+        out["bc1"].append(bc1)
+        out["bc2"].append(bc2)
     stacked = {k: (torch.stack([x.to(device=device, dtype=F64) for x in v]) if v else torch.zeros(0, dtype=F64, device=device))
                for k, v in out.items()}
     return AdamSums(samples=samples, count=torch.tensor(counts, dtype=F64, device=device), **stacked)
 
 
 def v_underestimation_sums(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                           group_of: dict[int, dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                           group_of: dict[int, dict], device: torch.device,
+                           scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """Before the step: per tensor sum of g^2 / max(v_hat_{t-1}, eps^2) and the number of coordinates.
 
     A tensor with no second moment yet (its first step) contributes nothing (count 0).
@@ -121,10 +150,13 @@ def v_underestimation_sums(params: list[torch.Tensor], optimizer: torch.optim.Op
         group = group_of[id(p)]
         _, beta2 = group["betas"]
         _, bc2 = _bias_corrections(st["step"], 0.0, float(beta2))
-        vhat = _flat(st["exp_avg_sq"]).float() / (bc2.to(torch.float32) if isinstance(bc2, torch.Tensor) else bc2)
-        vhat.clamp_min_(group["eps"] ** 2).sqrt_()
-        torch.div(_flat(p.grad).float(), vhat, out=vhat)
-        sums.append(torch.dot(vhat, vhat).to(device=device, dtype=F64))
+        bc2 = torch.as_tensor(bc2, dtype=F64, device=device)
+        # g^2 / max(v / bc2, eps^2) = bc2 * (g * rsqrt(max(v, eps^2 * bc2)))^2
+        v = _flat(st["exp_avg_sq"]).float()
+        floor = (group["eps"] ** 2 * bc2).to(device=v.device, dtype=torch.float32)
+        vhat = torch.clamp_min(v, floor, out=scratch.get(v.numel(), v.device))
+        vhat.rsqrt_().mul_(_flat(p.grad).float())
+        sums.append(torch.dot(vhat, vhat).to(device=device, dtype=F64) * bc2)
         counts.append(float(vhat.numel()))
     if not sums:
         return torch.zeros(0, dtype=F64, device=device), torch.zeros(0, dtype=F64, device=device)

@@ -1,0 +1,165 @@
+"""What optiscope's probe costs a training step, on the reference model, all measured in one run.
+
+    python bench/overhead.py            # reference: pre-LN causal transformer, d=384, 6 layers, ~17M params
+    python bench/overhead.py --smoke    # a tiny model, a few steps: CI runs this so the script cannot rot
+
+Configurations, interleaved round by round so that drift on a noisy machine hits them alike:
+  bare      the training step alone
+  unsampled a probe attached, on a step it does not sample
+  defaults  optiscope's defaults (run.watch(optimizer, model)): unsampled + full / every
+  full      full statistics on every step (every=1)
+  naive     a Python loop of .norm().item() over parameters, gradients and both moments
+  floor     one plain copy of the same bytes (parameters, gradients, both moments)
+Costs are medians of paired differences: each configuration's step against a bare step just before it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from optiscope.probe import OptimizerProbe
+from optiscope.run import DEFAULT_EVERY
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.ff(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Pre-LN causal transformer with an untied output head."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, ff: int, ctx: int):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads, ff) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", torch.triu(torch.full((ctx, ctx), float("-inf")), 1), persistent=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos.weight[: idx.shape[1]]
+        for b in self.blocks:
+            x = b(x, self.mask[: idx.shape[1], : idx.shape[1]])
+        return self.head(self.ln(x))
+
+
+SIZES = {
+    "reference": dict(vocab=8192, d=384, layers=6, heads=6, ff=1536, ctx=128, batch=4),
+    "smoke": dict(vocab=512, d=64, layers=2, heads=2, ff=256, ctx=32, batch=2),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model and few rounds (CI)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--every", type=int, default=DEFAULT_EVERY, help="sampling period of the defaults")
+    args = ap.parse_args()
+    size = SIZES["smoke" if args.smoke else "reference"]
+    rounds = args.rounds or (3 if args.smoke else 15)
+    torch.manual_seed(0)
+    batch = size.pop("batch")
+    model = GPT(**size)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    n_params = sum(p.numel() for p in model.parameters())
+    data = torch.randint(0, size["vocab"], (batch, size["ctx"] + 1))
+    params = list(model.parameters())
+
+    def step():
+        logits = model(data[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, size["vocab"]), data[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # warm up: allocator, Adam state
+        step()
+    sink = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+    floor_dst = [t.clone() for t in params + [p.grad for p in params] + moments]
+
+    def timed(fn=step):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def probe_step(every):
+        """One step with a probe attached; every=None: attached, but this step is not sampled."""
+        probe = OptimizerProbe(opt, lambda s, h, v: sink.append(v[1].tolist() if v else None),
+                               every=every or 10**9, names=names)
+        if every is None:
+            probe.steps = 1  # past step 0, the only step a huge period samples
+        try:
+            return timed()
+        finally:
+            probe.close()
+            sink.clear()
+
+    def naive():
+        step()
+        for t in params + [p.grad for p in params] + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]:
+            t.norm().item()  # one host sync per tensor: what a hand-rolled logger does
+
+    def floor():
+        step()
+        grads = [p.grad for p in params]
+        moments_now = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+        torch._foreach_copy_(floor_dst, params + grads + moments_now)
+
+    # Each configuration's step is paired with a bare step just before it; the cost is the median
+    # of the paired differences, so slow drift on a shared machine cancels.
+    configs = {"unsampled": lambda: probe_step(None), "full": lambda: probe_step(1),
+               "naive": lambda: timed(naive), "floor": lambda: timed(floor)}
+    rows = {k: [] for k in ("bare", *configs)}
+    for _ in range(rounds):
+        for k, run in configs.items():
+            bare = timed()
+            rows["bare"].append(bare)
+            rows[k].append(run() - bare)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    # The defaults sample one step in `every`: the unsampled cost on every step plus the full cost
+    # amortised over the period.
+    med["defaults"] = med["unsampled"] + med["full"] / args.every
+    bare, floor_cost = med["bare"], med["floor"]
+    print(f"# optiscope probe overhead: {'smoke' if args.smoke else 'reference'} model, {n_params / 1e6:.1f}M params, "
+          f"AdamW, batch {batch}x{size['ctx']} tokens, {torch.get_num_threads()} threads, {rounds} rounds, "
+          f"defaults sample 1 step in {args.every}")
+    print()
+    print("| configuration | step time (ms, median) | cost per step (ms) | cost / bare step | cost / floor |")
+    print("|---|---|---|---|---|")
+    print(f"| bare | {bare * 1e3:.1f} | — | — | — |")
+    for k, label in (("unsampled", "attached, step not sampled"), ("defaults", f"defaults (every={args.every}, amortised)"),
+                     ("full", "full statistics, every step"),
+                     ("naive", "naive .norm().item() loop"), ("floor", "floor: one copy of θ, g, m, v")):
+        c = med[k]
+        print(f"| {label} | {(bare + c) * 1e3:.1f} | {c * 1e3:.2f} | {100 * c / bare:.2f}% | "
+              f"{c / floor_cost:.2f}x |")
+    print()
+    full_ratio = med["full"] / floor_cost
+    defaults_pct = 100 * med["defaults"] / bare
+    print(f"targets: defaults <= 1% of the step: {defaults_pct:.2f}% "
+          f"({'met' if defaults_pct <= 1 else 'NOT met'}); full statistics <= 2x the floor: {full_ratio:.2f}x "
+          f"({'met' if full_ratio <= 2 else 'NOT met'})")
+    suggested = math.ceil(med["full"] / (0.01 * bare))
+    print(f"sampling period that keeps the full statistics under 1% of this step: every >= {suggested}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
