@@ -11,7 +11,7 @@ install: $(STAMP)
 # Both packages in editable mode plus the test tools, pinned by constraints.txt; nothing else.
 $(STAMP): sdk/pyproject.toml service/pyproject.toml constraints.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e './sdk[torch]' -e ./service -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e './sdk[torch,lightning,transformers,keras]' -e ./service -r requirements-test.txt
 	touch $(STAMP)
 
 demo: install
