@@ -42,6 +42,7 @@ class Run:
         self.config = dict(config or {})
         self._pid = os.getpid()  # a forked child (DataLoader worker) must not send for the parent
         self._probes: list = []
+        self._closers: list = []
         self._auto_step = 0
         self._finished = False
         self._warned: set[str] = set()
@@ -70,16 +71,26 @@ class Run:
         return not self._finished and os.getpid() == self._pid
 
     # -- public ------------------------------------------------------------------------------
-    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY) -> "Run":
-        """Attach to a ``torch.optim.Optimizer`` through its step hooks; sample one step in ``every``.
+    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True) -> "Run":
+        """Attach to a ``torch.optim.Optimizer`` through its step hooks; full statistics on one
+        optimizer step in ``every``.
 
-        ``model`` names the per-tensor series (``model.named_parameters()``); the global series
-        need only the optimizer.
+        ``model`` names the per-tensor series (``model.named_parameters()``) and, unless
+        ``activations`` is False, gets forward hooks for activation headroom: on every leaf module
+        by default, or on the modules named in ``activations`` (a list of names from
+        ``model.named_modules()``).
         """
         try:
-            from .probe.optimizer import OptimizerProbe  # imports torch: only here
+            from .probe.activations import ActivationProbe  # imports torch: only here
+            from .probe.optimizer import OptimizerProbe
             names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
-            self._probes.append(OptimizerProbe(optimizer, self._emit, every=every, names=names))
+            probe = OptimizerProbe(optimizer, self._emit, every=every, names=names)
+            self._probes.append(probe)
+            if model is not None and activations is not False:
+                act = ActivationProbe(model, probe.sampling_next,
+                                      modules=None if activations is True else list(activations))
+                probe.contributors.append(act)
+                self._closers.append(act.close)
         except Exception:
             self._warn_once("watch", "could not attach to the optimizer; training continues unobserved",
                             exc_info=True)
@@ -130,6 +141,8 @@ class Run:
         try:
             for p in self._probes:
                 p.close()
+            for close in self._closers:
+                close()
             return self._exporter.close(timeout, status)
         except Exception:
             self._warn_once("finish", "finish() failed", exc_info=True)

@@ -83,6 +83,13 @@ CATALOG: dict[str, SeriesSpec] = {
                    "coordinates", "decades", _S, True),
         SeriesSpec("bias_correction1", _ADAM, "1 - beta1^t of the first parameter of param group 0", "1", _S),
         SeriesSpec("bias_correction2", _ADAM, "1 - beta2^t of the first parameter of param group 0", "1", _S),
+        SeriesSpec("act_headroom_bits", "global (model watched)",
+                   "min over watched modules of log2(finfo(dtype).max / max|output|); NaN if any output held NaN, "
+                   "-inf if one overflowed", "bits", _S, True),
+        SeriesSpec("act_absmax/module/{name}", "one watched module",
+                   "max |output| over the forward passes of the step (every leaf module by default)", "as output", _S),
+        SeriesSpec("act_headroom_bits/module/{name}", "one watched module",
+                   "log2(finfo(output dtype).max / act_absmax)", "bits", _S),
         SeriesSpec("state_norm/{key}", "other optimizers", "||state[key]||_2 over all parameters, for each "
                    "floating-point state tensor kind (momentum_buffer, square_avg, sum, ...)", "1", _S),
         SeriesSpec("{stat}/group/{i}", "param group i, when more than one has gradients",

@@ -53,6 +53,8 @@ class OptimizerProbe:
         self._failed = False
         self._last_step_end: float | None = None
         self._scratch = S.Scratch()
+        # Other probes whose values join the sampled step's vector: objects with collect() -> [(name, tensor)].
+        self.contributors: list = []
         self._handles = [optimizer.register_step_pre_hook(self._on_pre),
                          optimizer.register_step_post_hook(self._on_post)]
         self._hook_new_params()
@@ -62,6 +64,10 @@ class OptimizerProbe:
         for h in self._handles + list(self._grad_hooks.values()):
             h.remove()
         self._handles, self._grad_hooks = [], {}
+
+    def sampling_next(self) -> bool:
+        """True while the forward/backward passes of a step that will be sampled run."""
+        return self.steps % self.every == 0 and not self._failed
 
     def _groups(self) -> list[dict]:
         return self.optimizer.param_groups
@@ -189,6 +195,9 @@ class OptimizerProbe:
             self._per_group(out, groups, pre, upd_sq, dots, adam)
         if self.per_tensor:
             self._per_tensor(out, pre, upd_sq, after_sq, adam)
+        for c in self.contributors:
+            for name, value in c.collect():
+                out.add(name, value.to(device))
         return out.finish()
 
     def _adam_global(self, out: "_Vector", a: S.AdamSums, pre: dict) -> None:

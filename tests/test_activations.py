@@ -1,0 +1,97 @@
+"""Activation headroom: forward hooks on sampled steps, checked against a direct recomputation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import optiscope
+from conftest import free_port
+from optiscope.probe import OptimizerProbe
+from optiscope.probe.activations import ActivationProbe
+
+
+class Half(torch.nn.Module):
+    """An fp16 activation buffer (like attention scores kept in half precision)."""
+
+    def forward(self, x):
+        return x.to(torch.float16)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.scores = Half()
+
+    def forward(self, x, scale=1.0):
+        return self.scores(self.lin(x) * scale).float().sum()
+
+
+def attach(model, every=1, modules=None):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen = {}
+
+    def emit(step, host, vector):
+        if vector is not None:
+            seen[step] = dict(zip(vector[0], vector[1].tolist()))
+
+    probe = OptimizerProbe(opt, emit, every=every)
+    act = ActivationProbe(model, probe.sampling_next, modules=modules)
+    probe.contributors.append(act)
+    return opt, seen, act
+
+
+def test_headroom_matches_direct_recomputation_over_micro_batches():
+    torch.manual_seed(0)
+    model = Net()
+    opt, seen, _ = attach(model)
+    xs = [torch.randn(3, 4) for _ in range(2)]
+    expected_lin = max(float(model.lin(x).abs().max()) for x in xs)
+    expected_half = max(float((model.lin(x) * 100).to(torch.float16).abs().max()) for x in xs)
+    for x in xs:  # two micro-batches, one optimizer step: the running max counts
+        model(x, scale=100.0).backward()
+    opt.step()
+    got = seen[0]
+    assert got["act_absmax/module/lin"] == pytest.approx(expected_lin, rel=1e-6)
+    assert got["act_absmax/module/scores"] == pytest.approx(expected_half, rel=1e-6)
+    assert got["act_headroom_bits/module/scores"] == pytest.approx(math.log2(65504 / expected_half), rel=1e-9)
+    assert got["act_headroom_bits/module/lin"] == pytest.approx(
+        math.log2(torch.finfo(torch.float32).max / expected_lin), rel=1e-9)
+    assert got["act_headroom_bits"] == min(got["act_headroom_bits/module/scores"], got["act_headroom_bits/module/lin"])
+
+
+def test_overflow_nan_eval_and_unsampled_steps():
+    torch.manual_seed(0)
+    model = Net()
+    opt, seen, act = attach(model, every=2)
+    model(torch.randn(2, 4), scale=1e6).backward()  # fp16 overflows to inf
+    opt.step()
+    assert seen[0]["act_headroom_bits/module/scores"] == -math.inf
+    assert seen[0]["act_headroom_bits"] == -math.inf
+    model(torch.randn(2, 4)).backward()  # step 1 is not sampled: no reduction runs
+    assert act._max == {}
+    opt.step()
+    with torch.no_grad():
+        model(torch.full((2, 4), float("nan")))  # evaluation: never recorded
+    assert act._max == {}
+    model(torch.full((2, 4), float("nan"))).backward()  # step 2 is sampled: NaN is the signal
+    opt.step()
+    assert math.isnan(seen[2]["act_absmax/module/lin"]) and math.isnan(seen[2]["act_headroom_bits"])
+    assert sorted(seen) == [0, 2]
+
+
+def test_chosen_modules_and_bad_names():
+    model = Net()
+    opt, seen, _ = attach(model, modules=["scores"])
+    model(torch.randn(2, 4)).backward()
+    opt.step()
+    assert {k for k in seen[0] if k.startswith("act_")} == {
+        "act_absmax/module/scores", "act_headroom_bits/module/scores", "act_headroom_bits"}
+    with pytest.raises(ValueError):
+        ActivationProbe(model, lambda: True, modules=["nope"])
+    # through the SDK, a bad module name is a warning, never an exception into training
+    run = optiscope.init(project="act", url=f"http://127.0.0.1:{free_port()}")
+    run.watch(torch.optim.SGD(model.parameters(), lr=0.1), model, activations=["nope"])
+    run.finish(timeout=0.1)
