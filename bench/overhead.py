@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from optiscope.probe import OptimizerProbe
+from optiscope.probe.activations import ActivationProbe
 from optiscope.run import DEFAULT_EVERY
 
 
@@ -103,12 +104,15 @@ def main() -> int:
         """One step with a probe attached; every=None: attached, but this step is not sampled."""
         probe = OptimizerProbe(opt, lambda s, h, v: sink.append(v[1].tolist() if v else None),
                                every=every or 10**9, names=names)
+        act = ActivationProbe(model, probe.sampling_next)  # as run.watch(opt, model) attaches it
+        probe.contributors.append(act)
         if every is None:
             probe.steps = 1  # past step 0, the only step a huge period samples
         try:
             return timed()
         finally:
             probe.close()
+            act.close()
             sink.clear()
 
     def naive():

@@ -48,8 +48,9 @@ def test_headroom_matches_direct_recomputation_over_micro_batches():
     model = Net()
     opt, seen, _ = attach(model)
     xs = [torch.randn(3, 4) for _ in range(2)]
-    expected_lin = max(float(model.lin(x).abs().max()) for x in xs)
-    expected_half = max(float((model.lin(x) * 100).to(torch.float16).abs().max()) for x in xs)
+    with torch.no_grad():
+        expected_lin = max(float(model.lin(x).abs().max()) for x in xs)
+        expected_half = max(float((model.lin(x) * 100).to(torch.float16).abs().max()) for x in xs)
     for x in xs:  # two micro-batches, one optimizer step: the running max counts
         model(x, scale=100.0).backward()
     opt.step()
@@ -95,3 +96,24 @@ def test_chosen_modules_and_bad_names():
     run = optiscope.init(project="act", url=f"http://127.0.0.1:{free_port()}")
     run.watch(torch.optim.SGD(model.parameters(), lr=0.1), model, activations=["nope"])
     run.finish(timeout=0.1)
+
+
+def test_grad_scaler_loss_scale_and_skipped_steps():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    records = {}
+    run = optiscope.init(project="amp", url=f"http://127.0.0.1:{free_port()}")
+    run._emit = lambda step, host, vector: records.__setitem__(step, dict(host))  # capture what the probe emits
+    run.watch(opt, model, every=1, scaler=scaler)
+    for it in range(5):
+        opt.zero_grad()
+        scale = 1e38 if it in (1, 2) else 1.0  # two iterations overflow: GradScaler skips their steps
+        scaler.scale(model(torch.ones(2, 3)).sum() * scale).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert sorted(records) == [0, 1, 2]  # three real optimizer steps
+    assert [records[s]["skipped_steps"] for s in (0, 1, 2)] == [0.0, 2.0, 2.0]
+    assert [float(records[s]["loss_scale"]) for s in (0, 1, 2)] == [1024.0, 256.0, 256.0]
+    run.finish(timeout=0.1)
+    assert "update" not in scaler.__dict__  # the scaler is left as it was

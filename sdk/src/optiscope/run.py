@@ -71,14 +71,15 @@ class Run:
         return not self._finished and os.getpid() == self._pid
 
     # -- public ------------------------------------------------------------------------------
-    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True) -> "Run":
+    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True, scaler=None) -> "Run":
         """Attach to a ``torch.optim.Optimizer`` through its step hooks; full statistics on one
         optimizer step in ``every``.
 
         ``model`` names the per-tensor series (``model.named_parameters()``) and, unless
         ``activations`` is False, gets forward hooks for activation headroom: on every leaf module
         by default, or on the modules named in ``activations`` (a list of names from
-        ``model.named_modules()``).
+        ``model.named_modules()``). ``scaler``: a ``torch.amp.GradScaler`` whose loss scale and
+        skipped steps to record.
         """
         try:
             from .probe.activations import ActivationProbe  # imports torch: only here
@@ -91,6 +92,11 @@ class Run:
                                       modules=None if activations is True else list(activations))
                 probe.contributors.append(act)
                 self._closers.append(act.close)
+            if scaler is not None:
+                from .probe.amp import ScalerProbe
+                amp = ScalerProbe(scaler, probe)
+                probe.contributors.append(amp)
+                self._closers.append(amp.close)
         except Exception:
             self._warn_once("watch", "could not attach to the optimizer; training continues unobserved",
                             exc_info=True)

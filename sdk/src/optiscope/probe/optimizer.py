@@ -53,7 +53,8 @@ class OptimizerProbe:
         self._failed = False
         self._last_step_end: float | None = None
         self._scratch = S.Scratch()
-        # Other probes whose values join the sampled step's vector: objects with collect() -> [(name, tensor)].
+        # Other probes: collect() -> [(name, device tensor)] joins a sampled step's vector;
+        # host_values() -> {name: value} joins every step's record.
         self.contributors: list = []
         self._handles = [optimizer.register_step_pre_hook(self._on_pre),
                          optimizer.register_step_post_hook(self._on_post)]
@@ -137,6 +138,9 @@ class OptimizerProbe:
         if self._last_step_end is not None:
             out["step_time"] = now - self._last_step_end  # wall time between two optimizer steps
         self._last_step_end = now
+        for c in self.contributors:
+            if hasattr(c, "host_values"):
+                out.update(c.host_values())
         return out
 
     # -- measurement -------------------------------------------------------------------------
@@ -196,7 +200,7 @@ class OptimizerProbe:
         if self.per_tensor:
             self._per_tensor(out, pre, upd_sq, after_sq, adam)
         for c in self.contributors:
-            for name, value in c.collect():
+            for name, value in (c.collect() if hasattr(c, "collect") else ()):
                 out.add(name, value.to(device))
         return out.finish()
 
