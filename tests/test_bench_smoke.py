@@ -11,7 +11,8 @@ def test_overhead_benchmark_smoke():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--smoke"], capture_output=True,
                        text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    for row in ("| bare |", "| attached, step not sampled |", "| defaults (every=", "| full statistics, every step |",
+    for row in ("| bare |", "| attached, step not sampled (paired) |", "| attached, step not sampled (hooks timed directly) |",
+                "| defaults (every=", "| full statistics, every step |",
                 "| naive .norm().item() loop |", "| floor: one copy"):
         assert row in r.stdout, row
     assert "targets:" in r.stdout

@@ -24,7 +24,7 @@ DEFAULT_URL = "http://127.0.0.1:8737"
 DEFAULT_PROJECT = "default"
 FINISH_TIMEOUT = 10.0
 #: Default sampling period of the full optimizer statistics (see bench/overhead.py and the README).
-DEFAULT_EVERY = 50
+DEFAULT_EVERY = 100
 
 
 def new_run_id() -> str:
