@@ -134,3 +134,16 @@ def test_openapi_documents_the_api(sqlite_collector):
                  "/api/v1/runs/{run_id}/series/{name}", "/api/v1/runs/{run_id}/alerts", "/api/v1/alerts"):
         assert "get" in doc["paths"][path], path
     assert httpx.get(f"{sqlite_collector.url}/docs").status_code == 200
+
+
+def test_large_gzip_run_documents_register(sqlite_collector):
+    """The SDK gzips any body over 1 KiB: a run with a large config must still register."""
+    import optiscope
+    run = optiscope.init(project="big", url=sqlite_collector.url, config={"blob": "x" * 5000, "n": 1})
+    run.log({"loss": 1.0}, step=0)
+    assert run.finish(timeout=20)
+    detail = sqlite_collector.api(f"/runs/{run.id}")
+    assert detail["config"] == {"blob": "x" * 5000, "n": 1} and detail["status"] == "finished"
+    doc = httpx.get(f"{sqlite_collector.url}/openapi.json").json()
+    body = doc["paths"]["/api/v1/runs/{run_id}"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "project" in body["properties"]

@@ -205,3 +205,30 @@ def test_a_probe_failure_never_reaches_training(monkeypatch, caplog):
     assert "optimizer probe disabled" in caplog.text
     probe.close()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_step_with_a_closure_is_measured_after_the_closure(as_keyword):
+    """opt.step(closure): the probe must see this step's gradients, not the previous batch's."""
+    model, opt, g = build(seed=5, device="cpu", opt_cls=torch.optim.AdamW, variant={})
+    cap = Capture()
+    OptimizerProbe(opt, cap)
+    calls = []
+    for step in range(3):
+        x = torch.randn(8, 5, generator=g)
+        grads = {}
+
+        def closure():
+            calls.append(step)
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            grads.update({id(p): p.grad.detach().clone() for p in model.parameters()})
+            return loss
+
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = opt.step(closure=closure) if as_keyword else opt.step(closure)
+        assert isinstance(loss, torch.Tensor)  # the step still returns the closure's result
+        assert cap.steps[step]["grad_norm"] == pytest.approx(n64(grads.values()), rel=1e-5)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert calls == [0, 1, 2]  # the closure ran exactly once per step

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import text
 
 from optiscope import wire
@@ -41,7 +42,7 @@ class Settings:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, reason: str, detail: str):
+    def __init__(self, status: int, reason: str, detail):
         self.status, self.reason, self.detail = status, reason, detail
 
 
@@ -138,10 +139,24 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
         return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- ingest ------------------------------------------------------------------------------
-    @app.put("/api/v1/runs/{run_id}", tags=["ingest"], dependencies=api, response_model=m.RunOut)
-    def register_run(body: m.RunIn, run_id: str = RUN_ID):
+    async def parse(request: Request, model: type[BaseModel]):
+        """A JSON body through the same limits and gzip decoding as batches (the SDK compresses
+        any body over 1 KiB, a run's config included)."""
+        body = await read_body(request, settings.max_body_bytes)
         try:
-            row = store().upsert_run(run_id, body.project, body.name, body.config, body.host)
+            return model.model_validate_json(body or b"{}")
+        except ValidationError as e:
+            raise ApiError(422, "invalid_body", json.loads(e.json(include_url=False, include_input=False))) from None
+
+    def body_schema(model: type[BaseModel]) -> dict:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+    @app.put("/api/v1/runs/{run_id}", tags=["ingest"], dependencies=api, response_model=m.RunOut,
+             openapi_extra=body_schema(m.RunIn))
+    async def register_run(request: Request, run_id: str = RUN_ID):
+        body = await parse(request, m.RunIn)
+        try:
+            row = await run_in_threadpool(store().upsert_run, run_id, body.project, body.name, body.config, body.host)
         except Rejected as e:
             raise ApiError(409, e.reason, str(e)) from None
         return m.run_out(row, run_url(run_id))
@@ -169,10 +184,12 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
             state["dispatcher"].wake()
         return m.IngestOut(duplicate=res.duplicate, points=res.points, alerts=res.alerts)
 
-    @app.post("/api/v1/runs/{run_id}/finish", tags=["ingest"], dependencies=api, response_model=m.RunOut)
-    def finish_run(body: FinishIn, run_id: str = RUN_ID):
-        store().finish_run(run_id, body.status)
-        return m.run_out(store().get_run_row(run_id), run_url(run_id))
+    @app.post("/api/v1/runs/{run_id}/finish", tags=["ingest"], dependencies=api, response_model=m.RunOut,
+              openapi_extra=body_schema(FinishIn))
+    async def finish_run(request: Request, run_id: str = RUN_ID):
+        body = await parse(request, FinishIn)
+        await run_in_threadpool(store().finish_run, run_id, body.status)
+        return m.run_out(await run_in_threadpool(store().get_run_row, run_id), run_url(run_id))
 
     # -- history -----------------------------------------------------------------------------
     @app.get("/api/v1/runs", tags=["history"], dependencies=api, response_model=m.RunList)

@@ -97,16 +97,17 @@ class OptimizerProbe:
                     "continues unobserved by the probe", where, exc_info=True)
 
     # -- hooks -------------------------------------------------------------------------------
-    def _on_pre(self, optimizer, args, kwargs) -> None:
+    def _on_pre(self, optimizer, args, kwargs):
+        replaced = _closure_first(optimizer, args, kwargs)
         self._sampled = self.steps % self.every == 0 and not self._failed
-        if not self._sampled:
-            return
-        try:
-            self._hook_new_params()
-            with torch.no_grad():
-                self._pre = self._measure_before()
-        except Exception:  # never crash training; stop probing and say so once
-            self._fail("pre-step")
+        if self._sampled:
+            try:
+                self._hook_new_params()
+                with torch.no_grad():
+                    self._pre = self._measure_before()
+            except Exception:  # never crash training; stop probing and say so once
+                self._fail("pre-step")
+        return replaced
 
     def _on_post(self, optimizer, args, kwargs) -> None:
         index = self.steps
@@ -266,6 +267,26 @@ class OptimizerProbe:
             keep = [i for i, h in enumerate(pre["had_v"]) if h]
             vu = (pre["vu"][0] / pre["vu"][1]).sqrt()
             out.add_many([f"v_underestimation/param/{names[i]}" for i in keep], vu[keep])
+
+
+def _closure_first(optimizer, args, kwargs):
+    """``optimizer.step(closure)`` (Lightning always, some users too): the closure runs zero_grad,
+    forward and backward, but step pre-hooks run before the step body calls it, so the probe would
+    measure the previous batch's gradients. Run it here instead and hand the step a closure that
+    returns its result. Only for torch.optim classes other than LBFGS: they call the closure exactly
+    once, first thing in step(); optimizers that call it several times are left alone (and are
+    measured one closure late)."""
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+    if closure is None or not type(optimizer).__module__.startswith("torch.optim.") \
+            or isinstance(optimizer, torch.optim.LBFGS):
+        return None
+    with torch.enable_grad():
+        result = closure()  # user code: its exceptions are the training loop's and propagate
+
+    def cached():
+        return result
+
+    return (args, {**kwargs, "closure": cached}) if "closure" in kwargs else ((args[0], cached, *args[2:]), kwargs)
 
 
 class _Vector:
