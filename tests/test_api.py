@@ -9,7 +9,6 @@ import json
 import math
 
 import httpx
-import pytest
 
 from conftest import Collector
 from optiscope import wire

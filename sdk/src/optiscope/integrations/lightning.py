@@ -4,7 +4,6 @@ Importing this module imports Lightning; ``import optiscope`` never does.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -12,35 +11,24 @@ from lightning.pytorch.callbacks import Callback
 
 import optiscope
 
-log = logging.getLogger("optiscope")
+from ._base import RunOwner
 
 
-class OptiscopeCallback(Callback):
+class OptiscopeCallback(RunOwner, Callback):
     """Watch every optimizer of the fit and log the training loss at each optimizer step.
 
     ``run``: an existing ``optiscope.Run`` (left open at the end), or None to create one with
-    ``optiscope.init(**init_kwargs)`` at fit start (finished at fit end, ``crashed`` on an
-    exception). ``every``: the probe's sampling period; None keeps the SDK default.
+    ``optiscope.init(**init_kwargs)`` at fit start (config: the module's hparams; finished at fit
+    end, ``crashed`` on an exception). ``every``: the probe's sampling period; None keeps the SDK
+    default.
     """
 
+    framework = "Lightning"
+
     def __init__(self, run: optiscope.Run | None = None, every: int | None = None, **init_kwargs: Any):
-        self.run = run
-        self.every = every
-        self.init_kwargs = init_kwargs
-        self._owned = False  # whether this callback created self.run, so ends it
-        self._done = False  # ... and has ended it: a later fit gets a new run
+        super().__init__(run, every, **init_kwargs)
         self._loss_sum = None
         self._last_global_step = 0
-        self._warned = False
-
-    def _safely(self, fn, *args) -> None:
-        # An observability callback must never be the reason a fit dies.
-        try:
-            fn(*args)
-        except Exception:
-            if not self._warned:
-                self._warned = True
-                log.warning("optiscope: Lightning callback failed; training continues", exc_info=True)
 
     # -- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -52,24 +40,19 @@ class OptiscopeCallback(Callback):
             self._safely(self._log_loss, trainer, outputs)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._safely(self._end, "finished")
+        self._safely(self._end_run, "finished")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._safely(self._end, "crashed")
+        self._safely(self._end_run, "crashed")
 
     # -- work --------------------------------------------------------------------------------
     def _start(self, trainer, pl_module) -> None:
-        if self.run is None or self._done:
-            kwargs = dict(self.init_kwargs)
-            if kwargs.get("config") is None and getattr(pl_module, "hparams", None):
-                kwargs["config"] = dict(pl_module.hparams)
-            self.run, self._owned, self._done = optiscope.init(**kwargs), True, False
+        self._start_run(lambda: dict(pl_module.hparams) if getattr(pl_module, "hparams", None) else None)
         self._last_global_step, self._loss_sum = trainer.global_step, None
-        every = {} if self.every is None else {"every": self.every}
         # The raw torch optimizers, not LightningOptimizer wrappers. Lightning steps them with a
         # closure (forward and backward inside step()); the probe runs it before measuring.
         for opt in trainer.optimizers:
-            self.run.watch(opt, pl_module, **every)
+            self.run.watch(opt, pl_module, **self._watch_kwargs())
 
     def _log_loss(self, trainer, outputs) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -84,8 +67,3 @@ class OptiscopeCallback(Callback):
             self._last_global_step = trainer.global_step
             self.run.log({"loss": self._loss_sum})  # step=None: the last optimizer step's index
             self._loss_sum = None
-
-    def _end(self, status: str) -> None:
-        if self._owned and not self._done:
-            self._done = True
-            self.run.finish(status=status)

@@ -5,18 +5,14 @@ Importing this module imports transformers; ``import optiscope`` never does.
 from __future__ import annotations
 
 import json
-import logging
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-import optiscope
-
-log = logging.getLogger("optiscope")
+from ._base import RunOwner
 
 
-class OptiscopeCallback(TrainerCallback):
+class OptiscopeCallback(RunOwner, TrainerCallback):
     """Watch the Trainer's optimizer and log the loss the Trainer reports.
 
     ``run``: an existing ``optiscope.Run`` (left open at the end), or None to create one with
@@ -24,22 +20,7 @@ class OptiscopeCallback(TrainerCallback):
     it at train end. ``every``: the probe's sampling period; None keeps the SDK default.
     """
 
-    def __init__(self, run: optiscope.Run | None = None, every: int | None = None, **init_kwargs: Any):
-        self.run = run
-        self.every = every
-        self.init_kwargs = init_kwargs
-        self._owned = False  # whether this callback created self.run, so ends it
-        self._done = False  # ... and has ended it: a later train() gets a new run
-        self._warned = False
-
-    def _safely(self, fn, *args) -> None:
-        # An observability callback must never be the reason training dies.
-        try:
-            fn(*args)
-        except Exception:
-            if not self._warned:
-                self._warned = True
-                log.warning("optiscope: transformers callback failed; training continues", exc_info=True)
+    framework = "transformers"
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.is_world_process_zero:  # one run per job, not one per process
@@ -50,16 +31,10 @@ class OptiscopeCallback(TrainerCallback):
             self._safely(self._log, state, logs)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._owned and not self._done:
-            self._done = True
-            self._safely(self.run.finish)
+        self._safely(self._end_run, "finished")
 
     def _start(self, args, model, optimizer) -> None:
-        if self.run is None or self._done:
-            kwargs = dict(self.init_kwargs)
-            if kwargs.get("config") is None:
-                kwargs["config"] = {k: v for k, v in args.to_dict().items() if _jsonable(v)}
-            self.run, self._owned, self._done = optiscope.init(**kwargs), True, False
+        self._start_run(lambda: {k: v for k, v in args.to_dict().items() if _jsonable(v)})
         # accelerate's AcceleratedOptimizer is itself a torch.optim.Optimizer subclass whose step
         # forwards to .optimizer without running its own hooks: attach to the innermost one.
         for _ in range(8):
@@ -67,8 +42,7 @@ class OptiscopeCallback(TrainerCallback):
             if not isinstance(inner, torch.optim.Optimizer):
                 break
             optimizer = inner
-        every = {} if self.every is None else {"every": self.every}
-        self.run.watch(optimizer, model, **every)
+        self.run.watch(optimizer, model, **self._watch_kwargs())
 
     def _log(self, state, logs: dict) -> None:
         # The Trainer logs after global_step += 1, so the step just taken is global_step - 1: the
