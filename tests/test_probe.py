@@ -232,3 +232,19 @@ def test_step_with_a_closure_is_measured_after_the_closure(as_keyword):
         assert cap.steps[step]["grad_norm"] == pytest.approx(n64(grads.values()), rel=1e-5)
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert calls == [0, 1, 2]  # the closure ran exactly once per step
+
+
+def test_a_resumed_optimizer_goes_on_numbering_its_steps():
+    model, opt, g = build(seed=2, device="cpu", opt_cls=torch.optim.AdamW, variant={})
+    for _ in range(3):
+        reference_step(model, opt, g, "cpu", 1, None)
+    restored = torch.optim.AdamW(opt.param_groups)  # a fresh optimizer loaded from a checkpoint
+    restored.load_state_dict(opt.state_dict())
+    cap = Capture()
+    OptimizerProbe(restored, cap)
+    reference_step(model, restored, g, "cpu", 1, None)
+    assert sorted(cap.every_step) == [3]
+    cap2 = Capture()
+    OptimizerProbe(restored, cap2, start_step=100)
+    reference_step(model, restored, g, "cpu", 1, None)
+    assert 100 in cap2.every_step

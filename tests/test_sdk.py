@@ -117,3 +117,21 @@ def test_forked_child_sends_nothing(sqlite_collector):
     assert run.finish(timeout=20)
     wait_until(lambda: sqlite_collector.api(f"/runs/{run.id}/series/loss")["steps"] == [0, 2], what="parent points")
     assert sqlite_collector.api(f"/runs/{run.id}/series/loss")["values"] == [1.0, 2.0]
+
+
+def test_an_uncaught_exception_marks_the_run_crashed(sqlite_collector, tmp_path):
+    """Frameworks without an exception hook (Keras, Transformers) rely on this at exit."""
+    import subprocess
+    import sys
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import optiscope\n"
+        f"run = optiscope.init(project='crash', url={sqlite_collector.url!r})\n"
+        "print(run.id, flush=True)\n"
+        "run.log({'loss': 1.0}, step=0)\n"
+        "raise RuntimeError('training failed')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "training failed" in r.stderr
+    run_id = r.stdout.strip()
+    assert sqlite_collector.api(f"/runs/{run_id}")["status"] == "crashed"
+    assert sqlite_collector.api(f"/runs/{run_id}/series/loss")["values"] == [1.0]

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import time
 from typing import Any, Mapping
 
@@ -71,7 +72,8 @@ class Run:
         return not self._finished and os.getpid() == self._pid
 
     # -- public ------------------------------------------------------------------------------
-    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True, scaler=None) -> "Run":
+    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True, scaler=None,
+              start_step: int | None = None) -> "Run":
         """Attach to a ``torch.optim.Optimizer`` through its step hooks; full statistics on one
         optimizer step in ``every``.
 
@@ -79,13 +81,15 @@ class Run:
         ``activations`` is False, gets forward hooks for activation headroom: on every leaf module
         by default, or on the modules named in ``activations`` (a list of names from
         ``model.named_modules()``). ``scaler``: a ``torch.amp.GradScaler`` whose loss scale and
-        skipped steps to record.
+        skipped steps to record. ``start_step``: the index of the next optimizer step; by default
+        the step count kept in the optimizer's state (so a run resumed from a checkpoint goes on
+        numbering where it stopped), or 0 for a fresh optimizer.
         """
         try:
             from .probe.activations import ActivationProbe  # imports torch: only here
             from .probe.optimizer import OptimizerProbe
             names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
-            probe = OptimizerProbe(optimizer, self._emit, every=every, names=names)
+            probe = OptimizerProbe(optimizer, self._emit, every=every, names=names, start_step=start_step)
             self._probes.append(probe)
             if model is not None and activations is not False:
                 act = ActivationProbe(model, probe.sampling_next,
@@ -167,7 +171,9 @@ class Run:
 
     def _atexit(self) -> None:
         if self._active():
-            self.finish(timeout=FINISH_TIMEOUT)
+            # An uncaught exception ended the interpreter: Python has set sys.last_type by now.
+            crashed = getattr(sys, "last_type", None) is not None
+            self.finish(timeout=FINISH_TIMEOUT, status="crashed" if crashed else "finished")
 
 
 def init(project: str | None = None, name: str | None = None, url: str | None = None,

@@ -36,12 +36,13 @@ class OptimizerProbe:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, emit: Emit, every: int = 1,
-                 names: dict[int, str] | None = None, per_tensor: bool = True):
+                 names: dict[int, str] | None = None, per_tensor: bool = True, start_step: int | None = None):
         self.optimizer = optimizer
         self.emit = emit
         self.every = max(1, int(every))
         self.per_tensor = per_tensor
-        self.steps = 0  # completed optimizer steps == index of the next step
+        # completed optimizer steps == index of the next step
+        self.steps = resumed_steps(optimizer) if start_step is None else int(start_step)
         self._names = {k: _BAD.sub("_", v) for k, v in (names or {}).items()}
         self._sampled = False
         self._pre: dict | None = None
@@ -267,6 +268,18 @@ class OptimizerProbe:
             keep = [i for i, h in enumerate(pre["had_v"]) if h]
             vu = (pre["vu"][0] / pre["vu"][1]).sqrt()
             out.add_many([f"v_underestimation/param/{names[i]}" for i in keep], vu[keep])
+
+
+def resumed_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The step count an optimizer loaded from a checkpoint carries in its state (Adam, AdamW,
+    and most torch.optim classes keep one per parameter), 0 for a fresh one.
+
+    HOST SYNC, once, when watching starts (never in a step): the count may be a device tensor."""
+    for state in optimizer.state.values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if step is not None:
+            return int(step.item() if isinstance(step, torch.Tensor) else step)
+    return 0
 
 
 def _closure_first(optimizer, args, kwargs):
