@@ -33,9 +33,9 @@ or one per ``gradient_accumulation_steps`` batches), and checked once per epoch 
 
 Nothing here raises into training: an error is logged once (logger ``optiscope``) and the part of
 the statistics that failed is switched off; the rest of the run goes on. Keras has no exception hook
-for callbacks: when ``fit`` raises, a run this callback created is not finished by it (the SDK
-finishes it at interpreter exit, as ``finished``). To get ``crashed``, hand the callback a run used
-as a context manager: ``with optiscope.init(...) as run: model.fit(..., callbacks=[OptiscopeCallback(run)])``.
+for callbacks: when ``fit`` raises and nothing catches it, the SDK marks the run ``crashed`` at
+interpreter exit; a caller that catches the error can use the run as a context manager instead:
+``with optiscope.init(...) as run: model.fit(..., callbacks=[OptiscopeCallback(run)])``.
 Under ``torch.distributed``, only rank 0 records (one run per job).
 """
 from __future__ import annotations
