@@ -19,7 +19,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 WIRE_VERSION = 1
 
@@ -220,11 +220,3 @@ def decode_batch(body: bytes | str) -> Batch:
                 raise WireError(e.reason, f"record {i}, series {name!r}: {e}") from None
         records.append((step, float(t), out))
     return Batch(run=run, rank=rank, seq=seq, records=records)
-
-
-def records_from_points(points: Iterable[tuple[int, str, float]], t: float = 0.0):
-    """Group (step, name, value) triples into wire records; used by tests and tools."""
-    by_step: dict[int, dict[str, float]] = {}
-    for step, name, value in points:
-        by_step.setdefault(step, {})[name] = value
-    return [(s, t, v) for s, v in sorted(by_step.items())]

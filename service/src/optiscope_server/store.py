@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from optiscope import wire
-from optiscope.detect import AlertEvent, Detector, NonFiniteDetector
+from optiscope.detect import AlertEvent, Detector, default_detectors
 
 from .db import alerts, batches, make_engine, outbox, points, runs, series
 
@@ -55,7 +55,7 @@ class Store:
         self.url = url
         self.engine: Engine = make_engine(url)
         self.max_series_per_run = max_series_per_run
-        self._new_detectors = detectors or (lambda: [NonFiniteDetector()])
+        self._new_detectors = detectors or default_detectors
         self._insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)
         # Detector state per run, restored from the firing alerts the first time a run is seen.
         self._detectors: dict[str, list[Detector]] = {}
