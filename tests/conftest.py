@@ -59,6 +59,14 @@ def wait_until(cond, timeout: float = 20.0, interval: float = 0.05, what: str = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+@pytest.fixture(autouse=True)
+def spool_dir(tmp_path, monkeypatch):
+    """Each test's runs spool into their own directory, never into the user's cache."""
+    d = tmp_path / "spool"
+    monkeypatch.setenv("OPTISCOPE_SPOOL_DIR", str(d))
+    return d
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def pg_admin():

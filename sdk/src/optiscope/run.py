@@ -50,7 +50,20 @@ class Run:
         doc = {"project": project, "name": self.name, "rank": rank,
                "config": json.loads(json.dumps(self.config, default=str)),
                "host": socket.gethostname(), "pid": self._pid}
-        self._exporter = Exporter(HttpClient(self.url, token), self.id, doc, rank=rank, **exporter_options)
+        spool_opt = exporter_options.pop("spool", True)
+        spool_root = exporter_options.pop("spool_dir", None)
+        spool_max = exporter_options.pop("spool_max_bytes", None)
+        spool = root = None
+        if spool_opt:
+            from .transport.spool import DEFAULT_MAX_BYTES, Spool, default_root
+            root = spool_root or default_root()
+            try:
+                spool = Spool(root, self.id, rank, doc, max_bytes=spool_max or DEFAULT_MAX_BYTES)
+            except OSError:
+                self._warn_once("spool", "cannot create the spool under %s; batches are kept in memory only",
+                                root, exc_info=True)
+        self._exporter = Exporter(HttpClient(self.url, token), self.id, doc, rank=rank, spool=spool,
+                                  replay_root=root, **exporter_options)
         atexit.register(self._atexit)
 
     @property
@@ -60,7 +73,8 @@ class Run:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values."""
+        """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values,
+        spooled_batches, spool_full, replayed_batches."""
         return dict(self._exporter.counters)
 
     def _warn_once(self, key: str, msg: str, *args, exc_info: bool = False) -> None:

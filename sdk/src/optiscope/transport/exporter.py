@@ -45,15 +45,20 @@ def materialize(record: Record) -> tuple[int, float, dict[str, float]]:
 class Exporter:
     def __init__(self, client: HttpClient, run_id: str, run_doc: dict, rank: int = 0,
                  max_queue: int = 100_000, max_batch_records: int = 1_000, flush_interval: float = 0.5,
-                 max_pending_batches: int = 1_000, backoff_max: float = 10.0):
+                 max_pending_batches: int = 1_000, backoff_max: float = 10.0, spool=None,
+                 replay_root=None):
         self.client = client
         self.run_id, self.run_doc, self.rank = run_id, run_doc, rank
         self.max_queue, self.max_batch_records = max_queue, max_batch_records
         self.flush_interval, self.max_pending, self.backoff_max = flush_interval, max_pending_batches, backoff_max
         self.counters = collections.Counter(dropped=0, sent_batches=0, sent_points=0, retries=0,
-                                            rejected_batches=0, bad_values=0)
+                                            rejected_batches=0, bad_values=0, spooled_batches=0,
+                                            spool_full=0, replayed_batches=0)
+        self.spool = spool  # transport.spool.Spool or None
+        self._replay_root = replay_root  # other runs' spools to replay once the collector answers
         self._queue: collections.deque[Record] = collections.deque()
-        self._pending: collections.deque[tuple[int, bytes, int]] = collections.deque()  # (seq, body, points)
+        # (seq, body, points, spooled)
+        self._pending: collections.deque[tuple[int, bytes, int, bool]] = collections.deque()
         self._cv = threading.Condition()
         self._seq = 0
         self._registered = False
@@ -86,10 +91,20 @@ class Exporter:
         self._thread.join(timeout=max(0.0, timeout) + 0.5)
         with self._cv:
             # Whatever is still here when the deadline passed is lost; say how much, once.
-            lost = len(self._queue) + sum(p for _, _, p in self._pending)
+            lost = len(self._queue) + sum(p for _, _, p, spooled in self._pending if not spooled)
+            spooled = sum(p for _, _, p, sp in self._pending if sp)
         if lost:
             log.warning("optiscope: finish() timed out with %d records/points undelivered", lost)
-        return lost == 0 and self._finish_acked
+        if spooled:
+            log.warning("optiscope: %d points are kept in the spool at %s; they are sent by the next run "
+                        "or by `optiscope sync`", spooled, self.spool.dir)
+        delivered = lost == 0 and not spooled and self._finish_acked
+        if self.spool is not None:
+            try:
+                self.spool.close(status, delivered)
+            except OSError:
+                log.warning("optiscope: could not close the spool", exc_info=True)
+        return delivered
 
     # -- exporter thread ---------------------------------------------------------------------
     def _warn_once(self, key: str, msg: str, *args) -> None:
@@ -132,12 +147,26 @@ class Exporter:
             return
         batch = wire.Batch(self.run_id, self.rank, self._seq, out)
         self._seq += 1
+        body = wire.encode_batch(batch)
+        spooled = False
+        if self.spool is not None:
+            try:  # on disk before it is sent
+                spooled = self.spool.append(batch.seq, body)
+            except OSError:
+                self._warn_once("spool_error", "cannot write the spool at %s; batches are kept in memory only",
+                                self.spool.dir)
+            if spooled:
+                self.counters["spooled_batches"] += 1
+            else:
+                self.counters["spool_full"] += 1
+                self._warn_once("spool_full", "the spool is full; new batches are kept in memory only")
         if len(self._pending) >= self.max_pending:
-            _, _, n = self._pending.popleft()
-            self.counters["dropped"] += n
-            self._warn_once("pending_full", "collector unreachable and %d batches pending: dropping the oldest",
+            _, _, n, was_spooled = self._pending.popleft()
+            if not was_spooled:  # a spooled batch is not lost: the next run or `optiscope sync` sends it
+                self.counters["dropped"] += n
+            self._warn_once("pending_full", "collector unreachable and %d batches pending: the oldest leave memory",
                             self.max_pending)
-        self._pending.append((batch.seq, wire.encode_batch(batch), batch.n_points()))
+        self._pending.append((batch.seq, body, batch.n_points(), spooled))
 
     def _call(self, method: str, path: str, body) -> int | None:
         """Returns the status, or None when the collector could not be reached."""
@@ -163,19 +192,41 @@ class Exporter:
             self._registered = 200 <= status < 300
             if not self._registered:  # e.g. 401: nothing we send will be accepted
                 return True
+            self._replay_others()
         while self._pending:
-            seq, body, n = self._pending[0]
+            seq, body, n, spooled = self._pending[0]
             status = self._call("POST", f"/api/v1/runs/{self.run_id}/batches", body)
             if status is None or status in RETRYABLE:
                 self.counters["retries"] += 1
                 return False
             self._pending.popleft()
+            if spooled:
+                self.spool.release(seq)
             if 200 <= status < 300:
                 self.counters["sent_batches"] += 1
                 self.counters["sent_points"] += n
             else:
                 self.counters["rejected_batches"] += 1
         return True
+
+    def _replay_others(self) -> None:
+        """Once the collector answers: send what earlier runs on this machine left in the spool
+        (killed, or ended while the collector was away). Spools of live runs are skipped."""
+        if self._replay_root is None:
+            return
+        from .spool import pending_spools, replay
+        root, self._replay_root = self._replay_root, None
+        own = self.spool.dir if self.spool is not None else None
+        for d in pending_spools(root):
+            if d == own:
+                continue
+            try:
+                outcome, sent = replay(d, self.client)
+                self.counters["replayed_batches"] += sent
+                if outcome == "unreachable":
+                    return
+            except Exception:
+                self._warn_once("replay", "could not replay the spool at %s", d)
 
     def _send_finish(self) -> None:
         if self._registered:

@@ -1,0 +1,198 @@
+"""The disk spool: every batch is appended here before it is sent, and released once the collector
+has acknowledged it, so a collector that is down, or a training process that is killed, loses
+nothing that reached the spool.
+
+Layout: one directory per (run, rank) under the spool root, holding ``run.json`` (the run's
+registration document), segment files ``<first seq>.seg`` and, once the run has ended,
+``end.json`` (its final status). A segment is a sequence of frames::
+
+    magic b"OSB1" | payload length (uint32, big-endian) | CRC-32 of the payload (uint32) | payload
+
+and the payload is one encoded wire batch. The reader stops at the first frame whose magic,
+length or checksum is wrong: a torn or corrupted tail costs the frames from there on, never the
+frames before. A segment is deleted when every batch in it has been acknowledged; replaying a
+spool re-sends whatever is left, and the collector's (run, rank, seq) idempotency drops the
+batches it already has.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+MAGIC = b"OSB1"
+HEADER = struct.Struct(">4sII")
+SEGMENT_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_BYTES = 1024 * 1024 * 1024  # per run and rank
+
+
+def default_root() -> Path:
+    env = os.environ.get("OPTISCOPE_SPOOL_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "optiscope" / "spool"
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def read_frames(path: Path) -> Iterator[bytes]:
+    """Every intact frame of a segment, in order, up to the first damaged one."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return
+    pos = 0
+    while pos + HEADER.size <= len(data):
+        magic, length, crc = HEADER.unpack_from(data, pos)
+        start, end = pos + HEADER.size, pos + HEADER.size + length
+        if magic != MAGIC or end > len(data) or zlib.crc32(data[start:end]) != crc:
+            return
+        yield data[start:end]
+        pos = end
+
+
+class Spool:
+    """The spool of one (run, rank). Used by the exporter thread only: no locking."""
+
+    def __init__(self, root: Path, run_id: str, rank: int, run_doc: dict, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.dir = Path(root) / f"{run_id}-{rank}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = Lock(self.dir)
+        self.lock.acquire()  # a replayer in another process leaves this spool alone while we live
+        (self.dir / "run.json").write_text(json.dumps({"run": run_id, "rank": rank, "doc": run_doc}))
+        self.max_bytes = max_bytes
+        self._segment: Path | None = None
+        self._segment_size = 0
+        self._unacked: dict[Path, set[int]] = {}
+        self._seg_of: dict[int, Path] = {}
+        self.bytes = 0
+
+    def append(self, seq: int, body: bytes) -> bool:
+        """Durably record one batch before it is sent. False when the spool is full (the batch
+        then lives in memory only; the caller counts it)."""
+        data = frame(body)
+        if self.bytes + len(data) > self.max_bytes:
+            return False
+        if self._segment is None or self._segment_size + len(data) > SEGMENT_BYTES:
+            self._segment, self._segment_size = self.dir / f"{seq:020d}.seg", 0
+            self._unacked[self._segment] = set()
+        with open(self._segment, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the point of a spool: it survives the process
+        self._segment_size += len(data)
+        self.bytes += len(data)
+        self._unacked[self._segment].add(seq)
+        self._seg_of[seq] = self._segment
+        return True
+
+    def release(self, seq: int) -> None:
+        """The collector acknowledged (or finally refused) this batch."""
+        seg = self._seg_of.pop(seq, None)
+        if seg is None:
+            return
+        pending = self._unacked[seg]
+        pending.discard(seq)
+        if not pending and seg != self._segment:
+            self._drop(seg)
+
+    def _drop(self, seg: Path) -> None:
+        self.bytes -= seg.stat().st_size if seg.exists() else 0
+        seg.unlink(missing_ok=True)
+        self._unacked.pop(seg, None)
+
+    def close(self, status: str, delivered: bool) -> None:
+        """At the end of the run: remove the spool when everything was delivered, else leave it
+        with the run's final status for the next replay."""
+        if self._segment is not None and not self._unacked.get(self._segment):
+            self._drop(self._segment)
+        if delivered and not any(self._unacked.values()):
+            for p in self.dir.iterdir():
+                p.unlink(missing_ok=True)
+            self.dir.rmdir()
+        else:
+            (self.dir / "end.json").write_text(json.dumps({"status": status}))
+        self.lock.release()
+
+
+def pending_spools(root: Path) -> list[Path]:
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if (p / "run.json").exists()) if root.is_dir() else []
+
+
+class Lock:
+    """An exclusive advisory lock on a spool directory, held by its writer for the run's life and
+    taken by a replayer; the OS releases it when a process dies, so a killed run's spool is free."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def replay(directory: Path, client) -> tuple[str, int]:
+    """Send what one spool directory holds; returns (outcome, batches sent). Outcomes: "done"
+    (delivered and removed), "busy" (its writer is alive), "unreachable" (kept for later)."""
+    directory = Path(directory)
+    lock = Lock(directory)
+    if not lock.acquire():
+        return "busy", 0
+    try:
+        meta = json.loads((directory / "run.json").read_text())
+        run_id = meta["run"]
+        sent = 0
+        status = _status(client, "PUT", f"/api/v1/runs/{run_id}", meta["doc"])
+        if status is None or status in RETRYABLE:
+            return "unreachable", 0
+        for seg in sorted(directory.glob("*.seg")):
+            for body in read_frames(seg):
+                status = _status(client, "POST", f"/api/v1/runs/{run_id}/batches", body)
+                if status is None or status in RETRYABLE:
+                    return "unreachable", sent
+                sent += 1  # 2xx, or refused for good (4xx): either way done with it
+            seg.unlink()
+        end = directory / "end.json"
+        # No end.json: the writer died before finish() (killed, out of memory): the run crashed.
+        final = json.loads(end.read_text())["status"] if end.exists() else "crashed"
+        status = _status(client, "POST", f"/api/v1/runs/{run_id}/finish", {"status": final, "rank": meta["rank"]})
+        if status is None or status in RETRYABLE:
+            return "unreachable", sent
+        for p in directory.iterdir():
+            if p.name != "lock":
+                p.unlink(missing_ok=True)
+        (directory / "lock").unlink(missing_ok=True)
+        directory.rmdir()
+        return "done", sent
+    finally:
+        lock.release()
+
+
+RETRYABLE = {429, 502, 503, 504}
+
+
+def _status(client, method: str, path: str, body) -> int | None:
+    try:
+        return client.request(method, path, body)[0]
+    except ConnectionError:
+        return None
