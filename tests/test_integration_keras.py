@@ -221,7 +221,8 @@ def _get_run(collector, run_id: str):
 
 
 def _series(collector, run_id: str) -> dict[str, dict[int, float]]:
-    names = [s["name"] for s in collector.api(f"/runs/{run_id}/series")["series"]]
+    # the exporter's own sdk/* counters are not the callback's series
+    names = [s["name"] for s in collector.api(f"/runs/{run_id}/series")["series"] if not s["name"].startswith("sdk/")]
     out = {}
     for name in names:
         data = collector.api(f"/runs/{run_id}/series/{name}")

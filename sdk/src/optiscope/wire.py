@@ -95,6 +95,9 @@ CATALOG: dict[str, SeriesSpec] = {
                    "max |output| over the forward passes of the step (every leaf module by default)", "as output", _S),
         SeriesSpec("act_headroom_bits/module/{name}", "one watched module",
                    "log2(finfo(output dtype).max / act_absmax)", "bits", _S),
+        SeriesSpec("sdk/{counter}", "the run's SDK process (one per rank)",
+                   "the exporter's cumulative counters when the batch was made: sent_points, dropped, retries, "
+                   "spooled_batches, spool_full, rejected_batches", "count", "every batch"),
         SeriesSpec("state_norm/{key}", "other optimizers", "||state[key]||_2 over all parameters, for each "
                    "floating-point state tensor kind (momentum_buffer, square_avg, sum, ...)", "1", _S),
         SeriesSpec("{stat}/group/{i}", "param group i, when more than one has gradients",

@@ -23,6 +23,8 @@ log = logging.getLogger("optiscope")
 
 #: Statuses worth retrying: the collector is restarting, overloaded or behind a failing proxy.
 RETRYABLE = {429, 502, 503, 504}
+#: Counters sent with every batch as the series sdk/<name>.
+SERIES_COUNTERS = ("sent_points", "dropped", "retries", "spooled_batches", "spool_full", "rejected_batches")
 
 # A record as the training thread hands it over: (step, unix time, {name: float | 0-d tensor},
 # optional (names, 1-d device tensor)). Tensors are copied to the host here, off the training thread.
@@ -66,6 +68,7 @@ class Exporter:
         self._deadline = math.inf
         self._finish_status: str | None = None
         self._finish_acked = False
+        self._retry_after = 0.0
         self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name="optiscope-exporter", daemon=True)
         self._thread.start()
@@ -113,21 +116,32 @@ class Exporter:
             log.warning("optiscope: " + msg, *args)
 
     def _loop(self) -> None:
-        backoff = 0.0
+        # Two clocks: records are batched (and spooled) every flush_interval or max_batch_records,
+        # whatever the collector does; sending waits out the backoff (or Retry-After) after a failure.
+        backoff, send_at = 0.0, 0.0
         while True:
             with self._cv:
-                if backoff:
-                    self._cv.wait(timeout=min(backoff, max(0.0, self._deadline - time.monotonic())))
-                elif not self._closing and len(self._queue) < self.max_batch_records:
-                    self._cv.wait(timeout=self.flush_interval)
+                if not self._closing and len(self._queue) < self.max_batch_records:
+                    wake = self.flush_interval if not self._pending or not backoff else \
+                        min(self.flush_interval, max(0.0, send_at - time.monotonic()))
+                    self._cv.wait(timeout=wake)
                 closing = self._closing
-                if time.monotonic() >= self._deadline:
+                now = time.monotonic()
+                if now >= self._deadline:
                     return
                 records = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_records))]
             if records:
                 self._enqueue_batch(records)
+            if now < send_at:
+                if closing:  # wait out the backoff, but no longer than finish() allows
+                    with self._cv:
+                        self._cv.wait(timeout=max(0.0, min(send_at, self._deadline) - time.monotonic()))
+                continue
             ok = self._drain()
             backoff = 0.0 if ok else min(self.backoff_max, max(0.05, backoff * 2)) * random.uniform(0.5, 1.0)
+            if not ok and self._retry_after:
+                backoff, self._retry_after = max(backoff, self._retry_after), 0.0
+            send_at = time.monotonic() + backoff
             if ok and closing:
                 with self._cv:
                     if self._queue:
@@ -145,6 +159,8 @@ class Exporter:
                 self._warn_once("bad_value", "dropped a record whose values could not be read as numbers")
         if not out:
             return
+        # The exporter's own counters travel as series of the run, at the batch's last step.
+        out.append((out[-1][0], time.time(), {f"sdk/{k}": float(self.counters[k]) for k in SERIES_COUNTERS}))
         batch = wire.Batch(self.run_id, self.rank, self._seq, out)
         self._seq += 1
         body = wire.encode_batch(batch)
@@ -176,6 +192,9 @@ class Exporter:
             self._warn_once("unreachable", "collector at %s unreachable (%s); will keep retrying",
                             self.client.base_url, e)
             return None
+        if status in RETRYABLE and headers.get("retry-after", "").strip().isdigit():
+            # the collector says when to come back (bounded by backoff_max)
+            self._retry_after = min(self.backoff_max, float(headers["retry-after"]))
         if status >= 400 and status not in RETRYABLE:
             reason = _reason(payload)
             self._warn_once(f"http{status}:{reason}", "%s %s rejected with %d (%s); dropping it",
