@@ -138,8 +138,10 @@ def receiver():
 class Collector:
     """``optiscope serve`` in a subprocess, exactly as a user starts it."""
 
-    def __init__(self, db: str, webhooks=(), token: str | None = None, cwd: Path | None = None, env=None):
+    def __init__(self, db: str, webhooks=(), token: str | None = None, cwd: Path | None = None, env=None,
+                 extra_args=()):
         self.db, self.webhooks, self.token, self.cwd = db, list(webhooks), token, cwd
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
@@ -152,6 +154,7 @@ class Collector:
             args += ["--webhook", w]
         if self.token:
             args += ["--token", self.token]
+        args += self.extra_args
         self.log = open(Path(self.cwd or ".") / f"collector-{self.port}.log", "w") if self.cwd else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env)
 

@@ -78,3 +78,20 @@ def test_client_errors_are_not_retried():
     wait_until(lambda: flaky.posts, what="a post")
     assert [c for _, c, _ in flaky.posts] == [400]  # dropped with one log line, never re-sent
     assert run.counters["rejected_batches"] == 1 and run.counters["retries"] == 0
+
+
+def test_a_batch_over_the_collectors_limit_is_split(tmp_path):
+    from conftest import Collector
+    c = Collector(f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path, extra_args=["--max-body-bytes", "20000"]).start()
+    try:
+        run = optiscope.init(project="split", url=c.url, flush_interval=60, max_batch_records=400)
+        for step in range(400):  # ~60 KB of JSON in one batch: over the limit, split until it fits
+            run.log({"alpha": step * 1.1, "beta": step * 2.2, "gamma": step * 3.3}, step=step)
+        assert run.finish(timeout=30), run.counters
+        assert run.counters["split_batches"] >= 1 and run.counters["rejected_batches"] == 0
+        for name, k in (("alpha", 1.1), ("beta", 2.2), ("gamma", 3.3)):
+            data = c.api(f"/runs/{run.id}/series/{name}")
+            assert data["steps"] == list(range(400)) and data["values"] == [s * k for s in range(400)]
+        assert 'optiscope_ingest_rejections_total{reason="body_too_large"}' in c.metrics()
+    finally:
+        c.stop()

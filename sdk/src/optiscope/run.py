@@ -74,7 +74,7 @@ class Run:
     @property
     def counters(self) -> dict[str, int]:
         """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values,
-        spooled_batches, spool_full, replayed_batches."""
+        spooled_batches, spool_full, replayed_batches, split_batches."""
         return dict(self._exporter.counters)
 
     def _warn_once(self, key: str, msg: str, *args, exc_info: bool = False) -> None:

@@ -30,6 +30,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="bearer token required on /api/v1 (also OPTISCOPE_TOKEN); "
                         "required when listening on a non-loopback address")
     p.add_argument("--public-url", default=None, help="base URL used in alert links (default http://HOST:PORT)")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                   help="largest request body accepted, counted after decompression (default 8 MiB)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -47,7 +49,8 @@ def serve(argv: list[str]) -> int:
     from .app import Settings, create_app
 
     settings = Settings(db_url=args.db, webhooks=[w.strip() for w in webhooks], token=args.token or None,
-                        public_url=args.public_url or f"http://{args.host}:{args.port}")
+                        public_url=args.public_url or f"http://{args.host}:{args.port}",
+                        max_body_bytes=args.max_body_bytes)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)

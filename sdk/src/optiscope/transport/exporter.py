@@ -55,7 +55,7 @@ class Exporter:
         self.flush_interval, self.max_pending, self.backoff_max = flush_interval, max_pending_batches, backoff_max
         self.counters = collections.Counter(dropped=0, sent_batches=0, sent_points=0, retries=0,
                                             rejected_batches=0, bad_values=0, spooled_batches=0,
-                                            spool_full=0, replayed_batches=0)
+                                            spool_full=0, replayed_batches=0, split_batches=0)
         self.spool = spool  # transport.spool.Spool or None
         self._replay_root = replay_root  # other runs' spools to replay once the collector answers
         self._queue: collections.deque[Record] = collections.deque()
@@ -195,7 +195,7 @@ class Exporter:
         if status in RETRYABLE and headers.get("retry-after", "").strip().isdigit():
             # the collector says when to come back (bounded by backoff_max)
             self._retry_after = min(self.backoff_max, float(headers["retry-after"]))
-        if status >= 400 and status not in RETRYABLE:
+        if status >= 400 and status not in RETRYABLE and status != 413:
             reason = _reason(payload)
             self._warn_once(f"http{status}:{reason}", "%s %s rejected with %d (%s); dropping it",
                             method, path, status, reason)
@@ -219,6 +219,10 @@ class Exporter:
                 self.counters["retries"] += 1
                 return False
             self._pending.popleft()
+            if status == 413 and self._split(body, n):
+                if spooled:
+                    self.spool.release(seq)  # its halves are spooled under new sequence numbers
+                continue
             if spooled:
                 self.spool.release(seq)
             if 200 <= status < 300:
@@ -226,6 +230,29 @@ class Exporter:
                 self.counters["sent_points"] += n
             else:
                 self.counters["rejected_batches"] += 1
+        return True
+
+    def _split(self, body: bytes, n: int) -> bool:
+        """413: the collector's body limit is below this batch; send it as two halves instead
+        (each with its own sequence number, spooled like any batch). False for a single record."""
+        records = wire.decode_batch(body).records
+        if len(records) < 2:
+            return False
+        half = len(records) // 2
+        parts = []
+        for chunk in (records[:half], records[half:]):
+            batch = wire.Batch(self.run_id, self.rank, self._seq, chunk)
+            self._seq += 1
+            part = wire.encode_batch(batch)
+            spooled = False
+            if self.spool is not None:
+                try:
+                    spooled = self.spool.append(batch.seq, part)
+                except OSError:
+                    spooled = False
+            parts.append((batch.seq, part, batch.n_points(), spooled))
+        self._pending.extendleft(reversed(parts))
+        self.counters["split_batches"] += 1
         return True
 
     def _replay_others(self) -> None:
