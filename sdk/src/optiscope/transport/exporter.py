@@ -146,8 +146,11 @@ class Exporter:
                 with self._cv:
                     if self._queue:
                         continue
-                self._send_finish()
-                return
+                if self._send_finish():
+                    self.client.close()
+                    return
+                backoff = min(self.backoff_max, max(0.05, backoff * 2)) * random.uniform(0.5, 1.0)
+                send_at = time.monotonic() + backoff  # the end of the run is retried like a batch
 
     def _enqueue_batch(self, records: list[Record]) -> None:
         out = []
@@ -274,12 +277,16 @@ class Exporter:
             except Exception:
                 self._warn_once("replay", "could not replay the spool at %s", d)
 
-    def _send_finish(self) -> None:
+    def _send_finish(self) -> bool:
+        """Mark the run ended; False when it is worth trying again (unreachable, 429, 5xx)."""
         if self._registered:
             status = self._call("POST", f"/api/v1/runs/{self.run_id}/finish",
                                 {"status": self._finish_status or "finished", "rank": self.rank})
-            self._finish_acked = status is not None and 200 <= status < 300
-        self.client.close()
+            if status is None or status in RETRYABLE:
+                self.counters["retries"] += 1
+                return False
+            self._finish_acked = 200 <= status < 300
+        return True
 
 
 def _reason(payload: bytes) -> str:

@@ -1,0 +1,95 @@
+"""A fault proxy in front of the real collector: 70% of requests answered 503, some connections
+reset (before and after the collector committed), some answers slow. Every point arrives once."""
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import optiscope
+
+
+class FaultProxy:
+    def __init__(self, target_port: int, seed: int = 0):
+        rng, lock = random.Random(seed), threading.Lock()
+        self.outcomes: dict[str, int] = {}
+        me = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    roll = rng.random()
+                kind = ("503" if roll < 0.55 else "reset-before" if roll < 0.62 else
+                        "reset-after" if roll < 0.70 else "slow" if roll < 0.80 else "pass")
+                with lock:
+                    me.outcomes[kind] = me.outcomes.get(kind, 0) + 1
+                if kind == "503":
+                    self.send_response(503)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                if kind == "reset-before":
+                    return self._reset()
+                if kind == "slow":
+                    time.sleep(0.2)
+                conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+                conn.close()
+                if kind == "reset-after":  # the collector committed; the answer is lost on the way back
+                    return self._reset()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _reset(self):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.close_connection = True
+                self.connection.close()
+
+            do_PUT = do_POST = _handle
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_every_point_arrives_once_through_a_failing_proxy(sqlite_collector):
+    proxy = FaultProxy(sqlite_collector.port)
+    try:
+        run = optiscope.init(project="proxy", url=proxy.url, flush_interval=0.01, max_batch_records=20,
+                             backoff_max=0.05)
+        steps = 600
+        for step in range(steps):
+            run.log({"x": float(step)}, step=step)
+            if step % 20 == 0:
+                time.sleep(0.01)
+        assert run.finish(timeout=120), run.counters
+        for kind in ("503", "reset-before", "reset-after", "slow", "pass"):
+            assert proxy.outcomes.get(kind, 0) > 0, proxy.outcomes  # every fault really happened
+        data = sqlite_collector.api(f"/runs/{run.id}/series/x")
+        assert data["steps"] == list(range(steps)) and data["values"] == [float(s) for s in range(steps)]
+        assert run.counters["dropped"] == 0 and run.counters["rejected_batches"] == 0
+        assert sqlite_collector.api(f"/runs/{run.id}")["status"] == "finished"
+        assert 'optiscope_ingest_batches_total{outcome="duplicate"}' in sqlite_collector.metrics()
+    finally:
+        proxy.close()
