@@ -188,8 +188,7 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
               openapi_extra=body_schema(FinishIn))
     async def finish_run(request: Request, run_id: str = RUN_ID):
         body = await parse(request, FinishIn)
-        await run_in_threadpool(store().finish_run, run_id, body.status)
-        return m.run_out(await run_in_threadpool(store().get_run_row, run_id), run_url(run_id))
+        return m.run_out(await run_in_threadpool(store().finish_run, run_id, body.status), run_url(run_id))
 
     # -- history -----------------------------------------------------------------------------
     @app.get("/api/v1/runs", tags=["history"], dependencies=api, response_model=m.RunList)

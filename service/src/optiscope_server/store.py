@@ -79,15 +79,16 @@ class Store:
             raise Rejected("run_project_mismatch", f"run {run_id} belongs to project {row['project']!r}")
         return dict(row)
 
-    def finish_run(self, run_id: str, status: str) -> None:
+    def finish_run(self, run_id: str, status: str) -> dict:
         now = time.time()
         with self.engine.begin() as conn:
-            n = conn.execute(update(runs).where(runs.c.id == run_id)
-                             .values(status=status, finished_at=now, updated_at=now)).rowcount
-        if not n:
+            conn.execute(update(runs).where(runs.c.id == run_id).values(status=status, finished_at=now, updated_at=now))
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+        if row is None:
             raise NotFound(run_id)
         # A finished run sends no more batches (a late one restores the state from the store).
         self._detectors.pop(run_id, None)
+        return dict(row)
 
     def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100) -> list[dict]:
         q = select(runs).order_by(runs.c.created_at.desc()).limit(limit)

@@ -157,15 +157,16 @@ class OptimizerProbe:
         pre_sq = torch.stack([n.to(device=device, dtype=F64).square() if n is not None else post_sq[i]
                               for i, n in enumerate(pre)]) if changing else post_sq
         adam = S.is_adam(self.optimizer)
-        group_of = {id(p): g for g in groups for p in g["params"]}
-        had_v = adam and any("exp_avg_sq" in self.optimizer.state.get(p, {}) for p in changing)
-        vu = S.v_underestimation_sums(changing, self.optimizer, group_of, device, self._scratch) if had_v else None
+        index_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        group_of = {id(p): groups[index_of[id(p)]] for p in every}
+        had_v = [adam and "exp_avg_sq" in self.optimizer.state.get(p, {}) for p in changing]
+        vu = S.v_underestimation_sums(changing, self.optimizer, group_of, device, self._scratch) if any(had_v) else None
         return {
             "device": device, "changing": changing, "group_of": group_of, "adam": adam,
-            "group_index": [next(i for i, g in enumerate(groups) if g is group_of[id(p)]) for p in changing],
+            "group_index": [index_of[id(p)] for p in changing],
             "pre_sq": pre_sq, "post_sq": post_sq,
             "before_sq": S.sq_norms(changing, device), "still_sq": S.sq_norms(still, device).sum(),
-            "vu": vu, "had_v": [("exp_avg_sq" in self.optimizer.state.get(p, {})) for p in changing] if had_v else None,
+            "vu": vu, "had_v": had_v if vu is not None else None,
             # One fused copy of the parameters that can change: the exact reference for the update.
             "snapshot": list(torch._foreach_mul(changing, 1.0)) if changing else [],
         }

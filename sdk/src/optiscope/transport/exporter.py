@@ -17,12 +17,10 @@ import time
 from typing import Any
 
 from .. import wire
-from .http import HttpClient
+from .http import RETRYABLE, HttpClient
 
 log = logging.getLogger("optiscope")
 
-#: Statuses worth retrying: the collector is restarting, overloaded or behind a failing proxy.
-RETRYABLE = {429, 502, 503, 504}
 #: Counters sent with every batch as the series sdk/<name>.
 SERIES_COUNTERS = ("sent_points", "dropped", "retries", "spooled_batches", "spool_full", "rejected_batches")
 
@@ -167,18 +165,7 @@ class Exporter:
         batch = wire.Batch(self.run_id, self.rank, self._seq, out)
         self._seq += 1
         body = wire.encode_batch(batch)
-        spooled = False
-        if self.spool is not None:
-            try:  # on disk before it is sent
-                spooled = self.spool.append(batch.seq, body)
-            except OSError:
-                self._warn_once("spool_error", "cannot write the spool at %s; batches are kept in memory only",
-                                self.spool.dir)
-            if spooled:
-                self.counters["spooled_batches"] += 1
-            else:
-                self.counters["spool_full"] += 1
-                self._warn_once("spool_full", "the spool is full; new batches are kept in memory only")
+        spooled = self._spool(batch.seq, body)
         if len(self._pending) >= self.max_pending:
             _, _, n, was_spooled = self._pending.popleft()
             if not was_spooled:  # a spooled batch is not lost: the next run or `optiscope sync` sends it
@@ -186,6 +173,23 @@ class Exporter:
             self._warn_once("pending_full", "collector unreachable and %d batches pending: the oldest leave memory",
                             self.max_pending)
         self._pending.append((batch.seq, body, batch.n_points(), spooled))
+
+    def _spool(self, seq: int, body: bytes) -> bool:
+        """Put a batch on disk before it is sent; False when it lives in memory only."""
+        if self.spool is None:
+            return False
+        spooled = False
+        try:
+            spooled = self.spool.append(seq, body)
+        except OSError:
+            self._warn_once("spool_error", "cannot write the spool at %s; batches are kept in memory only",
+                            self.spool.dir)
+        if spooled:
+            self.counters["spooled_batches"] += 1
+        else:
+            self.counters["spool_full"] += 1
+            self._warn_once("spool_full", "the spool is full; new batches are kept in memory only")
+        return spooled
 
     def _call(self, method: str, path: str, body) -> int | None:
         """Returns the status, or None when the collector could not be reached."""
@@ -247,13 +251,7 @@ class Exporter:
             batch = wire.Batch(self.run_id, self.rank, self._seq, chunk)
             self._seq += 1
             part = wire.encode_batch(batch)
-            spooled = False
-            if self.spool is not None:
-                try:
-                    spooled = self.spool.append(batch.seq, part)
-                except OSError:
-                    spooled = False
-            parts.append((batch.seq, part, batch.n_points(), spooled))
+            parts.append((batch.seq, part, batch.n_points(), self._spool(batch.seq, part)))
         self._pending.extendleft(reversed(parts))
         self.counters["split_batches"] += 1
         return True

@@ -8,6 +8,8 @@ import urllib.parse
 
 #: Bodies larger than this are gzip-compressed (the collector accepts ``Content-Encoding: gzip``).
 GZIP_MIN_BYTES = 1024
+#: Statuses worth retrying: the collector is restarting, overloaded or behind a failing proxy.
+RETRYABLE = frozenset({429, 502, 503, 504})
 
 
 class HttpClient:

@@ -23,6 +23,8 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from .http import RETRYABLE
+
 MAGIC = b"OSB1"
 HEADER = struct.Struct(">4sII")
 SEGMENT_BYTES = 4 * 1024 * 1024
@@ -187,8 +189,6 @@ def replay(directory: Path, client) -> tuple[str, int]:
     finally:
         lock.release()
 
-
-RETRYABLE = {429, 502, 503, 504}
 
 
 def _status(client, method: str, path: str, body) -> int | None:
