@@ -135,3 +135,62 @@ def test_an_uncaught_exception_marks_the_run_crashed(sqlite_collector, tmp_path)
     run_id = r.stdout.strip()
     assert sqlite_collector.api(f"/runs/{run_id}")["status"] == "crashed"
     assert sqlite_collector.api(f"/runs/{run_id}/series/loss")["values"] == [1.0]
+
+
+def test_a_parameter_name_too_long_for_the_wire_drops_only_its_series(sqlite_collector):
+    """Per-tensor series are named from model.named_parameters(); one name over the wire's limit
+    loses that series, never the batch or the exporter."""
+    model = torch.nn.Sequential()
+    model.add_module("m" * 190, torch.nn.Linear(2, 1))  # grad_norm/param/mmm...m.weight > 200 characters
+    opt = torch.optim.Adam(model.parameters())
+    run = optiscope.init(project="names", url=sqlite_collector.url)
+    run.watch(opt, model, every=1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 2)).pow(2).mean().backward()
+        opt.step()
+        run.log({"loss": 1.0})
+    assert run.finish(timeout=20), run.counters
+    names = {s["name"] for s in sqlite_collector.api(f"/runs/{run.id}/series")["series"]}
+    assert {"loss", "grad_norm", "update_rms"} <= names
+    assert not any(len(n) > 200 for n in names)
+    assert run.counters["bad_values"] > 0 and run.counters["rejected_batches"] == 0
+    assert sqlite_collector.api(f"/runs/{run.id}/series/loss")["steps"] == [0, 1, 2]
+
+
+def test_ranks_of_one_training_on_one_host_share_a_run(sqlite_collector, tmp_path):
+    """Two rank processes, launched as torchrun would (RANK set, one OPTISCOPE_RUN_ID for all),
+    log concurrently with their own spools on one host: one run, each rank's points exactly once."""
+    import subprocess
+    import sys
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, optiscope\n"
+        f"run = optiscope.init(project='ranks', url={sqlite_collector.url!r}, flush_interval=0.01, "
+        "max_batch_records=7)\n"
+        "r = int(os.environ['RANK'])\n"
+        "assert run.rank == r and run.id == os.environ['OPTISCOPE_RUN_ID']\n"
+        "for step in range(300):\n"
+        "    run.log({'x': 1000.0 * r + step}, step=step)\n"
+        "assert run.finish(timeout=30), run.counters\n")
+    run_id = "ddp-run-01"
+    spool = tmp_path / "spool"
+    procs = [subprocess.Popen([sys.executable, str(script)], env={
+        **os.environ, "RANK": str(r), "OPTISCOPE_RUN_ID": run_id, "OPTISCOPE_SPOOL_DIR": str(spool)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    runs = [r for r in sqlite_collector.api("/runs?project=ranks")["runs"]]
+    assert [r["id"] for r in runs] == [run_id]
+    for r in (0, 1):
+        data = sqlite_collector.api(f"/runs/{run_id}/series/x?rank={r}")
+        assert data["steps"] == list(range(300)) and data["values"] == [1000.0 * r + s for s in range(300)]
+    assert not [p for p in spool.rglob("*") if p.is_file()]  # both spools released everything
+
+
+def test_run_id_and_rank_are_checked():
+    with pytest.raises(ValueError):
+        optiscope.init(url=f"http://127.0.0.1:{free_port()}", run_id="no spaces allowed")
+    with pytest.raises(ValueError):
+        optiscope.init(url=f"http://127.0.0.1:{free_port()}", rank=-1)

@@ -82,10 +82,10 @@ def test_client_errors_are_not_retried():
 
 def test_a_batch_over_the_collectors_limit_is_split(tmp_path):
     from conftest import Collector
-    c = Collector(f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path, extra_args=["--max-body-bytes", "20000"]).start()
+    c = Collector(f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path, extra_args=["--max-body-bytes", "6000"]).start()
     try:
         run = optiscope.init(project="split", url=c.url, flush_interval=60, max_batch_records=400)
-        for step in range(400):  # ~60 KB of JSON in one batch: over the limit, split until it fits
+        for step in range(400):  # ~17 KB of binary batch: over the limit, split until it fits
             run.log({"alpha": step * 1.1, "beta": step * 2.2, "gamma": step * 3.3}, step=step)
         assert run.finish(timeout=30), run.counters
         assert run.counters["split_batches"] >= 1 and run.counters["rejected_batches"] == 0

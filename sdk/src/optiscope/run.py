@@ -36,8 +36,8 @@ def new_run_id() -> str:
 
 class Run:
     def __init__(self, project: str, name: str | None, url: str, token: str | None,
-                 config: Mapping[str, Any] | None, rank: int = 0, **exporter_options):
-        self.id = new_run_id()
+                 config: Mapping[str, Any] | None, rank: int = 0, run_id: str | None = None, **exporter_options):
+        self.id = run_id or new_run_id()
         self.project, self.url, self.rank = project, url.rstrip("/"), rank
         self.name = name or f"run-{self.id[-6:]}"
         self.config = dict(config or {})
@@ -103,7 +103,9 @@ class Run:
             from .probe.activations import ActivationProbe  # imports torch: only here
             from .probe.optimizer import OptimizerProbe
             names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
-            probe = OptimizerProbe(optimizer, self._emit, every=every, names=names, start_step=start_step)
+            # OPTISCOPE_FUSED=0: never compile the fused statistics kernels (eager blocks only)
+            probe = OptimizerProbe(optimizer, self._emit, every=every, names=names, start_step=start_step,
+                                   fused=os.environ.get("OPTISCOPE_FUSED", "1") != "0")
             self._probes.append(probe)
             if model is not None and activations is not False:
                 act = ActivationProbe(model, probe.sampling_next,
@@ -191,13 +193,29 @@ class Run:
 
 
 def init(project: str | None = None, name: str | None = None, url: str | None = None,
-         token: str | None = None, config: Mapping[str, Any] | None = None, **options) -> Run:
+         token: str | None = None, config: Mapping[str, Any] | None = None, run_id: str | None = None,
+         rank: int | None = None, **options) -> Run:
     """Start a run. ``url``, ``token`` and ``project`` fall back to ``OPTISCOPE_URL``,
-    ``OPTISCOPE_TOKEN`` and ``OPTISCOPE_PROJECT``; the collector need not be reachable yet."""
+    ``OPTISCOPE_TOKEN`` and ``OPTISCOPE_PROJECT``; the collector need not be reachable yet.
+
+    The processes of one data-parallel training report to one run, each as its rank: ``run_id``
+    (or ``OPTISCOPE_RUN_ID``, set once by the launcher for every process) names the shared run,
+    and ``rank`` falls back to ``RANK`` (which torchrun sets), then 0. Without a run id every call
+    starts a new run."""
     project = project or os.environ.get("OPTISCOPE_PROJECT") or DEFAULT_PROJECT
+    run_id = run_id or os.environ.get("OPTISCOPE_RUN_ID") or None
+    if run_id is not None and not wire.RUN_ID_RE.fullmatch(run_id):
+        raise ValueError(f"optiscope: invalid run id {run_id!r} (letters, digits, _ and -, at most 64)")
+    if rank is None:
+        try:
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            rank = 0
+    if rank < 0:
+        raise ValueError(f"optiscope: rank must be >= 0, got {rank}")
     url = url or os.environ.get("OPTISCOPE_URL") or DEFAULT_URL
     token = token or os.environ.get("OPTISCOPE_TOKEN") or None
     if not wire.valid_name(project):
         raise ValueError(f"optiscope: invalid project name {project!r}")
-    return Run(project, name, url, token, config, **options)
+    return Run(project, name, url, token, config, rank=rank, run_id=run_id, **options)
 

@@ -1,15 +1,23 @@
 """The versioned wire format shared by the SDK and the collector, and the one table of series names.
 
-A batch is one JSON document (optionally gzip-compressed in transit)::
+Two versions, told apart by the first bytes of the body (documented in the README, "Wire format"):
+
+- **Version 2** (what the SDK sends): binary and columnar. The batch's steps and times travel once;
+  each series is one name, an optional presence mask over the batch's records, and its float64
+  values. Decoding costs a few operations per *series*, not per point, which is what lets one
+  collector ingest a million points a second; float64 bytes carry NaN and +-Inf exactly.
+- **Version 1**: one JSON document per batch::
 
     {"v": 1, "run": "<run id>", "rank": 0, "seq": 17,
      "records": [[step, unix_time, {"loss": 2.31, "grad_norm": "NaN"}], ...]}
 
+  Values are JSON numbers; the three non-finite values travel as the strings ``"NaN"``,
+  ``"Infinity"`` and ``"-Infinity"`` because strict JSON has no token for them (the decoder also
+  accepts Python's bare ``NaN``/``Infinity`` tokens). The collector still accepts it.
+
 ``(run, rank, seq)`` is the batch's idempotency key: the collector stores a key once and
-acknowledges a repeat without storing it again. Values are JSON numbers; the three non-finite
-values travel as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` because strict JSON has no
-token for them (the decoder also accepts Python's bare ``NaN``/``Infinity`` tokens). Non-finite values
-are data: they are never turned into null or dropped.
+acknowledges a repeat without storing it again. Non-finite values are data: they are never turned
+into null or dropped.
 
 This module imports only the standard library: both sides depend on it.
 """
@@ -18,15 +26,19 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
+import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # what encode_batch writes; decode_batch reads versions 1 and 2
 
 #: Bounds a sender must respect and a receiver enforces (documented in the README).
 MAX_NAME_LEN = 200
 MAX_RECORDS_PER_BATCH = 10_000
-MAX_VALUES_PER_RECORD = 4_096
+MAX_VALUES_PER_RECORD = 4_096   # version 1
+MAX_SERIES_PER_BATCH = 10_000   # version 2
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,199}$")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -62,7 +74,8 @@ CATALOG: dict[str, SeriesSpec] = {
         SeriesSpec("skipped_steps", "global (GradScaler watched)",
                    "iterations whose optimizer step GradScaler skipped (non-finite gradients), cumulative", "count",
                    "every step", True),
-        SeriesSpec("grad_norm", "global", "sqrt(sum over parameters of ||g||^2), gradients before any clipping",
+        SeriesSpec("grad_norm", "global", "sqrt(sum over parameters of ||g||^2), gradients before any clipping "
+                   "(missing on the one sampled step where clipping first appears after sampled steps without it)",
                    "1", _S, True),
         SeriesSpec("grad_norm_clipped", "global",
                    "the same norm of the gradients the optimizer steps with (after clipping; equal to grad_norm "
@@ -84,8 +97,8 @@ CATALOG: dict[str, SeriesSpec] = {
                    "sqrt(mean of g^2 / max(v_hat_{t-1}, eps^2)), before the step, over tensors that have a "
                    "v_hat_{t-1} (absent on the first step)", "1", _S, True),
         SeriesSpec("eps_headroom", _ADAM,
-                   "log10(median(sqrt(v_hat)) / eps); the median of a uniform strided sample of about 65,536 "
-                   "coordinates", "decades", _S, True),
+                   "log10(median(sqrt(v_hat)) / eps); the median of a uniform strided sample of about 16,384 "
+                   "coordinates (one stride over all tensors)", "decades", _S, True),
         SeriesSpec("bias_correction1", _ADAM, "1 - beta1^t of the first parameter of param group 0", "1", _S),
         SeriesSpec("bias_correction2", _ADAM, "1 - beta2^t of the first parameter of param group 0", "1", _S),
         SeriesSpec("act_headroom_bits", "global (model watched)",
@@ -106,8 +119,8 @@ CATALOG: dict[str, SeriesSpec] = {
                    "v_underestimation, eps_headroom", "as global", _S),
         SeriesSpec("{stat}/param/{name}", "one parameter tensor (named from model.named_parameters())",
                    "the global formula over one tensor, for stat in grad_norm, param_norm, update_ratio, "
-                   "update_rms, v_underestimation, eps_headroom (median of a strided sample of at most 4,096 "
-                   "coordinates)", "as global", _S),
+                   "update_rms, v_underestimation, eps_headroom (median of all coordinates up to 1,024, "
+                   "else of 1,024 at stride floor(n / 1,024))", "as global", _S),
     )
 }
 
@@ -156,12 +169,17 @@ def decode_value(x: Any) -> float:
 
 
 def valid_name(name: Any) -> bool:
-    return isinstance(name, str) and NAME_RE.match(name) is not None
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None  # fullmatch: "$" lets "\n" through
 
 
-def encode_batch(batch: Batch) -> bytes:
+def encode_batch(batch: Batch, version: int = WIRE_VERSION) -> bytes:
+    """The batch as a request body: version 2 (binary, columnar) unless version 1 (JSON) is asked."""
+    if version == 2:
+        return encode_columns(to_columns(batch))
+    if version != 1:
+        raise ValueError(f"no wire version {version}")
     doc = {
-        "v": WIRE_VERSION,
+        "v": 1,
         "run": batch.run,
         "rank": batch.rank,
         "seq": batch.seq,
@@ -179,16 +197,23 @@ def _int(doc: Mapping, key: str, lo: int = 0) -> int:
 
 
 def decode_batch(body: bytes | str) -> Batch:
-    """Parse and validate one batch; raises WireError with a reason on anything malformed."""
+    """Parse and validate one batch of either version, as records; raises WireError with a reason
+    on anything malformed."""
+    if is_binary(body):
+        return from_columns(decode_columns(body))
+    return _decode_json(body)
+
+
+def _decode_json(body: bytes | str) -> Batch:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise WireError("malformed_json", f"body is not JSON: {e}") from None
     if not isinstance(doc, dict):
         raise WireError("malformed_batch", "a batch is a JSON object")
-    if doc.get("v") != WIRE_VERSION:
-        raise WireError("unsupported_version", f"wire version {doc.get('v')!r} is not supported "
-                                               f"(this collector speaks {WIRE_VERSION})")
+    if doc.get("v") != 1:
+        raise WireError("unsupported_version", f"JSON wire version {doc.get('v')!r} is not supported "
+                                               "(JSON is version 1; version 2 is binary)")
     unknown = set(doc) - {"v", "run", "rank", "seq", "records"}
     if unknown:
         raise WireError("unknown_field", f"unknown batch fields: {sorted(unknown)}")
@@ -223,3 +248,189 @@ def decode_batch(body: bytes | str) -> Batch:
                 raise WireError(e.reason, f"record {i}, series {name!r}: {e}") from None
         records.append((step, float(t), out))
     return Batch(run=run, rank=rank, seq=seq, records=records)
+
+
+# -- version 2: binary, columnar ------------------------------------------------------------------
+# All integers and floats little-endian. Header, then the batch's columns, then each series:
+#   magic "OSWB" | version u8 (2) | flags u8 (0) | run id length u16 | rank u32 | seq u64
+#   | records n u32 | series u32 | run id (ASCII) | steps n x int64 | times n x float64
+#   per series: name length u8 | kind u8 (0 dense, 1 masked) | name (ASCII)
+#               | kind 1 only: presence mask, ceil(n/8) bytes, bit i (LSB first) = record i has a value
+#               | values: one float64 per present record (n for a dense series)
+MAGIC = b"OSWB"
+CONTENT_TYPE = "application/vnd.optiscope.batch"
+_HEAD = struct.Struct("<4sBBHIQII")
+_SERIES = struct.Struct("<BB")
+_LE = sys.byteorder == "little"
+
+
+def _le(a: array) -> array:
+    """``a`` with little-endian items (a no-op everywhere but on big-endian hosts)."""
+    if not _LE:
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a
+
+
+@dataclass
+class Column:
+    """One series of a batch: its values for the records the mask marks (every record when None)."""
+
+    name: str
+    values: array                 # typecode "d", one per present record, in record order
+    mask: bytes | None = None     # ceil(n/8) bytes, bit i (LSB first) set = record i has a value
+
+    def indices(self, n_records: int) -> list[int]:
+        if self.mask is None:
+            return list(range(n_records))
+        m = self.mask
+        return [i for i in range(n_records) if m[i >> 3] >> (i & 7) & 1]
+
+
+@dataclass
+class Columns:
+    """A batch column by column: what version 2 carries and what the collector stores."""
+
+    run: str
+    rank: int
+    seq: int
+    steps: array                  # typecode "q", one per record
+    times: array                  # typecode "d", one per record
+    series: list[Column] = field(default_factory=list)
+
+    def n_points(self) -> int:
+        return sum(len(c.values) for c in self.series)
+
+
+def is_binary(body: bytes | str) -> bool:
+    return isinstance(body, (bytes, bytearray, memoryview)) and bytes(body[:4]) == MAGIC
+
+
+def to_columns(batch: Batch) -> Columns:
+    n = len(batch.records)
+    cols: dict[str, tuple[list[int], array]] = {}
+    for i, (_, _, values) in enumerate(batch.records):
+        for name, v in values.items():
+            c = cols.get(name)
+            if c is None:
+                c = cols[name] = ([], array("d"))
+            c[0].append(i)
+            c[1].append(v)
+    series = []
+    for name, (idx, vals) in cols.items():
+        mask = None
+        if len(idx) != n:
+            m = bytearray((n + 7) // 8)
+            for i in idx:
+                m[i >> 3] |= 1 << (i & 7)
+            mask = bytes(m)
+        series.append(Column(name, vals, mask))
+    return Columns(batch.run, batch.rank, batch.seq, array("q", (r[0] for r in batch.records)),
+                   array("d", (r[1] for r in batch.records)), series)
+
+
+def from_columns(cols: Columns) -> Batch:
+    records = [(s, t, {}) for s, t in zip(cols.steps, cols.times)]
+    for c in cols.series:
+        for i, v in zip(c.indices(len(records)), c.values):
+            records[i][2][c.name] = v
+    return Batch(cols.run, cols.rank, cols.seq, records)
+
+
+def encode_columns(cols: Columns) -> bytes:
+    """Version 2 body. The caller keeps the invariants decode_columns checks (valid, distinct names;
+    masks of ceil(n/8) bytes; one value per set bit)."""
+    run = cols.run.encode("ascii")
+    parts = [_HEAD.pack(MAGIC, 2, 0, len(run), cols.rank, cols.seq, len(cols.steps), len(cols.series)), run,
+             _le(cols.steps).tobytes(), _le(cols.times).tobytes()]
+    for c in cols.series:
+        name = c.name.encode("ascii")
+        parts.append(_SERIES.pack(len(name), 0 if c.mask is None else 1) + name)
+        if c.mask is not None:
+            parts.append(bytes(c.mask))
+        parts.append(_le(c.values).tobytes())
+    return b"".join(parts)
+
+
+def _take(body: memoryview, pos: int, n: int, what: str) -> tuple[memoryview, int]:
+    if pos + n > len(body):
+        raise WireError("truncated", f"body ends inside {what} (needs {pos + n} bytes, has {len(body)})")
+    return body[pos:pos + n], pos + n
+
+
+def _floats(raw: memoryview) -> array:
+    a = array("d")
+    a.frombytes(raw)
+    return _le(a)
+
+
+def decode_columns(body: bytes | str) -> Columns:
+    """Parse and validate a batch of either version, column by column. Per series, not per point:
+    a version 2 body is checked with a handful of operations for each series."""
+    if not is_binary(body):
+        return to_columns(_decode_json(body))
+    view = memoryview(body).cast("B")
+    head, pos = _take(view, 0, _HEAD.size, "the header")
+    _, version, flags, run_len, rank, seq, n, n_series = _HEAD.unpack(head)
+    if version != 2:
+        raise WireError("unsupported_version", f"binary wire version {version} is not supported (this side speaks 2)")
+    if flags:
+        raise WireError("bad_field", f"header flags must be 0, got {flags}")
+    if n > MAX_RECORDS_PER_BATCH:
+        raise WireError("too_many_records", f"{n} records > {MAX_RECORDS_PER_BATCH}")
+    if n_series > MAX_SERIES_PER_BATCH:
+        raise WireError("too_many_series", f"{n_series} series in one batch > {MAX_SERIES_PER_BATCH}")
+    raw, pos = _take(view, pos, run_len, "the run id")
+    run = bytes(raw).decode("latin-1")
+    if not RUN_ID_RE.fullmatch(run):
+        raise WireError("bad_field", f"'run' must be a run id, got {run[:80]!r}")
+    raw, pos = _take(view, pos, 8 * n, "the steps")
+    steps = array("q")
+    steps.frombytes(raw)
+    steps = _le(steps)
+    if n and min(steps) < 0:
+        raise WireError("bad_step", f"steps must be >= 0, got {min(steps)}")
+    raw, pos = _take(view, pos, 8 * n, "the times")
+    times = _floats(raw)
+    if not all(map(math.isfinite, times)):
+        raise WireError("bad_time", "times must be finite numbers")
+    mask_len, tail, end = (n + 7) // 8, n % 8, len(view)
+    series, seen = [], set()
+    # The loop runs once per series; each step is a C call on a slice (no work per point).
+    for k in range(n_series):
+        if pos + 2 > end:
+            raise WireError("truncated", f"body ends inside series {k}")
+        name_len, kind = view[pos], view[pos + 1]
+        pos += 2
+        name = bytes(view[pos:pos + name_len]).decode("latin-1")
+        pos += name_len
+        if len(name) != name_len:
+            raise WireError("truncated", f"body ends inside the name of series {k}")
+        if NAME_RE.fullmatch(name) is None:
+            raise WireError("bad_name", f"series {k}: invalid series name {name[:80]!r} "
+                                        f"(letters, digits, _ . : / -, at most {MAX_NAME_LEN})")
+        if name in seen:
+            raise WireError("duplicate_series", f"series {name!r} appears twice in one batch")
+        seen.add(name)
+        mask, count = None, n
+        if kind == 1:
+            mask = bytes(view[pos:pos + mask_len])
+            pos += mask_len
+            if len(mask) != mask_len:
+                raise WireError("truncated", f"body ends inside the mask of {name!r}")
+            if tail and mask[-1] >> tail:
+                raise WireError("bad_mask", f"series {name!r}: mask marks records beyond the {n} of the batch")
+            count = int.from_bytes(mask, "little").bit_count()
+            if count == 0:
+                raise WireError("bad_mask", f"series {name!r}: mask marks no record")
+        elif kind != 0:
+            raise WireError("bad_field", f"series {name!r}: kind must be 0 (dense) or 1 (masked), got {kind}")
+        if pos + 8 * count > end:
+            raise WireError("truncated", f"body ends inside the values of {name!r}")
+        values = array("d")
+        values.frombytes(view[pos:pos + 8 * count])
+        pos += 8 * count
+        series.append(Column(name, values if _LE else _le(values), mask))
+    if pos != len(view):
+        raise WireError("trailing_bytes", f"{len(view) - pos} bytes after the last series")
+    return Columns(run, rank, seq, steps, times, series)

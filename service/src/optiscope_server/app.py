@@ -24,6 +24,8 @@ from .telemetry import default_provider, instrument
 from .webhooks import WebhookDispatcher
 
 RUN_ID = Path(pattern=wire.RUN_ID_RE.pattern, max_length=64)
+#: Wire reasons for a body that cannot be parsed at all (400); every other wire reason is 422.
+UNPARSEABLE = frozenset({"malformed_json", "truncated", "trailing_bytes"})
 
 
 @dataclass
@@ -165,9 +167,9 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
     async def ingest(request: Request, run_id: str = RUN_ID):
         body = await read_body(request, settings.max_body_bytes)
         try:
-            batch = wire.decode_batch(body)
+            batch = wire.decode_columns(body)
         except wire.WireError as e:
-            raise ApiError(422 if e.reason not in ("malformed_json",) else 400, e.reason, str(e)) from None
+            raise ApiError(400 if e.reason in UNPARSEABLE else 422, e.reason, str(e)) from None
         if batch.run != run_id:
             raise ApiError(422, "run_mismatch", f"batch is for run {batch.run!r}, posted to {run_id!r}")
         with tracer.start_as_current_span("store.ingest", attributes={"optiscope.points": batch.n_points()}):

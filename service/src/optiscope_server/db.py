@@ -1,12 +1,18 @@
 """Schema and engine: one code path for SQLite (WAL) and PostgreSQL through SQLAlchemy 2."""
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import threading
+from array import array
 
-from sqlalchemy import (BigInteger, Column, Double, ForeignKey, Index, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint, create_engine, event)
+from sqlalchemy import (BigInteger, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
+                        Table, Text, UniqueConstraint, create_engine, event, inspect, text)
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import JSON, TypeDecorator
+
+log = logging.getLogger("optiscope.server")
 
 
 class Value(TypeDecorator):
@@ -48,18 +54,28 @@ series = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("name", String(200), nullable=False),
-    # The newest point, kept at ingest: /metrics and run summaries read it without a scan.
-    Column("last_step", BigInteger),
-    Column("last_value", Value),
     UniqueConstraint("run_id", "name", name="uq_series_run_name"),
 )
 
-points = Table(
-    "points", metadata,
-    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), primary_key=True),
-    Column("rank", Integer, primary_key=True),
-    Column("step", BigInteger, primary_key=True),
-    Column("value", Value),
+# The points of one series from one stored batch (one rank): a chunk. One row per series and batch
+# instead of one per point is what makes ingest cheap (a batch of 300 series x 100 steps is 300
+# rows, not 30,000) while a series' history is still one index range. A point written again at the
+# same (series, rank, step) is not updated in place: reads let the newest chunk win (chunks.c.id is
+# the order of storage) and, within a chunk, the later record.
+chunks = Table(
+    "chunks", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("step_min", BigInteger, nullable=False),
+    Column("step_max", BigInteger, nullable=False),
+    # The value at step_max (the later one if the chunk holds that step twice): the newest point of
+    # a series is one index lookup, for /metrics and run summaries, without reading a blob.
+    Column("last_value", Value),
+    Column("steps", LargeBinary),                # int64 little-endian; NULL: every step from step_min to step_max
+    Column("vals", LargeBinary, nullable=False),  # float64 little-endian, one per step: NaN and +-Inf bit-exact
+    # Range queries and "newest chunk of a series" both walk this index.
+    Index("ix_chunks_series_step", "series_id", "step_max", "id"),
 )
 
 # Idempotency keys of stored batches: a repeat of (run, rank, seq) is acknowledged, not stored.
@@ -114,8 +130,72 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer
             cur.execute("PRAGMA synchronous=NORMAL")    # durable across process crashes in WAL mode
             cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA cache_size=-32768")      # 32 MiB: the chunk index of a long run stays in memory
+            # No checkpoint inside a commit: its fsync grows with the file (tens of ms, then hundreds)
+            # and would land on whichever batch happened to cross the threshold. Checkpointer does it.
+            cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
     else:
         engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
     metadata.create_all(engine)
+    _migrate_points(engine)
     return engine
+
+
+class Checkpointer:
+    """SQLite only: copies the write-ahead log into the database file from a thread of its own, so
+    commits never wait for it. A passive checkpoint runs beside the writer; when the log has grown
+    past ``max_wal_pages`` anyway (the writer never paused), the rest is checkpointed and the log
+    restarted while holding ``writer``, which bounds the log at a short pause for the writer."""
+
+    def __init__(self, engine: Engine, writer: threading.Lock, interval: float = 0.5, max_wal_pages: int = 16384):
+        self.engine, self.writer, self.interval, self.max_wal_pages = engine, writer, interval, max_wal_pages
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="optiscope-checkpoint", daemon=True)
+        self._thread.start()
+
+    def checkpoint(self) -> None:
+        with self.engine.connect() as conn:
+            _busy, log_pages, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+            if log_pages > self.max_wal_pages:
+                with self.writer:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").one()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.checkpoint()
+            except Exception:  # the next round tries again; a failing disk shows in the commits
+                log.warning("WAL checkpoint failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self.writer, self.engine.connect() as conn:  # leave a short log behind
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+
+
+def _migrate_points(engine: Engine, per_chunk: int = 100_000) -> None:
+    """A database written before chunked storage holds one row per point in ``points``: move them
+    into chunks, once, in one transaction, so no history disappears on upgrade."""
+    if not inspect(engine).has_table("points"):
+        return
+    with engine.begin() as conn:
+        keys = conn.execute(text("SELECT DISTINCT series_id, rank FROM points")).all()
+        for sid, rank in keys:  # one series and rank in memory at a time
+            got = conn.execute(text("SELECT step, value FROM points WHERE series_id = :s AND rank = :r ORDER BY step"),
+                               {"s": sid, "r": rank}).all()
+            for i in range(0, len(got), per_chunk):
+                steps = array("q", (st for st, _ in got[i:i + per_chunk]))
+                vals = array("d", (math.nan if v is None else v for _, v in got[i:i + per_chunk]))  # NULL was NaN
+                conn.execute(chunks.insert().values(
+                    series_id=sid, rank=rank, step_min=steps[0], step_max=steps[-1], last_value=vals[-1],
+                    steps=None if steps[-1] - steps[0] == len(steps) - 1 else _le_bytes(steps), vals=_le_bytes(vals)))
+        conn.execute(text("DROP TABLE points"))
+
+
+def _le_bytes(a: array) -> bytes:
+    if sys.byteorder != "little":
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class AlertEvent:
@@ -17,5 +19,15 @@ class AlertEvent:
     message: str         # one human sentence
 
 
+#: One batch, column by column, as the collector feeds it: the steps of the batch's records (in
+#: arrival order) and, per series, the indices of the records that hold it and their values.
+SeriesColumns = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
 class Detector(Protocol):
     def update(self, step: int, values: Mapping[str, float], rank: int = 0) -> list[AlertEvent]: ...
+
+    def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0) -> list[AlertEvent]:
+        """The same transitions ``update`` would return for each record in turn, in record order,
+        computed a whole series at a time (the collector's path: no Python work per point)."""
+        ...

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping
 
-from .base import AlertEvent
+import numpy as np
+
+from .base import AlertEvent, SeriesColumns
 
 
 class NonFiniteDetector:
@@ -21,6 +23,14 @@ class NonFiniteDetector:
         self.watched = tuple(watched)
         self.firing: set[tuple[int, str]] = set(firing)
 
+    def _event(self, name: str, step: int, rank: int, v: float) -> AlertEvent:
+        if math.isfinite(v):
+            return AlertEvent(self.rule, self.severity, "resolved", name, step, rank, v,
+                              f"{name} is finite again ({v:.6g}) at step {step} on rank {rank}")
+        spelled = "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")
+        return AlertEvent(self.rule, self.severity, "firing", name, step, rank, v,
+                          f"{name} is {spelled} at step {step} on rank {rank}")
+
     def update(self, step: int, values: Mapping[str, float], rank: int = 0):
         events = []
         for name in self.watched:
@@ -28,13 +38,28 @@ class NonFiniteDetector:
                 continue
             v = values[name]
             key = (rank, name)
-            if not math.isfinite(v) and key not in self.firing:
-                self.firing.add(key)
-                spelled = "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")
-                events.append(AlertEvent(self.rule, self.severity, "firing", name, step, rank, v,
-                                         f"{name} is {spelled} at step {step} on rank {rank}"))
-            elif math.isfinite(v) and key in self.firing:
-                self.firing.discard(key)
-                events.append(AlertEvent(self.rule, self.severity, "resolved", name, step, rank, v,
-                                         f"{name} is finite again ({v:.6g}) at step {step} on rank {rank}"))
+            if math.isfinite(v) == (key in self.firing):  # a transition: finite while firing, or the reverse
+                (self.firing.discard if math.isfinite(v) else self.firing.add)(key)
+                events.append(self._event(name, step, rank, v))
         return events
+
+    def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0):
+        found = []  # (record index, watched position, event): sorted into the order update() gives
+        for pos, name in enumerate(self.watched):
+            if name not in series:
+                continue
+            idx, values = series[name]
+            if not len(values):
+                continue
+            key = (rank, name)
+            bad = ~np.isfinite(values)
+            before = np.empty_like(bad)  # the state each point is judged against
+            before[0] = key in self.firing
+            before[1:] = bad[:-1]
+            # Only the transitions reach Python; a batch without an incident costs two array passes.
+            for j in np.flatnonzero(bad != before).tolist():
+                i = int(idx[j])
+                found.append((i, pos, self._event(name, int(steps[i]), rank, float(values[j]))))
+            (self.firing.add if bad[-1] else self.firing.discard)(key)
+        found.sort(key=lambda f: f[:2])
+        return [ev for _, _, ev in found]

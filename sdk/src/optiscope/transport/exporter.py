@@ -3,7 +3,8 @@
 ``submit`` never waits on the network: it appends to a bounded deque (a full queue drops the
 oldest record and counts it) and returns. One daemon thread registers the run, batches records by
 size and time, and sends each batch with its idempotency key (run, rank, seq), retrying only what
-can succeed later. ``close`` is bounded by a timeout.
+can succeed later. ``close`` is bounded by a timeout. Batches are encoded once, in wire version 2
+(binary, columnar), and those bytes are what is spooled, sent, and re-sent.
 """
 from __future__ import annotations
 
@@ -160,6 +161,15 @@ class Exporter:
                 self._warn_once("bad_value", "dropped a record whose values could not be read as numbers")
         if not out:
             return
+        # Names from log() are checked there; a probe's names (from model.named_parameters()) could
+        # still be too long. One check per distinct name, not per point: drop those series, never the batch.
+        bad = {n for n in set().union(*(v for _, _, v in out)) if not wire.valid_name(n)}
+        if bad:
+            for _, _, values in out:
+                for n in bad.intersection(values):
+                    del values[n]
+                    self.counters["bad_values"] += 1
+            self._warn_once("bad_name", "dropped series with invalid names (e.g. %r)", sorted(bad)[0][:80])
         # The exporter's own counters travel as series of the run, at the batch's last step.
         out.append((out[-1][0], time.time(), {f"sdk/{k}": float(self.counters[k]) for k in SERIES_COUNTERS}))
         batch = wire.Batch(self.run_id, self.rank, self._seq, out)

@@ -6,7 +6,11 @@ import http.client
 import json
 import urllib.parse
 
-#: Bodies larger than this are gzip-compressed (the collector accepts ``Content-Encoding: gzip``).
+from .. import wire
+
+#: JSON bodies larger than this are gzip-compressed (the collector accepts ``Content-Encoding: gzip``).
+#: Binary (version 2) batches are sent as they are: most of their bytes are float64 mantissas, which
+#: gzip barely shrinks, so compressing would cost the trainer more CPU than it saves bandwidth.
 GZIP_MIN_BYTES = 1024
 #: Statuses worth retrying: the collector is restarting, overloaded or behind a failing proxy.
 RETRYABLE = frozenset({429, 502, 503, 504})
@@ -45,8 +49,9 @@ class HttpClient:
         data = None
         if body is not None:
             data = json.dumps(body).encode() if isinstance(body, dict) else body
-            headers["Content-Type"] = "application/json"
-            if len(data) >= GZIP_MIN_BYTES:
+            binary = wire.is_binary(data)
+            headers["Content-Type"] = wire.CONTENT_TYPE if binary else "application/json"
+            if not binary and len(data) >= GZIP_MIN_BYTES:
                 data = gzip.compress(data, compresslevel=1)
                 headers["Content-Encoding"] = "gzip"
         conn = self._connection()
