@@ -118,7 +118,7 @@ class Reference:
             if adam:
                 out[f"update_rms/param/{name}"] = math.sqrt(float(u[id(p)].pow(2).mean()))
                 out[f"eps_headroom/param/{name}"] = _log10(
-                    float(_strided(sqrt_vhat[id(p)], 4096).median()) / self.group[id(p)][1]["eps"])
+                    float(_strided(sqrt_vhat[id(p)], 1024).median()) / self.group[id(p)][1]["eps"])
             if id(p) in self.vu:
                 out[f"v_underestimation/param/{name}"] = math.sqrt(self.vu[id(p)][0] / self.vu[id(p)][1])
         return out
@@ -137,7 +137,7 @@ class Reference:
         out["update_rms" + sfx] = math.sqrt(sum(float(u[id(p)].pow(2).sum()) for p in ps) / n)
         out["update_bimodality" + sfx] = sum(int((u[id(p)].abs() > 0.9).sum()) for p in ps) / n
         # the documented estimator: one uniform stride over all coordinates of the optimizer
-        stride = max(1, math.ceil(sum(p.numel() for p in self.changing) / 65536))
+        stride = max(1, math.ceil(sum(p.numel() for p in self.changing) / 16384))
         sample = torch.cat([sqrt_vhat[id(p)].reshape(-1)[::stride] / self.group[id(p)][1]["eps"] for p in ps])
         out["eps_headroom" + sfx] = _log10(float(sample.median()))
         if not sfx:
@@ -152,5 +152,8 @@ def _log10(x: float) -> float:
 
 
 def _strided(t, cap):
+    """The documented per-tensor sample: every coordinate up to ``cap``, else ``cap`` of them at
+    stride floor(n / cap) from the first."""
     flat = t.reshape(-1)
-    return flat[:: max(1, math.ceil(flat.numel() / cap))]
+    n = flat.numel()
+    return flat if n <= cap else flat[:: n // cap][:cap]

@@ -4,6 +4,10 @@ A skipped step never calls ``optimizer.step()``, so the optimizer hooks cannot s
 ``scaler.update()`` calls (one per iteration, skipped or not) against real optimizer steps can.
 The scale is read from the scaler's own device tensor, copied at the step it applied to, and
 read on the exporter thread: ``scaler.get_scale()`` would be a host sync.
+
+Backward leaves scaled gradients; ``scaler.unscale_`` (called by the user before clipping, or by
+``scaler.step``) divides them in place. The gradients are measured again right after it, so
+``grad_norm`` is the norm of the true gradients, before any clipping.
 """
 from __future__ import annotations
 
@@ -14,16 +18,26 @@ class ScalerProbe:
         self.probe = optimizer_probe
         self.updates = 0
         self._original = scaler.update
+        self._unscale = scaler.unscale_
 
         def update(*args, **kwargs):
             self.updates += 1
             return self._original(*args, **kwargs)
 
-        scaler.update = update  # this scaler instance only; close() puts the method back
+        def unscale_(optimizer):
+            result = self._unscale(optimizer)
+            if optimizer is self.probe.optimizer:
+                self.probe.record_gradients()
+            return result
+
+        # this scaler instance only; close() puts the methods back
+        scaler.update = update
+        scaler.unscale_ = unscale_
 
     def close(self) -> None:
-        if self.scaler.__dict__.get("update") is not None:
-            del self.scaler.update
+        for name in ("update", "unscale_"):
+            if self.scaler.__dict__.get(name) is not None:
+                delattr(self.scaler, name)
 
     def host_values(self) -> dict:
         """Called from the optimizer's post-step hook, before this iteration's scaler.update()."""

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from . import stats as S
+from .fused import Kernels
 
 log = logging.getLogger("optiscope")
 
@@ -33,10 +34,13 @@ class OptimizerProbe:
     gradient accumulation calls backward several times but the optimizer once.
     ``names``: parameter names by ``id(param)`` (from ``model.named_parameters()``); others are
     named ``<group>.<index>``. ``per_tensor``: also emit the per-tensor series on sampled steps.
+    ``fused``: compile fused kernels for the large tensors (``torch.compile``, in a background
+    thread, first needed on the first sampled step); False keeps to the eager blocks.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, emit: Emit, every: int = 1,
-                 names: dict[int, str] | None = None, per_tensor: bool = True, start_step: int | None = None):
+                 names: dict[int, str] | None = None, per_tensor: bool = True, start_step: int | None = None,
+                 fused: bool = True):
         self.optimizer = optimizer
         self.emit = emit
         self.every = max(1, int(every))
@@ -46,15 +50,27 @@ class OptimizerProbe:
         self._names = {k: _BAD.sub("_", v) for k, v in (names or {}).items()}
         self._sampled = False
         self._pre: dict | None = None
-        # Norm of each parameter's accumulated gradient as backward left it, i.e. before any
-        # clipping (clip_grad_norm_ rescales .grad in place between backward and step).
+        # Squared norm of each parameter's accumulated gradient as backward left it, i.e. before
+        # any clipping (clip_grad_norm_ rescales .grad in place between backward and step).
         self._backward_norms: dict[int, torch.Tensor] = {}
+        # The gradient tensor and its version counter as backward left it, on sampled steps. When
+        # nothing touches the gradients between backward and step (no clipping), the post-step
+        # walk's ||g||^2 *is* the backward norm, and measuring it in backward again would be one
+        # more pass over every gradient. So backward measures on the first sampled step (to find
+        # out) and, once the gradients were seen to change before a step, on every sampled step
+        # after that one (whose grad_norm is then unknown and not reported).
+        self._grad_versions: dict[int, tuple[torch.Tensor, int]] = {}
+        self._measure_in_backward = True
+        self._grads_change = False
         self._grad_hooks: dict[int, object] = {}
         self._n_params = -1
         self._failed = False
         self._last_step_end: float | None = None
         self._scratch = S.Scratch()
-        # Other probes: collect() -> [(name, device tensor)] joins a sampled step's vector;
+        # Fused kernels for large tensors, compiled in the background on the first sampled step;
+        # the eager blocks compute the same numbers until they are ready (and if they never are).
+        self.kernels = Kernels(enabled=fused)
+        # Other probes: collect() -> [(name, 0-d tensor) or (names, 1-d tensor)] joins a sampled step's vector;
         # host_values() -> {name: value} joins every step's record.
         self.contributors: list = []
         self._handles = [optimizer.register_step_pre_hook(self._on_pre),
@@ -90,7 +106,21 @@ class OptimizerProbe:
         # After every backward that accumulates into p.grad; only a step about to be sampled pays
         # for a reduction, and the last backward before the step leaves the final value.
         if self.steps % self.every == 0 and p.grad is not None and not self._failed:
-            self._backward_norms[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+            try:  # runs inside the user's backward(): never let it raise there
+                self._grad_versions[id(p)] = (p.grad, p.grad._version)
+                if self._measure_in_backward:
+                    self._backward_norms[id(p)] = S.sq_sum(p.grad)
+            except Exception:
+                self._fail("gradient")
+
+    def record_gradients(self) -> None:
+        """Measure the gradients again as they are now: GradScaler.unscale_ calls this, so that
+        grad_norm is the norm of the unscaled gradients, before any clipping that follows."""
+        if self.steps % self.every == 0 and not self._failed:
+            for g in self._groups():
+                for p in g["params"]:
+                    if p.grad is not None:
+                        self._on_grad(p)
 
     def _fail(self, where: str) -> None:
         self._failed = True
@@ -125,6 +155,7 @@ class OptimizerProbe:
             finally:
                 self._pre = None
                 self._backward_norms.clear()
+                self._grad_versions.clear()
         try:
             self.emit(index, host, vector)
         except Exception:
@@ -152,48 +183,68 @@ class OptimizerProbe:
         device = every[0].device if every else torch.device("cpu")
         changing = [p for p in every if p.grad is not None]
         still = [p for p in every if p.grad is None]
-        post_sq = S.sq_norms([p.grad for p in changing], device)
-        pre = [self._backward_norms.get(id(p)) for p in changing]
-        pre_sq = torch.stack([n.to(device=device, dtype=F64).square() if n is not None else post_sq[i]
-                              for i, n in enumerate(pre)]) if changing else post_sq
         adam = S.is_adam(self.optimizer)
         index_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         group_of = {id(p): groups[index_of[id(p)]] for p in every}
-        had_v = [adam and "exp_avg_sq" in self.optimizer.state.get(p, {}) for p in changing]
-        vu = S.v_underestimation_sums(changing, self.optimizer, group_of, device, self._scratch) if any(had_v) else None
+        walk = S.before_step(changing, self.optimizer, group_of, device, self._scratch, adam, self.kernels) \
+            if changing else None
+        grad_norm_known = self._learn_gradient_changes(changing)
         return {
-            "device": device, "changing": changing, "group_of": group_of, "adam": adam,
+            "grad_norm_known": grad_norm_known,
+            "device": device, "changing": changing, "group_of": group_of, "adam": adam, "walk": walk,
             "group_index": [index_of[id(p)] for p in changing],
-            "pre_sq": pre_sq, "post_sq": post_sq,
-            "before_sq": S.sq_norms(changing, device), "still_sq": S.sq_norms(still, device).sum(),
-            "vu": vu, "had_v": had_v if vu is not None else None,
-            # One fused copy of the parameters that can change: the exact reference for the update.
-            "snapshot": list(torch._foreach_mul(changing, 1.0)) if changing else [],
+            # backward's norms (before any clipping); those missing are the post-walk's
+            "backward": [self._backward_norms.get(id(p)) for p in changing],
+            "still_sq": S.sq_norms(still, device).sum(),
+            "vu": (walk.vu_sum, walk.vu_count) if walk and walk.vu_sum is not None else None,
+            "had_v": walk.had_v if walk and walk.vu_sum is not None else None,
         }
+
+    def _learn_gradient_changes(self, changing: list) -> bool:
+        """Whether this step's gradients are known as backward left them; decides whether the
+        next sampled step measures them in backward. Reads version counters only: no device work."""
+        changed = False
+        for p in changing:
+            seen = self._grad_versions.get(id(p))
+            if seen is not None and (seen[0] is not p.grad or seen[0]._version != seen[1]):
+                changed = True
+                break
+        known = not changed or self._measure_in_backward
+        if changed and not self._measure_in_backward:
+            log.info("optiscope: gradients changed between backward and step (clipping?); grad_norm is "
+                     "measured in backward from the next sampled step (this step's is not reported)")
+        self._grads_change = self._grads_change or changed
+        self._measure_in_backward = self._grads_change
+        return known
 
     def _measure_after(self, pre: dict) -> tuple[tuple[str, ...], torch.Tensor]:
         device, changing = pre["device"], pre["changing"]
-        diff = pre["snapshot"]
-        if diff:
-            torch._foreach_sub_(diff, changing)  # theta_before - theta_after
-        upd_sq = S.sq_norms(diff, device)
-        dots = (torch.stack([torch.dot(d.reshape(-1).float(), p.grad.reshape(-1).float()).to(device, F64)
-                             for d, p in zip(diff, changing)]) if changing else torch.zeros(0, dtype=F64, device=device))
-        after_sq = S.sq_norms(changing, device)
+        adam_ok = pre["adam"] and changing and all("exp_avg" in self.optimizer.state.get(p, {}) for p in changing)
+        if changing:
+            walk = S.after_step(changing, pre["walk"], self.optimizer, pre["group_of"], device, self._scratch,
+                                bool(adam_ok), self.kernels)
+            upd_sq, dots, after_sq, adam = walk.upd_sq, walk.dots, walk.after_sq, walk.adam
+            pre["before_sq"], post_sq = walk.before_sq, walk.post_sq
+            pre["pre_sq"] = torch.stack([n.to(device) if n is not None else post_sq[i]
+                                         for i, n in enumerate(pre["backward"])])
+        else:
+            upd_sq = dots = after_sq = post_sq = torch.zeros(0, dtype=F64, device=device)
+            pre["before_sq"] = pre["pre_sq"] = post_sq
+            adam = None
+        pre["post_sq"] = post_sq
         out = _Vector()
         grad_norm = pre["pre_sq"].sum().sqrt()
         update_norm = upd_sq.sum().sqrt()
-        out.add("grad_norm", grad_norm)
+        if pre["grad_norm_known"]:
+            out.add("grad_norm", grad_norm)
         out.add("grad_norm_clipped", pre["post_sq"].sum().sqrt())
         out.add("grad_nonfinite_tensors", (~torch.isfinite(pre["pre_sq"])).sum())
         out.add("param_norm", (after_sq.sum() + pre["still_sq"]).sqrt())
         out.add("update_norm", update_norm)
         out.add("update_ratio", update_norm / (pre["before_sq"].sum() + pre["still_sq"]).sqrt())
+        # d = theta_before - theta_after points along -g for a descent step
         out.add("update_cosine", dots.sum() / (update_norm * pre["post_sq"].sum().sqrt()))
-        adam = None
-        if pre["adam"] and changing and all("exp_avg" in self.optimizer.state.get(p, {}) for p in changing):
-            total = sum(p.numel() for p in changing)
-            adam = S.adam_sums(changing, self.optimizer, pre["group_of"], device, total, self._scratch)
+        if adam is not None:
             self._adam_global(out, adam, pre)
         else:
             self._generic_state(out, changing, device)
@@ -204,7 +255,10 @@ class OptimizerProbe:
             self._per_tensor(out, pre, upd_sq, after_sq, adam)
         for c in self.contributors:
             for name, value in (c.collect() if hasattr(c, "collect") else ()):
-                out.add(name, value.to(device))
+                if isinstance(name, list):
+                    out.add_many(name, value.to(device))
+                else:
+                    out.add(name, value.to(device))
         return out.finish()
 
     def _adam_global(self, out: "_Vector", a: S.AdamSums, pre: dict) -> None:
@@ -212,7 +266,7 @@ class OptimizerProbe:
         out.add("exp_avg_sq_norm", a.v_sq.sum().sqrt())
         out.add("update_rms", (a.u_sq.sum() / a.count.sum()).sqrt())
         out.add("update_bimodality", a.u_big.sum() / a.count.sum())
-        out.add("eps_headroom", torch.log10(torch.cat(a.samples).median()))
+        out.add("eps_headroom", a.eps_headroom())
         out.add("bias_correction1", a.bc1[0])
         out.add("bias_correction2", a.bc2[0])
         if pre["vu"] is not None:
@@ -244,7 +298,8 @@ class OptimizerProbe:
             g_vu, g_vc = by_group(pre["vu"][0]), by_group(pre["vu"][1])
         for gi in groups:
             sfx = f"/group/{gi}"
-            out.add("grad_norm" + sfx, g_pre[gi].sqrt())
+            if pre["grad_norm_known"]:
+                out.add("grad_norm" + sfx, g_pre[gi].sqrt())
             out.add("update_ratio" + sfx, (g_upd[gi] / g_before[gi]).sqrt())
             out.add("update_cosine" + sfx, g_dot[gi] / (g_upd[gi] * g_post[gi]).sqrt())
             if a is not None:
@@ -252,14 +307,14 @@ class OptimizerProbe:
                 out.add("exp_avg_sq_norm" + sfx, g_v[gi].sqrt())
                 out.add("update_rms" + sfx, (g_u[gi] / g_cnt[gi]).sqrt())
                 out.add("update_bimodality" + sfx, g_big[gi] / g_cnt[gi])
-                members = [s for s, g in zip(a.samples, pre["group_index"]) if g == gi]
-                out.add("eps_headroom" + sfx, torch.log10(torch.cat(members).median()))
+                out.add("eps_headroom" + sfx, a.eps_headroom([i for i, g in enumerate(pre["group_index"]) if g == gi]))
             if pre["vu"] is not None and any(h for h, g in zip(pre["had_v"], pre["group_index"]) if g == gi):
                 out.add("v_underestimation" + sfx, (g_vu[gi] / g_vc[gi]).sqrt())
 
     def _per_tensor(self, out: "_Vector", pre: dict, upd_sq, after_sq, a) -> None:
         names = [self._names[id(p)] for p in pre["changing"]]
-        out.add_many([f"grad_norm/param/{n}" for n in names], pre["pre_sq"].sqrt())
+        if pre["grad_norm_known"]:
+            out.add_many([f"grad_norm/param/{n}" for n in names], pre["pre_sq"].sqrt())
         out.add_many([f"param_norm/param/{n}" for n in names], after_sq.sqrt())
         out.add_many([f"update_ratio/param/{n}" for n in names], (upd_sq / pre["before_sq"]).sqrt())
         if a is not None:

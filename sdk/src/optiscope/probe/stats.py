@@ -4,8 +4,19 @@ Everything here runs on the device and returns device tensors: no host sync. Sum
 counts are kept per tensor so that the global and per-group values are exact aggregates of the
 same numbers the per-tensor series show.
 
+A sampled step makes two walks over memory, block by block (see ``blocks``), or one fused kernel
+per large tensor (see ``fused``):
+- before the step: the snapshot of the parameters (a plain copy) and, for Adam, v-underestimation
+  from g and v_{t-1}, which only exist before the step;
+- after it: ||theta_before - theta_after||^2, its dot with g, ||theta_before||^2 (from the
+  snapshot), ||theta_after||^2, ||g||^2 (the gradient the optimizer stepped with: the step does not
+  change it), and for Adam the normalised-update statistics and the moment norms.
+
 Adam's normalised update, with the optimizer's own step count t and its own formula:
     u = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)      (v = max_exp_avg_sq with amsgrad)
+Scalars are folded so that u itself is never formed: with d = sqrt(v) + eps * sqrt(bc2) and
+u' = m / d, u = u' * sqrt(bc2) / bc1, so sum(u^2) = sum(u'^2) * bc2 / bc1^2 and
+|u| > c  <=>  |u'| > c * bc1 / sqrt(bc2).
 """
 from __future__ import annotations
 
@@ -14,45 +25,24 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import Block, Scratch, Sums, sq_sum
+from .fused import MIN_NUMEL, Kernels
+
 #: |u| above this counts towards update bimodality (Adam's sign-like regime).
 BIMODAL_THRESHOLD = 0.9
 #: At most this many coordinates of one tensor enter its epsilon-headroom median (a strided sample).
-HEADROOM_SAMPLE_PER_TENSOR = 4096
+HEADROOM_SAMPLE_PER_TENSOR = 1024
 #: At most about this many coordinates in all enter the global and per-group medians.
-HEADROOM_SAMPLE_TOTAL = 65536
+HEADROOM_SAMPLE_TOTAL = 16384
 
 F64 = torch.float64
-#: float32 sums of 0/1 values are exact below 2^24 terms.
-_EXACT_F32_COUNT = 1 << 24
-
-
-class Scratch:
-    """One reusable float32 work buffer per device, as large as the largest tensor seen.
-
-    Fresh large temporaries cost page faults on every sampled step; one buffer kept between
-    sampled steps costs the size of the largest parameter tensor and nothing else.
-    """
-
-    def __init__(self):
-        self._buf: dict[torch.device, torch.Tensor] = {}
-
-    def get(self, n: int, device: torch.device) -> torch.Tensor:
-        buf = self._buf.get(device)
-        if buf is None or buf.numel() < n:
-            buf = self._buf[device] = torch.empty(n, dtype=torch.float32, device=device)
-        return buf[:n]
-
-
-def _count_ones(x: torch.Tensor) -> torch.Tensor:
-    return sum(x[i:i + _EXACT_F32_COUNT].sum().to(F64) for i in range(0, x.numel(), _EXACT_F32_COUNT))
 
 
 def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per-tensor squared L2 norms as one float64 vector (one fused pass per device/dtype group)."""
+    """Per-tensor squared L2 norms as one float64 vector on ``device``."""
     if not tensors:
         return torch.zeros(0, dtype=F64, device=device)
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return torch.stack([n.to(device=device, dtype=F64) for n in norms]).square()
+    return torch.stack([sq_sum(t).to(device) for t in tensors])
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
@@ -60,20 +50,167 @@ def is_adam(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Adam)
 
 
-def _bias_corrections(step, beta1: float, beta2: float):
-    """1 - beta^t for a step count that is a Python number or a (CPU or device) 0-d tensor."""
-    if isinstance(step, torch.Tensor):
-        step = step.to(F64)
-    return 1 - beta1 ** step, 1 - beta2 ** step
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)
+    return t.detach().reshape(-1)
 
 
-def _strided(t: torch.Tensor, cap: int) -> torch.Tensor:
+def headroom_sample(t: torch.Tensor, cap: int = HEADROOM_SAMPLE_PER_TENSOR) -> torch.Tensor:
+    """A tensor's coordinates for its epsilon-headroom median: all of them below ``cap``, else
+    exactly ``cap`` at a uniform stride from the first (a view: nothing is copied). Equal lengths
+    let one batched median serve every large tensor. Each sampled coordinate of a large tensor is a
+    cache miss, which is what the sample size costs."""
     flat = _flat(t)
-    return flat[:: max(1, math.ceil(flat.numel() / cap))]
+    n = flat.numel()
+    return flat if n <= cap else flat[:: n // cap][:cap]
+
+
+def medians(samples: list[torch.Tensor], device) -> torch.Tensor:
+    """torch.median of each sample (the lower middle value; NaN if the sample holds one) as one
+    float64 vector, with one median per distinct sample length instead of one per tensor."""
+    out = torch.empty(len(samples), dtype=F64, device=device)
+    by_len: dict[tuple, list[int]] = {}
+    for i, x in enumerate(samples):
+        by_len.setdefault((x.numel(), x.device, x.dtype), []).append(i)
+    for (n, dev, _), idx in by_len.items():
+        if n == 0:
+            out[idx] = math.nan
+            continue
+        # median along a dimension is the lower middle value and NaN for a row holding one,
+        # like torch.median of each row alone
+        mid = torch.stack([samples[i] for i in idx]).median(dim=1).values
+        out[torch.tensor(idx, device=device)] = mid.to(device, F64)
+    return out
+
+
+@dataclass
+class Before:
+    """What the pre-step walk leaves for the post-step walk, per tensor unless said otherwise."""
+
+    blocks: list[Block]
+    snapshots: list[torch.Tensor]   # per block: its coordinates of theta before the step
+    whole: dict[int, torch.Tensor]  # per large tensor: all of its snapshot
+    vu_sum: torch.Tensor | None     # sum g^2 / max(v_hat_{t-1}, eps^2) (0 without v_{t-1})
+    vu_count: torch.Tensor | None   # coordinates that entered vu_sum
+    had_v: list[bool]
+
+
+def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict], device: torch.device,
+                scratch: Scratch, adam: bool, kernels: Kernels | None = None) -> Before:
+    n = len(params)
+    sums = Sums(n, device)
+    thetas = [_flat(p) for p in params]
+    grads = [_flat(p.grad) for p in params]
+    had_v = [adam and "exp_avg_sq" in optimizer.state.get(p, {}) for p in params]
+    # v-underestimation: g^2 / max(v / bc2, eps^2) = bc2 * g^2 / max(v, eps^2 * bc2), v = v_{t-1}.
+    # A tensor without v_{t-1} (its first step) stands in with its own gradient and is masked out,
+    # so that a pack of mixed tensors still takes one pass.
+    vs, floors, bc2s = [], [], []
+    for p, g, h in zip(params, grads, had_v):
+        if h:
+            st, group = optimizer.state[p], group_of[id(p)]
+            bc2 = 1 - float(group["betas"][1]) ** _scalar_step(st["step"])
+            vs.append(_flat(st["exp_avg_sq"]))
+            floors.append(float(group["eps"]) ** 2 * bc2)
+            bc2s.append(bc2)
+        else:
+            vs.append(g)
+            floors.append(1.0)
+            bc2s.append(0.0)
+    blocks = scratch.plan(thetas)
+    snapshots: list[torch.Tensor] = []
+    whole: dict[int, torch.Tensor] = {}  # snapshot of each large tensor; its chunks' are views of it
+
+    def eager(b: Block, snap: torch.Tensor) -> None:
+        snap.copy_(b.read(thetas, scratch, "t"))
+        if any(had_v[i] for i in b.members):
+            g = scratch.f32(b.read(grads, scratch, "g"), "c")
+            w = torch.clamp_min(b.read(vs, scratch, "v"), b.spread(floors), out=scratch.get("w", b.n, b.device))
+            sums.add("vu", b, b.reduce(torch.div(g, w, out=w), g))  # sum g * g / max(v, floor)
+
+    for k, i, unit in units(blocks):
+        if i is None:  # a pack of small tensors
+            snap = scratch.snapshot(("pack", k), unit[0].n, unit[0].device, unit[0].dtype)
+            eager(unit[0], snap)
+            snapshots.append(snap)
+            continue
+        whole[i] = scratch.snapshot(("tensor", i), thetas[i].numel(), unit[0].device, thetas[i].dtype)
+        views = [whole[i][b.lo:b.hi] for b in unit]
+        snapshots.extend(views)
+        if not _fused_before(kernels, thetas[i], whole[i], grads[i], vs[i] if had_v[i] else None,
+                             floors[i], unit[0], sums):
+            for b, snap in zip(unit, views):
+                eager(b, snap)
+    vu_sum = vu_count = None
+    if any(had_v):
+        mask = torch.tensor(had_v, device=device)
+        zero = torch.zeros((), dtype=F64, device=device)
+        vu_sum = torch.where(mask, sums.total("vu") * _vector(bc2s, device), zero)
+        vu_count = torch.where(mask, torch.tensor([float(t.numel()) for t in thetas], dtype=F64, device=device), zero)
+    return Before(blocks, snapshots, whole, vu_sum, vu_count, had_v)
+
+
+def units(blocks: list[Block]):
+    """(block index, tensor index, blocks): each pack alone (tensor index None), and the chunks of
+    each large tensor together (a fused kernel takes the whole tensor at once)."""
+    k = 0
+    while k < len(blocks):
+        b = blocks[k]
+        if b.packed:
+            yield k, None, [b]
+            k += 1
+            continue
+        j = k
+        while j < len(blocks) and not blocks[j].packed and blocks[j].members[0] == b.members[0]:
+            j += 1
+        yield k, b.members[0], blocks[k:j]
+        k = j
+
+
+def _whole(b: Block, n: int) -> Block:
+    """A block covering all of one tensor (member ``b.members[0]``), for a fused kernel's sums."""
+    return Block(b.members, 0, n, None, b.device, b.dtype)
+
+
+def _fused_before(kernels, theta, snap, g, v, floor, b: Block, sums: Sums) -> bool:
+    """The snapshot as one plain copy and, with v_{t-1}, its v-underestimation sum in one kernel."""
+    if kernels is None or theta.numel() < MIN_NUMEL:
+        return False
+    if v is None:  # nothing to reduce before the step: the copy is all there is
+        snap.copy_(theta)
+        return True
+    if not kernels.ready("pre_v", [g, v]):
+        return False
+    r = kernels.call("pre_v", g, v, torch.tensor(floor, dtype=F64).to(theta.device))
+    if r is None:
+        return False
+    # The copy stays an eager memcpy: compiled into the kernel it read theta twice.
+    snap.copy_(theta)
+    sums.add("vu", _whole(b, theta.numel()), r)
+    return True
+
+
+def _fused_after(kernels, i, snap, theta, g, a: dict | None, b: Block, sums: Sums) -> bool:
+    if kernels is None or theta.numel() < MIN_NUMEL:
+        return False
+    if a is None:
+        name, args, scalars = "post_plain", [snap, theta, g], []
+    else:
+        name, args = ("post_adam", [snap, theta, g, a["m"][i], a["den"][i], a["v"][i]]) if a["ams"][i] else \
+            ("post_adam_v", [snap, theta, g, a["m"][i], a["v"][i]])
+        scalars = list(a["scal"][i])
+    if not kernels.ready(name, args):
+        return False
+    r = kernels.call(name, *args, *scalars)
+    if r is None:
+        return False
+    whole = _whole(b, theta.numel())
+    for j, key in enumerate(_PLAIN if a is None else _PLAIN + _ADAM):
+        sums.add(key, whole, r[j:j + 1])
+    return True
+
+
+_PLAIN = ("upd", "dot", "after", "before", "post")  # the order of fused.post_* results
+_ADAM = ("u", "big", "m", "v")
 
 
 @dataclass
@@ -85,79 +222,128 @@ class AdamSums:
     u_sq: torch.Tensor        # sum u^2
     u_big: torch.Tensor       # count |u| > BIMODAL_THRESHOLD
     count: torch.Tensor       # numel
-    headroom: torch.Tensor    # log10(median(sqrt(v_hat)) / eps) of a strided sample
-    samples: list[torch.Tensor]  # per tensor: sqrt(v_hat)/eps at a uniform global stride
+    headroom: torch.Tensor    # log10(median(sqrt(v_hat)) / eps) of headroom_sample
     bc1: torch.Tensor         # 1 - beta1^t
     bc2: torch.Tensor         # 1 - beta2^t
+    q_parts: list[torch.Tensor]  # per tensor: (sqrt(v_hat)/eps)^2 at one uniform stride over all tensors
+
+    def eps_headroom(self, members: list[int] | None = None) -> torch.Tensor:
+        """log10(median(sqrt(v_hat)) / eps) over the global sample of these tensors (all by
+        default). sqrt is monotonic, so the median of the squares is the square of the median."""
+        q = torch.cat(self.q_parts if members is None else [self.q_parts[i] for i in members])
+        return 0.5 * torch.log10(q.median())
 
 
-def adam_sums(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, group_of: dict[int, dict],
-              device: torch.device, total_numel: int, scratch: Scratch) -> AdamSums:
-    """Moment norms and normalised-update statistics after the step.
+@dataclass
+class After:
+    upd_sq: torch.Tensor      # ||theta_before - theta_after||^2
+    dots: torch.Tensor        # <theta_before - theta_after, g>
+    after_sq: torch.Tensor    # ||theta_after||^2
+    before_sq: torch.Tensor   # ||theta_before||^2
+    post_sq: torch.Tensor     # ||g||^2 of the gradient the optimizer stepped with
+    adam: AdamSums | None
 
-    Scalars are folded so that each tensor costs six elementwise passes and three reductions:
-    with d = sqrt(v) + eps * sqrt(bc2) and u' = m / d, u = u' * sqrt(bc2) / bc1, so
-    sum(u^2) = sum(u'^2) * bc2 / bc1^2 and |u| > c  <=>  |u'| > c * bc1 / sqrt(bc2).
-    """
-    out: dict[str, list] = {k: [] for k in ("m_sq", "v_sq", "u_sq", "u_big", "headroom", "bc1", "bc2")}
-    counts, samples = [], []
-    stride = max(1, math.ceil(total_numel / HEADROOM_SAMPLE_TOTAL))
+
+def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dict[int, dict],
+               device: torch.device, scratch: Scratch, adam: bool, kernels: Kernels | None = None) -> After:
+    n = len(params)
+    sums = Sums(n, device)
+    thetas = [_flat(p) for p in params]
+    grads = [_flat(p.grad) for p in params]
+    if adam:
+        a = _adam_inputs(params, optimizer, group_of, sum(t.numel() for t in thetas))
+    for k, i, unit in units(pre.blocks):
+        if i is not None and _fused_after(kernels, i, pre.whole[i], thetas[i], grads[i], a if adam else None,
+                                          unit[0], sums):
+            continue  # the kernel did this tensor in one pass
+        for b, snap in zip(unit, pre.snapshots[k:k + len(unit)]):
+            t = b.read(thetas, scratch, "t")
+            d = torch.sub(snap, t, out=scratch.get("w", b.n, b.device))
+            sums.add("upd", b, b.reduce(d))
+            g = scratch.f32(b.read(grads, scratch, "g"), "g32")
+            sums.add("dot", b, b.reduce(d, g))
+            sums.add("post", b, b.reduce(g))
+            sums.add("after", b, b.reduce(scratch.f32(t, "c")))
+            sums.add("before", b, b.reduce(scratch.f32(snap, "c")))
+            if adam:
+                _adam_block(b, a, sums, scratch)
+    out = After(sums.total("upd"), sums.total("dot"), sums.total("after"), sums.total("before"),
+                sums.total("post"), None)
+    if adam:
+        bc1, bc2, eps_d = (_vector(a[k], device) for k in ("bc1", "bc2", "eps_d"))
+        lengths = [x.numel() for x in a["q"]]
+        q = torch.cat(a["q"]).to(device, F64) * torch.repeat_interleave(
+            eps_d.square().reciprocal(), torch.tensor(lengths, device=device))
+        out.adam = AdamSums(
+            m_sq=sums.total("m"), v_sq=sums.total("v"), u_sq=sums.total("u") * bc2 / bc1.square(),
+            u_big=sums.total("big"),
+            count=torch.tensor([float(t.numel()) for t in thetas], dtype=F64, device=device),
+            # medians of the raw v samples (an element each, so exact in any dtype); sqrt and
+            # the bias correction are monotonic and come after
+            headroom=torch.log10(medians(a["per"], device).sqrt() / eps_d),
+            bc1=bc1, bc2=bc2, q_parts=list(q.split(lengths)))
+    return out
+
+
+def _scalar_step(step):
+    """The optimizer's step count as a Python number where reading it costs no device sync (a
+    number or a CPU tensor, as torch.optim keeps it by default), else a float64 tensor on its
+    device (capturable and fused Adam keep it on the accelerator): the probe never syncs."""
+    if isinstance(step, torch.Tensor):
+        return float(step) if step.device.type == "cpu" else step.to(F64)
+    return float(step)
+
+
+def _vector(values: list, device) -> torch.Tensor:
+    """Per-tensor scalars (Python numbers or 0-d tensors) as one float64 vector on ``device``."""
+    if all(isinstance(v, float) for v in values):
+        return torch.tensor(values, dtype=F64, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=F64).to(device) for v in values])
+
+
+def _adam_inputs(params, optimizer, group_of, total: int) -> dict[str, list]:
+    a: dict[str, list] = {k: [] for k in ("m", "v", "den", "ams", "eps_d", "thr", "bc1", "bc2", "per", "q", "scal")}
+    stride = max(1, math.ceil(total / HEADROOM_SAMPLE_TOTAL))  # one uniform stride over all tensors
+    # The scalars of a parameter depend on its group and step count only, shared by most
+    # parameters: worked out once per (group, step), kernel arguments included.
+    memo: dict[tuple, tuple] = {}
     for p in params:
-        st = optimizer.state[p]
-        group = group_of[id(p)]
-        beta1, beta2 = group["betas"]
-        eps = group["eps"]
-        m, v = _flat(st["exp_avg"]).float(), _flat(st["exp_avg_sq"]).float()
-        den_src = _flat(st["max_exp_avg_sq"]).float() if group.get("amsgrad") else v
-        bc1, bc2 = _bias_corrections(st["step"], float(beta1), float(beta2))
-        bc1 = torch.as_tensor(bc1, dtype=F64, device=device)
-        bc2 = torch.as_tensor(bc2, dtype=F64, device=device)
-        sqrt_bc2 = bc2.sqrt()
-        # sqrt(v_hat) / eps on strided samples (tiny): the per-tensor and the global median
-        per_tensor = _strided(den_src, HEADROOM_SAMPLE_PER_TENSOR).to(device=device, dtype=F64).sqrt() / (sqrt_bc2 * eps)
-        samples.append(den_src[::stride].to(device=device, dtype=F64).sqrt() / (sqrt_bc2 * eps))
-        work = torch.sqrt(den_src, out=scratch.get(den_src.numel(), den_src.device))
-        work.add_((eps * sqrt_bc2).to(work.device, torch.float32))
-        torch.div(m, work, out=work)
-        out["u_sq"].append(torch.dot(work, work).to(device, F64) * bc2 / bc1.square())
-        torch.gt(work.abs_(), (BIMODAL_THRESHOLD * bc1 / sqrt_bc2).to(work.device, torch.float32), out=work)
-        out["u_big"].append(_count_ones(work).to(device))
-        out["m_sq"].append(torch.dot(m, m))
-        out["v_sq"].append(torch.dot(v, v))
-        counts.append(float(m.numel()))
-        out["headroom"].append(torch.log10(per_tensor.median()))
-        out["bc1"].append(bc1)
-        out["bc2"].append(bc2)
-    stacked = {k: (torch.stack([x.to(device=device, dtype=F64) for x in v]) if v else torch.zeros(0, dtype=F64, device=device))
-               for k, v in out.items()}
-    return AdamSums(samples=samples, count=torch.tensor(counts, dtype=F64, device=device), **stacked)
+        st, group = optimizer.state[p], group_of[id(p)]
+        t = _scalar_step(st["step"])
+        key = (id(group), t if isinstance(t, float) else id(st["step"]), p.device)
+        got = memo.get(key)
+        if got is None:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            sqrt_bc2 = math.sqrt(bc2) if isinstance(bc2, float) else bc2.sqrt()
+            eps_d, thr = float(group["eps"]) * sqrt_bc2, BIMODAL_THRESHOLD * bc1 / sqrt_bc2
+            dev = p.device
+            scal = tuple(torch.as_tensor(x, dtype=F64).to(dev) for x in (eps_d, thr))  # fused kernel arguments
+            got = memo[key] = (bool(group.get("amsgrad")), eps_d, thr, bc1, bc2, scal)
+        ams = got[0]
+        den = _flat(st["max_exp_avg_sq"] if ams else st["exp_avg_sq"])
+        for k, x in zip(("ams", "eps_d", "thr", "bc1", "bc2", "scal"), got):
+            a[k].append(x)
+        a["m"].append(_flat(st["exp_avg"]))
+        a["v"].append(_flat(st["exp_avg_sq"]))
+        a["den"].append(den)
+        a["per"].append(headroom_sample(den))  # views: nothing is copied yet
+        a["q"].append(den[::stride])
+    return a
 
 
-def v_underestimation_sums(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                           group_of: dict[int, dict], device: torch.device,
-                           scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Before the step: per tensor sum of g^2 / max(v_hat_{t-1}, eps^2) and the number of coordinates.
-
-    A tensor with no second moment yet (its first step) contributes nothing (count 0).
-    """
-    sums, counts = [], []
-    for p in params:
-        st = optimizer.state.get(p, {})
-        if "exp_avg_sq" not in st or p.grad is None:
-            sums.append(torch.zeros((), dtype=F64, device=device))
-            counts.append(0.0)
-            continue
-        group = group_of[id(p)]
-        _, beta2 = group["betas"]
-        _, bc2 = _bias_corrections(st["step"], 0.0, float(beta2))
-        bc2 = torch.as_tensor(bc2, dtype=F64, device=device)
-        # g^2 / max(v / bc2, eps^2) = bc2 * (g * rsqrt(max(v, eps^2 * bc2)))^2
-        v = _flat(st["exp_avg_sq"]).float()
-        floor = (group["eps"] ** 2 * bc2).to(device=v.device, dtype=torch.float32)
-        vhat = torch.clamp_min(v, floor, out=scratch.get(v.numel(), v.device))
-        vhat.rsqrt_().mul_(_flat(p.grad).float())
-        sums.append(torch.dot(vhat, vhat).to(device=device, dtype=F64) * bc2)
-        counts.append(float(vhat.numel()))
-    if not sums:
-        return torch.zeros(0, dtype=F64, device=device), torch.zeros(0, dtype=F64, device=device)
-    return torch.stack(sums), torch.tensor(counts, dtype=F64, device=device)
+def _adam_block(b: Block, a: dict, sums: Sums, scratch: Scratch) -> None:
+    dev = b.device
+    m = b.read(a["m"], scratch, "m")
+    v = b.read(a["v"], scratch, "v")
+    den = b.read(a["den"], scratch, "den") if any(a["ams"][i] for i in b.members) else v
+    w = torch.sqrt(den, out=scratch.get("w", b.n, dev))
+    w.add_(b.spread(a["eps_d"]))
+    torch.div(m, w, out=w)
+    sums.add("u", b, b.reduce(w))
+    # a float 0/1 mask: comparisons into bool and count_nonzero are several times slower on CPU
+    # (float32 sums of at most 2^24 ones are exact)
+    mask = torch.gt(w.abs_(), b.spread(a["thr"]), out=scratch.get("mask", b.n, dev))
+    sums.add("big", b, b.count(mask))
+    sums.add("m", b, b.reduce(scratch.f32(m, "c")))
+    sums.add("v", b, b.reduce(scratch.f32(v, "c")))
