@@ -117,3 +117,18 @@ def test_grad_scaler_loss_scale_and_skipped_steps():
     assert [float(records[s]["loss_scale"]) for s in (0, 1, 2)] == [1024.0, 256.0, 256.0]
     run.finish(timeout=0.1)
     assert "update" not in scaler.__dict__  # the scaler is left as it was
+
+
+def test_float64_outputs_beyond_float32_range_keep_their_headroom():
+    """A float64 activation of 1e300 is far from float64's ceiling: no false overflow from an
+    intermediate float32."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2).double())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = {}
+    probe = OptimizerProbe(opt, lambda step, host, vec: seen.update(dict(zip(vec[0], vec[1].tolist()))) if vec else None)
+    act = ActivationProbe(model, probe.sampling_next)
+    probe.contributors.append(act)
+    (model(torch.full((1, 2), 1e300, dtype=torch.float64)) * 0).sum().backward()
+    opt.step()
+    assert 20 < seen["act_headroom_bits"] < 40  # about 1e300 of 1.8e308: some 27 bits (float32: -inf)
+    assert seen["act_absmax/module/0"] > 1e299

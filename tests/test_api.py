@@ -146,3 +146,25 @@ def test_large_gzip_run_documents_register(sqlite_collector):
     doc = httpx.get(f"{sqlite_collector.url}/openapi.json").json()
     body = doc["paths"]["/api/v1/runs/{run_id}"]["put"]["requestBody"]["content"]["application/json"]["schema"]
     assert "project" in body["properties"]
+
+
+def test_a_run_of_several_ranks_ends_when_all_of_them_end(collector):
+    """Each rank registers and finishes on its own: the run is running until every registered rank
+    finished, crashed as soon as one crashed, and running again when a rank comes back."""
+    def finish(run_id, rank, status="finished"):
+        r = httpx.post(f"{collector.url}/api/v1/runs/{run_id}/finish", json={"status": status, "rank": rank})
+        assert r.status_code == 200, r.text
+        return r.json()["status"]
+
+    for rank in (0, 1, 2):
+        assert register(collector, "ddp", rank=rank).status_code == 200
+    assert finish("ddp", 0) == "running" and finish("ddp", 2) == "running"
+    assert collector.api("/runs/ddp")["finished_at"] is None
+    assert finish("ddp", 1) == "finished" and collector.api("/runs/ddp")["finished_at"] is not None
+    assert register(collector, "ddp", rank=1).json()["status"] == "running"  # a resumed rank
+    assert finish("ddp", 1, "crashed") == "crashed"
+    assert finish("ddp", 1) == "finished"  # the replay that follows a crash report
+    assert register(collector, "solo").status_code == 200
+    assert finish("solo", 0, "crashed") == "crashed"  # one rank: its status is the run's
+    r = httpx.post(f"{collector.url}/api/v1/runs/nope/finish", json={"status": "finished", "rank": 0})
+    assert r.status_code == 404

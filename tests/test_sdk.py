@@ -187,6 +187,7 @@ def test_ranks_of_one_training_on_one_host_share_a_run(sqlite_collector, tmp_pat
         data = sqlite_collector.api(f"/runs/{run_id}/series/x?rank={r}")
         assert data["steps"] == list(range(300)) and data["values"] == [1000.0 * r + s for s in range(300)]
     assert not [p for p in spool.rglob("*") if p.is_file()]  # both spools released everything
+    assert sqlite_collector.api(f"/runs/{run_id}")["status"] == "finished"  # both ranks finished
 
 
 def test_run_id_and_rank_are_checked():

@@ -158,7 +158,8 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
     async def register_run(request: Request, run_id: str = RUN_ID):
         body = await parse(request, m.RunIn)
         try:
-            row = await run_in_threadpool(store().upsert_run, run_id, body.project, body.name, body.config, body.host)
+            row = await run_in_threadpool(store().upsert_run, run_id, body.project, body.name, body.config, body.host,
+                                          body.rank)
         except Rejected as e:
             raise ApiError(409, e.reason, str(e)) from None
         return m.run_out(row, run_url(run_id))
@@ -190,7 +191,7 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
               openapi_extra=body_schema(FinishIn))
     async def finish_run(request: Request, run_id: str = RUN_ID):
         body = await parse(request, FinishIn)
-        return m.run_out(await run_in_threadpool(store().finish_run, run_id, body.status), run_url(run_id))
+        return m.run_out(await run_in_threadpool(store().finish_run, run_id, body.status, body.rank), run_url(run_id))
 
     # -- history -----------------------------------------------------------------------------
     @app.get("/api/v1/runs", tags=["history"], dependencies=api, response_model=m.RunList)

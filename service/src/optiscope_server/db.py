@@ -49,6 +49,18 @@ runs = Table(
     Column("finished_at", Double),
 )
 
+# The processes of one run (data-parallel ranks): a run is finished once every rank that
+# registered has finished, and crashed as soon as one rank crashed.
+run_ranks = Table(
+    "run_ranks", metadata,
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),  # running | finished | crashed
+    Column("host", String(255)),
+    Column("started_at", Double, nullable=False),
+    Column("finished_at", Double),
+)
+
 series = Table(
     "series", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

@@ -18,7 +18,7 @@ from optiscope import wire
 from optiscope.detect import AlertEvent, Detector, default_detectors
 
 from .chunks import BatchColumns, merge
-from .db import Checkpointer, alerts, batches, chunks, make_engine, outbox, runs, series
+from .db import Checkpointer, alerts, batches, chunks, make_engine, outbox, run_ranks, runs, series
 
 
 _CHUNK_COLUMNS = ("series_id", "rank", "step_min", "step_max", "last_value", "steps", "vals")
@@ -83,7 +83,8 @@ class Store:
         self.engine.dispose()
 
     # -- runs --------------------------------------------------------------------------------
-    def upsert_run(self, run_id: str, project: str, name: str, config: dict, host: str | None) -> dict:
+    def upsert_run(self, run_id: str, project: str, name: str, config: dict, host: str | None,
+                   rank: int = 0) -> dict:
         now = time.time()
         with self.engine.begin() as conn:
             stmt = self._insert(runs).values(id=run_id, project=project, name=name, status="running",
@@ -91,19 +92,38 @@ class Store:
                                              updated_at=now)
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
             row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one()
-        if row["project"] != project:
-            raise Rejected("run_project_mismatch", f"run {run_id} belongs to project {row['project']!r}")
+            if row["project"] != project:
+                raise Rejected("run_project_mismatch", f"run {run_id} belongs to project {row['project']!r}")
+            # a rank registering again (a resumed process) is running again
+            ins = self._insert(run_ranks).values(run_id=run_id, rank=rank, status="running", host=host, started_at=now)
+            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"],
+                                                   set_={"status": "running", "finished_at": None, "host": host}))
+            row = self._settle(conn, run_id, now)
         return dict(row)
 
-    def finish_run(self, run_id: str, status: str) -> dict:
+    def _settle(self, conn: Connection, run_id: str, now: float):
+        """The run's status from its ranks': crashed if one crashed, finished when all finished."""
+        states = {s for (s,) in conn.execute(select(run_ranks.c.status).where(run_ranks.c.run_id == run_id))}
+        status = "crashed" if "crashed" in states else "running" if "running" in states or not states else "finished"
+        current = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one_or_none()
+        if current is not None and current != status:
+            conn.execute(update(runs).where(runs.c.id == run_id).values(
+                status=status, updated_at=now, finished_at=None if status == "running" else now))
+        return conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+
+    def finish_run(self, run_id: str, status: str, rank: int = 0) -> dict:
         now = time.time()
         with self.engine.begin() as conn:
-            conn.execute(update(runs).where(runs.c.id == run_id).values(status=status, finished_at=now, updated_at=now))
-            row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
-        if row is None:
-            raise NotFound(run_id)
-        # A finished run sends no more batches (a late one restores the state from the store).
-        self._detectors.pop(run_id, None)
+            if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
+                raise NotFound(run_id)
+            ins = self._insert(run_ranks).values(run_id=run_id, rank=rank, status=status, started_at=now,
+                                                 finished_at=now)
+            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"],
+                                                   set_={"status": status, "finished_at": now}))
+            row = self._settle(conn, run_id, now)
+        if row["status"] != "running":
+            # A finished run sends no more batches (a late one restores the state from the store).
+            self._detectors.pop(run_id, None)
         return dict(row)
 
     def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100) -> list[dict]:

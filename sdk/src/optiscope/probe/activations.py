@@ -63,8 +63,9 @@ class ActivationProbe:
         if not seen:
             return []
         device = seen[0][2][1].device
-        lo = torch.stack([mm[0].to(device, torch.float32) for _, _, mm in seen])
-        hi = torch.stack([mm[1].to(device, torch.float32) for _, _, mm in seen])
+        # float64: a float64 output's largest value may not fit a float32
+        lo = torch.stack([mm[0].to(device, torch.float64) for _, _, mm in seen])
+        hi = torch.stack([mm[1].to(device, torch.float64) for _, _, mm in seen])
         absmax = torch.maximum(hi, -lo)  # maximum propagates NaN
         names: list[str] = []
         first: dict[str, int] = {}
@@ -78,7 +79,7 @@ class ActivationProbe:
             idx = torch.tensor([first[n] for n, _, _ in seen], device=device)
             absmax = torch.stack([absmax[idx == i].amax() for i in range(len(names))])
         ceiling = torch.tensor([torch.finfo(d).max for d in dtypes], dtype=torch.float64, device=device)
-        bits = torch.log2(ceiling / absmax.double())
+        bits = torch.log2(ceiling / absmax)
         # min propagates NaN: a NaN activation anywhere is no headroom at all
         return [([f"act_absmax/module/{n}" for n in names], absmax),
                 ([f"act_headroom_bits/module/{n}" for n in names], bits),
