@@ -428,6 +428,14 @@ def test_fused_kernels_match_the_reference(make):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4000), torch.nn.GELU(), torch.nn.Linear(4000, 3))
     assert model[0].weight.numel() >= blocks_min_fused()
+    # The large weight: for Adam one kernel before the step (v-underestimation needs v_{t-1}) and
+    # one after; otherwise the pre-step work is the snapshot copy alone.
+    _compiled_steps_match_the_reference(model, make)
+
+
+def _compiled_steps_match_the_reference(model, make) -> None:
+    """Steps before, while and after the kernels compile agree with the reference; once compiled,
+    a step runs one kernel per walk with work in it (two for Adam, one otherwise)."""
     opt = make(model.parameters())
     cap = Capture()
     probe = OptimizerProbe(opt, cap)
@@ -439,12 +447,29 @@ def test_fused_kernels_match_the_reference(make):
     assert probe.kernels.wait(timeout=600)
     ref, regions = _compiled_regions(lambda: reference_step(model, opt, g, "cpu", 2, 0.5))
     refs.append(ref)
-    # The large weight: for Adam one kernel before the step (v-underestimation needs v_{t-1}) and
-    # one after; otherwise the pre-step work is the snapshot copy alone.
     assert regions == (2 if isinstance(opt, torch.optim.Adam) else 1)
     for step, ref in enumerate(refs):
         close(cap.steps[step], ref)
     probe.close()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, foreach=True),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+], ids=["AdamW", "Adam-amsgrad-foreach", "SGD-momentum"])
+def test_packed_small_tensors_go_through_row_kernels(make):
+    """Small tensors whose lengths share a divisor (64 here) are one (rows, 64) matrix: one
+    compiled kernel per walk for the whole pack, per-tensor sums equal to the reference."""
+    from optiscope.probe.blocks import plan
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.LayerNorm(64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 64))
+    torch.nn.init.normal_(model[1].bias)  # a zero bias has no update ratio to compare
+    (pack,) = plan([p.reshape(-1) for p in model.parameters()])
+    assert pack.packed and pack.width() == 64
+    _compiled_steps_match_the_reference(model, make)
 
 
 def blocks_min_fused() -> int:

@@ -14,6 +14,7 @@ float64 sum; over 3M, 1e-5); packed partials are summed in float64.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,40 @@ class Block:
         else:
             vals = torch.stack([torch.as_tensor(v, dtype=F64).to(self.device).reshape(()) for v in vals])
         return torch.repeat_interleave(vals, self._lengths(self.device))
+
+    def width(self) -> int:
+        """For a pack: the largest row width (64 to 4096) that divides every member's length, so
+        that the pack is a (rows, width) matrix whose rows each belong to one member; else 0."""
+        if self.lengths is None or len(self.lengths) < 2:
+            return 0
+        w = math.gcd(*self.lengths)
+        while w > 4096 and w % 2 == 0:
+            w //= 2
+        return w if 64 <= w <= 4096 and self.n // w >= 2 else 0
+
+    def row_owner(self, device) -> torch.Tensor:
+        """Per row of the (rows, width) view: the position of its member in ``members``."""
+        key = ("rows", device)
+        got = self._lens.get(key)
+        if got is None:
+            w = self.width()
+            got = self._lens[key] = torch.repeat_interleave(
+                torch.arange(len(self.lengths), device=device), torch.tensor([n // w for n in self.lengths], device=device))
+        return got
+
+    def per_row(self, per_member: list) -> torch.Tensor:
+        """Per-member scalars (numbers or 0-d tensors) as one float32 value per row."""
+        vals = [per_member[i] for i in self.members]
+        if all(isinstance(v, float) for v in vals):
+            vals = torch.tensor(vals, dtype=F32, device=self.device)
+        else:
+            vals = torch.stack([torch.as_tensor(v).to(self.device, F32).reshape(()) for v in vals])
+        return vals[self.row_owner(self.device)]
+
+    def per_member(self, row_sums: torch.Tensor) -> torch.Tensor:
+        """(terms, rows) row sums as (terms, members) sums."""
+        out = torch.zeros(row_sums.shape[0], len(self.members), dtype=row_sums.dtype, device=row_sums.device)
+        return out.index_add_(1, self.row_owner(row_sums.device), row_sums)
 
     def _lengths(self, device) -> torch.Tensor:
         got = self._lens.get(device)

@@ -1,4 +1,5 @@
-"""One fused kernel per large tensor and walk, compiled with ``torch.compile`` off the training thread.
+"""One fused kernel per large tensor (and per pack of small tensors) and walk, compiled with ``torch.compile``
+off the training thread.
 
 Eager PyTorch runs one kernel per operation: Adam's statistics take about twenty of them, each a
 full pass over the tensor, however well the blocks keep the data in cache. A compiled kernel reads
@@ -128,8 +129,42 @@ def post_adam_v(snap, theta, g, m, v, eps_d, thr):
                    eps_d, thr)
 
 
-KERNELS = {"pre_v": pre_v, "post_plain": post_plain, "post_adam": post_adam, "post_adam_v": post_adam_v}
-_SCALARS = {"pre_v": 1, "post_plain": 0, "post_adam": 2, "post_adam_v": 2}  # trailing 0-d
+# -- packs of small tensors, as rows ------------------------------------------------------------
+# A pack (see ``blocks``) whose member lengths share a divisor W is a (rows, W) matrix in which every
+# row belongs to one member: the same terms, summed per row, then per member by the caller. The
+# per-member scalars come one per row, in float32 like the data (a float64 vector would promote
+# the whole computation to float64).
+
+def _row_sums(terms) -> torch.Tensor:
+    return torch.stack([t.sum(1).to(F64) for t in terms])
+
+
+def pre_v_rows(g, v, floor):
+    _compiled_only()
+    return _row_sums(_vu_terms(_up(g), _up(v), floor[:, None]))
+
+
+def post_plain_rows(snap, theta, g):
+    _compiled_only()
+    return _row_sums(_plain_terms(_up(snap), _up(theta), _up(g)))
+
+
+def post_adam_rows(snap, theta, g, m, den, v, eps_d, thr):
+    _compiled_only()
+    return _row_sums(_adam_terms(*(_up(x) for x in (snap, theta, g, m, den, v)), eps_d[:, None], thr[:, None]))
+
+
+def post_adam_v_rows(snap, theta, g, m, v, eps_d, thr):
+    _compiled_only()
+    return _row_sums(_adam_terms(*(_up(x) for x in (snap, theta, g, m, v, v)), eps_d[:, None], thr[:, None]))
+
+
+KERNELS = {"pre_v": pre_v, "post_plain": post_plain, "post_adam": post_adam, "post_adam_v": post_adam_v,
+           "pre_v_rows": pre_v_rows, "post_plain_rows": post_plain_rows, "post_adam_rows": post_adam_rows,
+           "post_adam_v_rows": post_adam_v_rows}
+# trailing scalar arguments: 0-d float64, or one float32 per row for the *_rows kernels
+_SCALARS = {"pre_v": 1, "post_plain": 0, "post_adam": 2, "post_adam_v": 2,
+            "pre_v_rows": 1, "post_plain_rows": 0, "post_adam_rows": 2, "post_adam_v_rows": 2}
 
 
 class _Registry:
@@ -185,7 +220,7 @@ class Kernels:
             with torch.no_grad():  # as compiled: grad mode is part of what the compiled code guards on
                 return _REG.run[name](*args)
         except NotCompiled:
-            sig = (name, args[0].device, tuple(a.dtype for a in args if a.dim() > 0))
+            sig = (name, args[0].device, tuple(a.dtype for a in args[:len(args) - _SCALARS[name]]))
             self._misses[sig] = self._misses.get(sig, 0) + 1
             if self._misses[sig] >= 3:
                 _REG.ready.discard(sig)  # stays pending: never compiled again
@@ -202,9 +237,15 @@ def _compile(sig: tuple) -> None:
                 _REG.compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
                 _REG.run[name] = torch._dynamo.run(fn)
             compiled = _REG.compiled[name]
-        n = MIN_NUMEL + ROW // 2 + 3  # a size no real call specialises on (0 and 1 are special to the compiler)
-        tensors = [torch.ones(n, dtype=dt, device=device) for dt in dtypes]
-        scalars = [torch.tensor(0.5, dtype=F64, device=device) for _ in range(_SCALARS[name])]
+        # sizes no real call specialises on (0 and 1 are special to the compiler)
+        if name.endswith("_rows"):
+            rows, width = 5, 67
+            tensors = [torch.ones(rows, width, dtype=dt, device=device) for dt in dtypes]
+            scalars = [torch.full((rows,), 0.5, device=device) for _ in range(_SCALARS[name])]
+        else:
+            n = MIN_NUMEL + ROW // 2 + 3
+            tensors = [torch.ones(n, dtype=dt, device=device) for dt in dtypes]
+            scalars = [torch.tensor(0.5, dtype=F64, device=device) for _ in range(_SCALARS[name])]
         with torch.no_grad():
             compiled(*tensors, *scalars)
         _REG.ready.add(sig)

@@ -130,7 +130,8 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
     for k, i, unit in units(blocks):
         if i is None:  # a pack of small tensors
             snap = scratch.snapshot(("pack", k), unit[0].n, unit[0].device, unit[0].dtype)
-            eager(unit[0], snap)
+            if not _fused_pack_before(kernels, unit[0], snap, thetas, grads, vs, floors, had_v, sums, scratch):
+                eager(unit[0], snap)
             snapshots.append(snap)
             continue
         whole[i] = scratch.snapshot(("tensor", i), thetas[i].numel(), unit[0].device, thetas[i].dtype)
@@ -209,6 +210,49 @@ def _fused_after(kernels, i, snap, theta, g, a: dict | None, b: Block, sums: Sum
     return True
 
 
+def _fused_pack_before(kernels, b: Block, snap, thetas, grads, vs, floors, had_v, sums: Sums, scratch) -> bool:
+    """A pack's snapshot (one cat) and, where its members have v_{t-1}, v-underestimation as rows."""
+    w = b.width() if kernels is not None else 0
+    if not w:
+        return False
+    if any(had_v[i] for i in b.members):
+        args = [b.read(grads, scratch, "g").view(-1, w), b.read(vs, scratch, "v").view(-1, w)]
+        if not kernels.ready("pre_v_rows", args):
+            return False
+        r = kernels.call("pre_v_rows", *args, b.per_row(floors))
+        if r is None:
+            return False
+        sums.add("vu", b, b.per_member(r)[0])
+    torch.cat([thetas[i] for i in b.members], out=snap)
+    return True
+
+
+def _fused_pack_after(kernels, b: Block, snap, thetas, grads, a: dict | None, sums: Sums, scratch) -> bool:
+    w = b.width() if kernels is not None else 0
+    if not w:
+        return False
+    args = [snap, b.read(thetas, scratch, "t"), b.read(grads, scratch, "g")]
+    if a is None:
+        name, scalars = "post_plain_rows", []
+    else:
+        args += [b.read(a["m"], scratch, "m")]
+        if any(a["ams"][i] for i in b.members):
+            name, args = "post_adam_rows", args + [b.read(a["den"], scratch, "den"), b.read(a["v"], scratch, "v")]
+        else:
+            name, args = "post_adam_v_rows", args + [b.read(a["v"], scratch, "v")]
+        scalars = [b.per_row(a["eps_d"]), b.per_row(a["thr"])]
+    args = [x.view(-1, w) for x in args]
+    if not kernels.ready(name, args):
+        return False
+    r = kernels.call(name, *args, *scalars)
+    if r is None:
+        return False
+    per = b.per_member(r)
+    for j, key in enumerate(_PLAIN if a is None else _PLAIN + _ADAM):
+        sums.add(key, b, per[j])
+    return True
+
+
 _PLAIN = ("upd", "dot", "after", "before", "post")  # the order of fused.post_* results
 _ADAM = ("u", "big", "m", "v")
 
@@ -256,6 +300,9 @@ def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dic
         if i is not None and _fused_after(kernels, i, pre.whole[i], thetas[i], grads[i], a if adam else None,
                                           unit[0], sums):
             continue  # the kernel did this tensor in one pass
+        if i is None and _fused_pack_after(kernels, unit[0], pre.snapshots[k], thetas, grads, a if adam else None,
+                                           sums, scratch):
+            continue  # the pack, as rows, in one kernel
         for b, snap in zip(unit, pre.snapshots[k:k + len(unit)]):
             t = b.read(thetas, scratch, "t")
             d = torch.sub(snap, t, out=scratch.get("w", b.n, b.device))
