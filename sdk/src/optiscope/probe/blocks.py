@@ -82,12 +82,7 @@ class Block:
         scalar itself for a chunk, one value per coordinate for a pack."""
         if self.lengths is None:
             return per_member[self.members[0]]
-        vals = [per_member[i] for i in self.members]
-        if all(isinstance(v, float) for v in vals):
-            vals = torch.tensor(vals, dtype=F64, device=self.device)
-        else:
-            vals = torch.stack([torch.as_tensor(v, dtype=F64).to(self.device).reshape(()) for v in vals])
-        return torch.repeat_interleave(vals, self._lengths(self.device))
+        return torch.repeat_interleave(self._member_values(per_member, F64), self._lengths(self.device))
 
     def width(self) -> int:
         """For a pack: the largest row width (64 to 4096) that divides every member's length, so
@@ -111,12 +106,14 @@ class Block:
 
     def per_row(self, per_member: list) -> torch.Tensor:
         """Per-member scalars (numbers or 0-d tensors) as one float32 value per row."""
+        return self._member_values(per_member, F32)[self.row_owner(self.device)]
+
+    def _member_values(self, per_member: list, dtype: torch.dtype) -> torch.Tensor:
+        """This pack's members' scalars (Python numbers or 0-d tensors) as one vector."""
         vals = [per_member[i] for i in self.members]
         if all(isinstance(v, float) for v in vals):
-            vals = torch.tensor(vals, dtype=F32, device=self.device)
-        else:
-            vals = torch.stack([torch.as_tensor(v).to(self.device, F32).reshape(()) for v in vals])
-        return vals[self.row_owner(self.device)]
+            return torch.tensor(vals, dtype=dtype, device=self.device)
+        return torch.stack([torch.as_tensor(v).to(self.device, dtype).reshape(()) for v in vals])
 
     def per_member(self, row_sums: torch.Tensor) -> torch.Tensor:
         """(terms, rows) row sums as (terms, members) sums."""

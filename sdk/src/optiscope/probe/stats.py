@@ -108,7 +108,7 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
     for p, g, h in zip(params, grads, had_v):
         if h:
             st, group = optimizer.state[p], group_of[id(p)]
-            bc2 = 1 - float(group["betas"][1]) ** _scalar_step(st["step"])
+            _, bc2 = _bias_corrections(group, _scalar_step(st["step"]))
             vs.append(_flat(st["exp_avg_sq"]))
             floors.append(float(group["eps"]) ** 2 * bc2)
             bc2s.append(bc2)
@@ -204,9 +204,7 @@ def _fused_after(kernels, i, snap, theta, g, a: dict | None, b: Block, sums: Sum
     r = kernels.call(name, *args, *scalars)
     if r is None:
         return False
-    whole = _whole(b, theta.numel())
-    for j, key in enumerate(_PLAIN if a is None else _PLAIN + _ADAM):
-        sums.add(key, whole, r[j:j + 1])
+    _add_post(sums, _whole(b, theta.numel()), r.reshape(-1, 1), a is not None)
     return True
 
 
@@ -247,14 +245,19 @@ def _fused_pack_after(kernels, b: Block, snap, thetas, grads, a: dict | None, su
     r = kernels.call(name, *args, *scalars)
     if r is None:
         return False
-    per = b.per_member(r)
-    for j, key in enumerate(_PLAIN if a is None else _PLAIN + _ADAM):
-        sums.add(key, b, per[j])
+    _add_post(sums, b, b.per_member(r), a is not None)
     return True
 
 
 _PLAIN = ("upd", "dot", "after", "before", "post")  # the order of fused.post_* results
 _ADAM = ("u", "big", "m", "v")
+
+
+def _add_post(sums: Sums, b: Block, per_term: torch.Tensor, adam: bool) -> None:
+    """A post_* kernel's results, one row per term (in _PLAIN, then _ADAM order) and one column per
+    member of ``b``, into ``sums``."""
+    for j, key in enumerate(_PLAIN + _ADAM if adam else _PLAIN):
+        sums.add(key, b, per_term[j])
 
 
 @dataclass
@@ -341,6 +344,12 @@ def _scalar_step(step):
     return float(step)
 
 
+def _bias_corrections(group: dict, t):
+    """1 - beta1^t and 1 - beta2^t for a step count from ``_scalar_step`` (number or tensor)."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    return 1 - beta1 ** t, 1 - beta2 ** t
+
+
 def _vector(values: list, device) -> torch.Tensor:
     """Per-tensor scalars (Python numbers or 0-d tensors) as one float64 vector on ``device``."""
     if all(isinstance(v, float) for v in values):
@@ -360,8 +369,7 @@ def _adam_inputs(params, optimizer, group_of, total: int) -> dict[str, list]:
         key = (id(group), t if isinstance(t, float) else id(st["step"]), p.device)
         got = memo.get(key)
         if got is None:
-            beta1, beta2 = (float(b) for b in group["betas"])
-            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            bc1, bc2 = _bias_corrections(group, t)
             sqrt_bc2 = math.sqrt(bc2) if isinstance(bc2, float) else bc2.sqrt()
             eps_d, thr = float(group["eps"]) * sqrt_bc2, BIMODAL_THRESHOLD * bc1 / sqrt_bc2
             dev = p.device
