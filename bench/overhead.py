@@ -7,7 +7,8 @@ Configurations, interleaved round by round so that drift on a noisy machine hits
   bare      the training step alone
   unsampled a probe attached, on a step it does not sample
   defaults  optiscope's defaults (run.watch(optimizer, model)): unsampled + full / every
-  full      full statistics on every step (every=1), fused kernels (the default once compiled)
+  full      full statistics on every step (every=1): the default once built, on CPU the native walks
+  compiled  the same with torch.compile kernels per tensor (native=False: what accelerators run)
   eager     the same with the eager blocks alone (fused=False: no compiler, or OPTISCOPE_FUSED=0)
   naive     a Python loop of .norm().item() over parameters, gradients and both moments
   floor     one plain copy of the same bytes (parameters, gradients, both moments)
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from optiscope.probe import OptimizerProbe
 from optiscope.probe.activations import ActivationProbe
 from optiscope.probe.fused import Kernels
+from optiscope.probe.native import Native
 from optiscope.run import DEFAULT_EVERY
 
 
@@ -78,7 +80,7 @@ def unsampled_hook_cost(model, opt, n: int = 500) -> float:
     hook, the two optimizer hooks, every forward hook, and the record handed to the exporter."""
     sink = []
     probe = OptimizerProbe(opt, lambda s, h, v: sink.append((s, h, v)), every=10**9)
-    act = ActivationProbe(model, probe.sampling_next)
+    act = ActivationProbe(model, probe.sampling_next, native=probe.native)
     probe.contributors.append(act)
     probe.steps = 1
     params = list(model.parameters())
@@ -98,30 +100,58 @@ def unsampled_hook_cost(model, opt, n: int = 500) -> float:
     return cost
 
 
-def _timed_hooks(hooks: dict, spent: list) -> None:
+def _timed_hooks(hooks: dict, spent: list, part: int = 0) -> None:
     """Wrap every hook of a hook dict (module, tensor or optimizer) in place so that the time spent
-    inside it adds to spent[0]."""
+    inside it adds to spent[0] and to spent[part]."""
     for k, h in list(hooks.items()):
         def wrapped(*a, _h=h, **kw):
             t0 = time.perf_counter()
             try:
                 return _h(*a, **kw)
             finally:
-                spent[0] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                spent[0] += dt
+                if part:
+                    spent[part] += dt
         hooks[k] = wrapped
+
+
+#: What probe_work's list holds, after the total at index 0.
+PARTS = ("forward hooks (activation maxima)", "gradient hooks", "optimizer-step hooks (both walks and the series)",
+         "of which inside the native walks' kernel calls")
 
 
 def probe_work(model, opt, probe) -> list:
     """Time the probe's own work on the training thread: every hook it registered (forward,
-    gradient, optimizer step) wrapped with a timer. The returned one-element list accumulates."""
-    spent = [0.0]
+    gradient, optimizer step) wrapped with a timer. The returned list accumulates the total, then
+    each of PARTS (the native kernel calls are timed by the wrappers installed in main())."""
+    spent = [0.0] * (1 + len(PARTS))
     for m in model.modules():
-        _timed_hooks(m._forward_hooks, spent)
+        _timed_hooks(m._forward_hooks, spent, 1)
     for p in model.parameters():
-        _timed_hooks(p._post_accumulate_grad_hooks or {}, spent)
-    _timed_hooks(opt._optimizer_step_pre_hooks, spent)
-    _timed_hooks(opt._optimizer_step_post_hooks, spent)
+        _timed_hooks(p._post_accumulate_grad_hooks or {}, spent, 2)
+    _timed_hooks(opt._optimizer_step_pre_hooks, spent, 3)
+    _timed_hooks(opt._optimizer_step_post_hooks, spent, 3)
+    NATIVE_SPENT[:] = [spent]
     return spent
+
+
+NATIVE_SPENT: list = []  # the list the native kernel calls add to (the current probe's)
+
+
+def _time_native_calls() -> None:
+    """Wrap Native.pre and Native.post so that their time adds to the current probe's last part."""
+    for name in ("pre", "post"):
+        real = getattr(Native, name)
+
+        def timed(*a, _real=real):
+            t0 = time.perf_counter()
+            try:
+                return _real(*a)
+            finally:
+                if NATIVE_SPENT:
+                    NATIVE_SPENT[0][-1] += time.perf_counter() - t0
+        setattr(Native, name, staticmethod(timed))
 
 
 def main() -> int:
@@ -161,19 +191,21 @@ def main() -> int:
 
     scratch = {}
 
-    work, learnt = {}, {}
+    work, learnt, parts = {}, {}, {}
+    _time_native_calls()
 
-    def probe_step(every, fused=True):
+    def probe_step(every, fused=True, native=True):
         """One step with a probe attached; every=None: attached, but this step is not sampled.
-        Also records, under work[fused], the time spent inside the probe's hooks."""
+        Also records, under work[path], the time spent inside the probe's hooks."""
+        path = "eager" if not fused else "full" if native else "compiled"
         probe = OptimizerProbe(opt, lambda s, h, v: sink.append(v[1].tolist() if v else None),
-                               every=every or 10**9, names=names, fused=fused)
+                               every=every or 10**9, names=names, fused=fused, native=native)
         # a watched run keeps one probe for the whole run, and with it its work buffers and what
         # it learnt on its first sampled step (that nothing changes the gradients before the step)
-        probe._scratch = scratch.setdefault(fused, probe._scratch)
-        if every is not None and fused in learnt:
-            probe._measure_in_backward, probe._grads_change = learnt[fused]
-        act = ActivationProbe(model, probe.sampling_next)  # as run.watch(opt, model) attaches it
+        probe._scratch = scratch.setdefault(path, probe._scratch)
+        if every is not None and path in learnt:
+            probe._measure_in_backward, probe._grads_change = learnt[path]
+        act = ActivationProbe(model, probe.sampling_next, native=probe.native)  # as run.watch(opt, model) attaches it
         probe.contributors.append(act)
         if every is None:
             probe.steps = 1  # past step 0, the only step a huge period samples
@@ -181,9 +213,11 @@ def main() -> int:
         try:
             return timed()
         finally:
+            NATIVE_SPENT.clear()
             if every is not None:
-                work.setdefault(fused, []).append(spent[0])
-                learnt[fused] = (probe._measure_in_backward, probe._grads_change)
+                work.setdefault(path, []).append(spent[0])
+                parts.setdefault(path, []).append(spent[1:])
+                learnt[path] = (probe._measure_in_backward, probe._grads_change)
             probe.close()
             act.close()
             sink.clear()
@@ -203,23 +237,29 @@ def main() -> int:
         torch._foreach_copy_(floor_dst, params + grads + moments_now)
         floor_alone.append(time.perf_counter() - t0)
 
-    # The fused kernels compile in the background on the first sampled step (training goes on
-    # meanwhile, with the eager blocks); the table is about the steps after that.
+    # The native walks build and the fused kernels compile in the background on the first sampled
+    # step (training goes on meanwhile, with the eager blocks); the table is about the steps after.
     t0 = time.perf_counter()
     probe_step(1)
+    built = Native.wait(timeout=900)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probe_step(1, native=False)
     compiled = Kernels()  # the process's compiled kernels (shared by every probe)
     ready = compiled.wait(timeout=900)
-    probe_step(1)  # the kernels that need Adam's state (asked for at the step above)
+    probe_step(1, native=False)  # the kernels that need Adam's state (asked for at the step above)
     ready = compiled.wait(timeout=900) and ready
     compile_s = time.perf_counter() - t0
     probe_step(1)
+    probe_step(1, native=False)
     probe_step(1, fused=False)
     work.clear()
+    parts.clear()
 
     # Each configuration's step is paired with a bare step next to it; the cost is the median of
     # the paired differences, so slow drift on a shared machine cancels.
     configs = {"unsampled": lambda: probe_step(None), "full": lambda: probe_step(1),
-               "eager": lambda: probe_step(1, fused=False),
+               "compiled": lambda: probe_step(1, native=False), "eager": lambda: probe_step(1, fused=False),
                "naive": lambda: timed(naive), "floor": lambda: timed(floor)}
     rows = {k: [] for k in ("bare", *configs)}
     for r in range(rounds):
@@ -235,7 +275,8 @@ def main() -> int:
             rows[k].append(other - bare)
     med = {k: statistics.median(v) for k, v in rows.items()}
     med["hooks"] = unsampled_hook_cost(model, opt)
-    med["full_work"], med["eager_work"] = statistics.median(work[True]), statistics.median(work[False])
+    for path in ("full", "compiled", "eager"):
+        med[f"{path}_work"] = statistics.median(work[path])
     med["floor_alone"] = statistics.median(floor_alone)
     # The defaults sample one step in `every`: the unsampled cost on every step plus the full cost
     # amortised over the period.
@@ -252,18 +293,30 @@ def main() -> int:
     print(f"| bare | {bare * 1e3:.1f} | — | — | — |")
     for k, label in (("unsampled", "attached, step not sampled (paired)"),
                      ("hooks", "attached, step not sampled (hooks timed directly)"), ("defaults", f"defaults (every={args.every}, amortised)"),
-                     ("full", "full statistics, every step (fused kernels)"),
+                     ("full", "full statistics, every step (native walks)"),
+                     ("compiled", "full statistics, every step (torch.compile kernels)"),
                      ("eager", "full statistics, every step (eager blocks)"),
                      ("naive", "naive .norm().item() loop"), ("floor", "floor: one copy of θ, g, m, v"),
-                     ("full_work", "full statistics (fused kernels), time inside the probe's hooks"),
+                     ("full_work", "full statistics (native walks), time inside the probe's hooks"),
+                     ("compiled_work", "full statistics (torch.compile kernels), time inside the probe's hooks"),
                      ("eager_work", "full statistics (eager blocks), time inside the probe's hooks"),
                      ("floor_alone", "floor: the copy alone, timed directly")):
         c = med[k]
         # direct timings are compared with the directly timed copy, paired ones with the paired copy
-        ref = med["floor_alone"] if k in ("full_work", "eager_work", "floor_alone") else floor_cost
+        ref = med["floor_alone"] if k.endswith(("_work", "_alone")) else floor_cost
         print(f"| {label} | {(bare + c) * 1e3:.1f} | {c * 1e3:.2f} | {100 * c / bare:.2f}% | "
               f"{c / ref:.2f}x |")
     print()
+    print("where the time inside the probe's hooks goes on a sampled step (native walks, medians):")
+    print()
+    print("| part | ms | / floor copy timed alone |")
+    print("|---|---|---|")
+    for j, label in enumerate(PARTS):
+        v = statistics.median(x[j] for x in parts["full"])
+        print(f"| {label} | {v * 1e3:.2f} | {v / med['floor_alone']:.2f}x |")
+    print()
+    print(f"native walks: {'built' if built else 'NOT available (the eager blocks served)'}, "
+          f"{build_s:.1f} s in the background before the first native step (once per process)")
     print(f"fused kernels: {'compiled' if ready else 'NOT available (the eager blocks served)'}, "
           f"{compile_s:.1f} s in the background before the first fused step (once per process)")
     full_ratio = med["full"] / floor_cost

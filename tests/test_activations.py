@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import optiscope
-from conftest import free_port
+from conftest import free_port, missing
 from optiscope.probe import OptimizerProbe
 from optiscope.probe.activations import ActivationProbe
+from optiscope.probe.native import Native
 
 
 class Half(torch.nn.Module):
@@ -29,6 +30,31 @@ class Net(torch.nn.Module):
         return self.scores(self.lin(x) * scale).float().sum()
 
 
+@pytest.fixture(params=["native", "aminmax"])
+def reader(request, monkeypatch):
+    """Float32 CPU outputs are read by the native kernel once it is built, others (and all of
+    them without it) by torch.aminmax: every test here runs both ways. Yields the number of
+    native reads so far."""
+    calls = [0]
+    if request.param == "native":
+        if not (Native().ready() or Native.wait(timeout=300)):
+            missing("the native statistics kernel did not build (no C compiler with OpenMP?)")
+        real = Native.absmax
+
+        def spy(t):
+            calls[0] += 1
+            return real(t)
+
+        monkeypatch.setattr(Native, "absmax", staticmethod(spy))
+    monkeypatch.setitem(READER, "native", request.param == "native")
+    yield calls
+    if request.param == "native":
+        assert calls[0] > 0  # the native path really ran
+
+
+READER = {"native": False}
+
+
 def attach(model, every=1, modules=None):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     seen = {}
@@ -38,12 +64,12 @@ def attach(model, every=1, modules=None):
             seen[step] = dict(zip(vector[0], vector[1].tolist()))
 
     probe = OptimizerProbe(opt, emit, every=every)
-    act = ActivationProbe(model, probe.sampling_next, modules=modules)
+    act = ActivationProbe(model, probe.sampling_next, modules=modules, native=probe.native if READER["native"] else None)
     probe.contributors.append(act)
     return opt, seen, act
 
 
-def test_headroom_matches_direct_recomputation_over_micro_batches():
+def test_headroom_matches_direct_recomputation_over_micro_batches(reader):
     torch.manual_seed(0)
     model = Net()
     opt, seen, _ = attach(model)
@@ -63,7 +89,7 @@ def test_headroom_matches_direct_recomputation_over_micro_batches():
     assert got["act_headroom_bits"] == min(got["act_headroom_bits/module/scores"], got["act_headroom_bits/module/lin"])
 
 
-def test_overflow_nan_eval_and_unsampled_steps():
+def test_overflow_nan_eval_and_unsampled_steps(reader):
     torch.manual_seed(0)
     model = Net()
     opt, seen, act = attach(model, every=2)

@@ -12,7 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import missing
 from optiscope.probe import OptimizerProbe, blocks, stats
+from optiscope.probe.native import Native
 from probe_reference import Reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -108,35 +110,200 @@ def close(got: dict, ref: dict):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("accumulate,clip", [(1, None), (3, 0.01)], ids=["plain", "accum3-clip"])
 def test_probe_matches_float64_reference(device, opt_cls, variant, accumulate, clip, layout):
+    """The blocks (eager, and compiled where a pack's rows allow it) in every layout."""
     model, opt, g = build(seed=7, device=device, opt_cls=opt_cls, variant=variant)
     cap = Capture()
-    OptimizerProbe(opt, cap)
+    OptimizerProbe(opt, cap, native=False)
     refs = [reference_step(model, opt, g, device, accumulate, clip) for _ in range(5)]
     assert sorted(cap.steps) == list(range(5))  # only real optimizer steps count
     for step, ref in enumerate(refs):
         close(cap.steps[step], ref)
 
 
+@pytest.fixture(scope="module")
+def native_built():
+    """The native walks, built once (a C compiler is a real dependency of this path)."""
+    if not (Native().ready() or Native.wait(timeout=300)):
+        missing("the native statistics kernel did not build (no C compiler with OpenMP?)")
+
+
+class NativeCalls:
+    """Counts the native walks a probe makes (a spy around the real calls)."""
+
+    def __init__(self, monkeypatch):
+        self.pre = self.post = 0
+        real_pre, real_post = Native.pre, Native.post
+
+        def pre(*a):
+            self.pre += 1
+            return real_pre(*a)
+
+        def post(*a):
+            self.post += 1
+            return real_post(*a)
+
+        monkeypatch.setattr(Native, "pre", staticmethod(pre))
+        monkeypatch.setattr(Native, "post", staticmethod(post))
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW], ids=["Adam", "AdamW"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("accumulate,clip", [(1, None), (3, 0.01)], ids=["plain", "accum3-clip"])
+def test_native_walks_match_float64_reference(opt_cls, variant, accumulate, clip, native_built, monkeypatch):
+    """On CPU, once built, both walks are one native call each, from the first sampled step."""
+    calls = NativeCalls(monkeypatch)
+    model, opt, g = build(seed=7, device="cpu", opt_cls=opt_cls, variant=variant)
+    cap = Capture()
+    OptimizerProbe(opt, cap)
+    refs = [reference_step(model, opt, g, "cpu", accumulate, clip) for _ in range(5)]
+    assert (calls.pre, calls.post) == (5, 5)
+    for step, ref in enumerate(refs):
+        close(cap.steps[step], ref)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+], ids=["SGD-momentum", "AdamW-amsgrad"])
+def test_native_walks_cut_large_tensors_into_items(make, native_built, monkeypatch):
+    """Tensors longer than one work item (and not a multiple of its length or of a row) are cut
+    into several; the sums over the items still match the reference, NaN and Inf included."""
+    from optiscope.probe.native import ITEM
+
+    calls = NativeCalls(monkeypatch)
+    torch.manual_seed(0)
+    width = 3 * ITEM // 5 + 11
+    model = torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(), torch.nn.Linear(width, 2))
+    assert model[0].weight.numel() > 2 * ITEM and model[0].weight.numel() % 1024
+    opt = make(model.parameters())
+    cap = Capture()
+    OptimizerProbe(opt, cap)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        ref = reference_step(model, opt, g, "cpu", 1, None)
+        close(cap.steps[step], ref)
+    assert calls.post == 3
+
+
+def test_native_walks_keep_non_finite_values(native_built, monkeypatch):
+    """NaN and Inf in gradients reach the sums as they would in torch (a NaN v stays NaN)."""
+    calls = NativeCalls(monkeypatch)
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = torch.optim.Adam([p], lr=0.1)
+    cap = Capture()
+    OptimizerProbe(opt, cap)
+    p.grad = torch.ones(5000)
+    opt.step()
+    p.grad = torch.ones(5000)
+    p.grad[17] = math.inf
+    opt.step()
+    p.grad = torch.ones(5000)
+    p.grad[4000] = math.nan
+    opt.step()
+    p.grad = torch.ones(5000)  # finite again, but v_{t-1} now holds a NaN
+    opt.step()
+    assert calls.post == 4
+    assert cap.steps[1]["grad_norm"] == math.inf and cap.steps[1]["exp_avg_sq_norm"] == math.inf
+    assert math.isnan(cap.steps[2]["grad_norm"]) and math.isnan(cap.steps[2]["v_underestimation"])
+    assert math.isnan(cap.steps[2]["update_rms"])
+    assert cap.steps[3]["grad_norm"] == pytest.approx(math.sqrt(5000))
+    assert math.isnan(cap.steps[3]["v_underestimation"])  # clamp_min keeps a NaN v, as in torch
+
+
+def test_tensors_the_native_walks_cannot_read_take_the_other_paths(native_built, monkeypatch):
+    """float64 and bfloat16 parameters, and non-contiguous ones, are walked by the blocks."""
+    calls = NativeCalls(monkeypatch)
+    for dtype, transpose in ((torch.float64, False), (torch.bfloat16, False), (torch.float32, True)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).to(dtype)
+        if transpose:
+            w = model[0].weight
+            model[0].weight = torch.nn.Parameter(w.detach().t().contiguous().t())
+            assert not model[0].weight.is_contiguous()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        cap = Capture()
+        OptimizerProbe(opt, cap)
+        g = torch.Generator().manual_seed(1)
+        for step in range(2):
+            opt.zero_grad(set_to_none=True)
+            x = torch.randn(4, 5, generator=g).to(dtype)
+            model(x).pow(2).mean().backward()
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            opt.step()
+            assert cap.steps[step]["grad_norm"] == pytest.approx(n64(grads), rel=1e-2 if dtype is torch.bfloat16 else 1e-5)
+    assert (calls.pre, calls.post) == (0, 0)
+
+
+def test_without_a_c_compiler_the_other_paths_serve(monkeypatch, caplog):
+    """A machine without a C compiler: the build fails once, says so, and the probe goes on
+    with the eager blocks and the compiled kernels, with the same numbers."""
+    from optiscope.probe import native
+
+    caplog.set_level("INFO", logger="optiscope")
+    monkeypatch.setattr(native, "_S", native._State())  # this process's build, as if never tried
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    calls = NativeCalls(monkeypatch)
+    model, opt, g = build(seed=4, device="cpu", opt_cls=torch.optim.AdamW, variant={})
+    cap = Capture()
+    probe = OptimizerProbe(opt, cap)
+    ref = reference_step(model, opt, g, "cpu", 1, None)
+    assert Native.wait(timeout=60) is False and not probe.native.building()
+    refs = [ref] + [reference_step(model, opt, g, "cpu", 1, None) for _ in range(2)]
+    for step, ref in enumerate(refs):
+        close(cap.steps[step], ref)
+    assert (calls.pre, calls.post) == (0, 0)
+    assert "native statistics kernel unavailable" in caplog.text
+
+
+def test_adam_state_the_native_walk_cannot_read_leaves_the_generic_series(native_built, monkeypatch):
+    """A moment laid out unlike its parameter (torch.optim never does this) is not read natively:
+    that step reports the generic series, exactly, and training goes on."""
+    calls = NativeCalls(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cap = Capture()
+    probe = OptimizerProbe(opt, cap)
+    g = torch.Generator().manual_seed(1)
+    model(torch.randn(3, 6, generator=g)).pow(2).sum().backward()
+    opt.step()
+    st = opt.state[model.weight]
+    st["exp_avg"] = st["exp_avg"].t().contiguous().t()  # same values, transposed layout
+    assert not st["exp_avg"].is_contiguous()
+    for step in (1, 2):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(3, 6, generator=g)).pow(2).sum().backward()
+        ref = Reference(opt)
+        ref.before({id(p): p.grad.clone() for p in model.parameters()})
+        opt.step()
+        want = ref.after()
+        got = cap.steps[step]
+        assert "update_rms" not in got and not probe._failed
+        for k in ("grad_norm", "update_norm", "param_norm", "exp_avg_norm", "exp_avg_sq_norm"):
+            assert got[k] == pytest.approx(want[k], rel=2e-5), k
+    assert calls.post == 3
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), width=st.integers(1, 40), lr=st.floats(1e-5, 1.0),
        wd=st.sampled_from([0.0, 0.01, 0.3]), steps=st.integers(1, 4), fused=st.booleans(),
-       chunk=st.sampled_from([None, 3, 64]), pack_below=st.integers(1, 50))
-def test_probe_on_random_models(seed, width, lr, wd, steps, fused, chunk, pack_below):
+       chunk=st.sampled_from([None, 3, 64]), pack_below=st.integers(1, 50), native=st.booleans())
+def test_probe_on_random_models(seed, width, lr, wd, steps, fused, chunk, pack_below, native):
     torch.manual_seed(seed)
     lay = None if chunk is None else blocks.Layout(chunk, pack_below)
     original = blocks.layout_for
     blocks.layout_for = (lambda device: lay) if lay else original  # hypothesis runs without fixtures
     try:
-        _random_model_steps(seed, width, lr, wd, steps, fused)
+        _random_model_steps(seed, width, lr, wd, steps, fused, native)
     finally:
         blocks.layout_for = original
 
 
-def _random_model_steps(seed, width, lr, wd, steps, fused):
+def _random_model_steps(seed, width, lr, wd, steps, fused, native):
     model = torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, fused=fused)
     cap = Capture()
-    OptimizerProbe(opt, cap)
+    OptimizerProbe(opt, cap, native=native)  # native: once built (see native_built), else the blocks
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         ref = reference_step(model, opt, g, "cpu", 1, None)
@@ -435,10 +602,11 @@ def test_fused_kernels_match_the_reference(make):
 
 def _compiled_steps_match_the_reference(model, make) -> None:
     """Steps before, while and after the kernels compile agree with the reference; once compiled,
-    a step runs one kernel per walk with work in it (two for Adam, one otherwise)."""
+    a step runs one kernel per walk with work in it (two for Adam, one otherwise). These are the
+    torch.compile kernels that serve accelerators: native=False keeps the CPU's native walks out."""
     opt = make(model.parameters())
     cap = Capture()
-    probe = OptimizerProbe(opt, cap)
+    probe = OptimizerProbe(opt, cap, native=False)
     g = torch.Generator().manual_seed(1)
     refs = [reference_step(model, opt, g, "cpu", 1, 0.5)]  # step 0: compilation starts
     for _ in range(2):  # step 1 asks for the kernels that need Adam's state, compiled now too

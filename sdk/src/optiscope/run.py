@@ -109,7 +109,7 @@ class Run:
             self._probes.append(probe)
             if model is not None and activations is not False:
                 act = ActivationProbe(model, probe.sampling_next,
-                                      modules=None if activations is True else list(activations))
+                                      modules=None if activations is True else list(activations), native=probe.native)
                 probe.contributors.append(act)
                 self._closers.append(act.close)
             if scaler is not None:

@@ -5,13 +5,18 @@ optimizer step (a running max over micro-batches under gradient accumulation), a
 Headroom in bits is log2(finfo(dtype).max / max|output|): 0 means the output reached the ceiling,
 -inf that it overflowed to inf, NaN that it held NaN. Forward passes without autograd
 (evaluation) and steps that are not sampled cost one Python call per module and nothing else.
+A float32 CPU output is read by the native kernel when it is built (one pass while the output is
+still in cache, about twice as fast as ``aminmax``); any other by ``torch.aminmax``.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Iterable
 
 import torch
+
+from .native import Native
 
 _BAD = re.compile(r"[^A-Za-z0-9_.:/\-]")
 
@@ -24,7 +29,7 @@ def default_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 
 class ActivationProbe:
     def __init__(self, model: torch.nn.Module, is_sampling: Callable[[], bool],
-                 modules: Iterable[str] | None = None):
+                 modules: Iterable[str] | None = None, native: Native | None = None):
         named = dict(model.named_modules())
         if modules is None:
             chosen = default_modules(model)
@@ -34,9 +39,11 @@ class ActivationProbe:
                 raise ValueError(f"optiscope: no such modules in the model: {missing[:5]}")
             chosen = [(n, named[n]) for n in modules]
         self.is_sampling = is_sampling
-        # per output seen on the sampled step: (module name, dtype, (min, max)); everything else
-        # waits for collect(), so that a hook costs one reduction and no other operator
-        self._seen: list[tuple[str, torch.dtype, tuple]] = []
+        self.native = native
+        # per output seen on the sampled step: (module name, dtype, (min, max) device tensors, or
+        # max |t| as a number from the native kernel); everything else waits for collect(), so
+        # that a hook costs one reduction and no other operator
+        self._seen: list[tuple[str, torch.dtype, tuple | float]] = []
         self._handles = [m.register_forward_hook(self._hook(_BAD.sub("_", n))) for n, m in chosen]
 
     def close(self) -> None:
@@ -48,8 +55,12 @@ class ActivationProbe:
         def hook(module, args, output):
             if not torch.is_grad_enabled() or not self.is_sampling():
                 return
+            native = self.native is not None and self.native.ready()
             for t in (output if isinstance(output, (tuple, list)) else (output,)):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                    if native and Native.usable([t]):  # a CPU buffer: a host number, no sync
+                        self._seen.append((name, t.dtype, Native.absmax(t)))
+                        continue
                     # max |t| as min and max in one fused reduction: no tensor-sized temporary
                     # as with t.abs() (about 3x faster on CPU), and both propagate NaN
                     self._seen.append((name, t.dtype, torch.aminmax(t.detach())))
@@ -62,11 +73,15 @@ class ActivationProbe:
         seen, self._seen = self._seen, []
         if not seen:
             return []
-        device = seen[0][2][1].device
+        device = next((mm[1].device for _, _, mm in seen if isinstance(mm, tuple)), torch.device("cpu"))
         # float64: a float64 output's largest value may not fit a float32
-        lo = torch.stack([mm[0].to(device, torch.float64) for _, _, mm in seen])
-        hi = torch.stack([mm[1].to(device, torch.float64) for _, _, mm in seen])
-        absmax = torch.maximum(hi, -lo)  # maximum propagates NaN
+        absmax = torch.tensor([math.nan if isinstance(mm, tuple) else mm for _, _, mm in seen],
+                              dtype=torch.float64, device=device)
+        pairs = [i for i, (_, _, mm) in enumerate(seen) if isinstance(mm, tuple)]
+        if pairs:
+            lo = torch.stack([seen[i][2][0].to(device, torch.float64) for i in pairs])
+            hi = torch.stack([seen[i][2][1].to(device, torch.float64) for i in pairs])
+            absmax[pairs] = torch.maximum(hi, -lo)  # maximum propagates NaN
         names: list[str] = []
         first: dict[str, int] = {}
         dtypes: list[torch.dtype] = []

@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from .blocks import Block, Sums
+
 log = logging.getLogger("optiscope")
 
 F64 = torch.float64
@@ -253,3 +255,98 @@ def _compile(sig: tuple) -> None:
         _REG.failed = True
         log.info("optiscope: fused statistics kernels unavailable (%s: %s); using eager blocks",
                  type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+
+
+# -- one walk's unit through a kernel: what stats' walks call -------------------------------------
+
+def _whole(b: Block, n: int) -> Block:
+    """A block covering all of one tensor (member ``b.members[0]``), for a fused kernel's sums."""
+    return Block(b.members, 0, n, None, b.device, b.dtype)
+
+
+def before_tensor(kernels, theta, snap, g, v, floor, b: Block, sums: Sums) -> bool:
+    """The snapshot as one plain copy and, with v_{t-1}, its v-underestimation sum in one kernel."""
+    if kernels is None or theta.numel() < MIN_NUMEL:
+        return False
+    if v is None:  # nothing to reduce before the step: the copy is all there is
+        snap.copy_(theta)
+        return True
+    if not kernels.ready("pre_v", [g, v]):
+        return False
+    r = kernels.call("pre_v", g, v, torch.tensor(floor, dtype=F64).to(theta.device))
+    if r is None:
+        return False
+    # The copy stays an eager memcpy: compiled into the kernel it read theta twice.
+    snap.copy_(theta)
+    sums.add("vu", _whole(b, theta.numel()), r)
+    return True
+
+
+def after_tensor(kernels, i, snap, theta, g, a: dict | None, b: Block, sums: Sums) -> bool:
+    if kernels is None or theta.numel() < MIN_NUMEL:
+        return False
+    if a is None:
+        name, args, scalars = "post_plain", [snap, theta, g], []
+    else:
+        name, args = ("post_adam", [snap, theta, g, a["m"][i], a["den"][i], a["v"][i]]) if a["ams"][i] else \
+            ("post_adam_v", [snap, theta, g, a["m"][i], a["v"][i]])
+        scalars = list(a["scal"][i])
+    if not kernels.ready(name, args):
+        return False
+    r = kernels.call(name, *args, *scalars)
+    if r is None:
+        return False
+    _add_post(sums, _whole(b, theta.numel()), r.reshape(-1, 1), a is not None)
+    return True
+
+
+def before_pack(kernels, b: Block, snap, thetas, grads, vs, floors, had_v, sums: Sums, scratch) -> bool:
+    """A pack's snapshot (one cat) and, where its members have v_{t-1}, v-underestimation as rows."""
+    w = b.width() if kernels is not None else 0
+    if not w:
+        return False
+    if any(had_v[i] for i in b.members):
+        args = [b.read(grads, scratch, "g").view(-1, w), b.read(vs, scratch, "v").view(-1, w)]
+        if not kernels.ready("pre_v_rows", args):
+            return False
+        r = kernels.call("pre_v_rows", *args, b.per_row(floors))
+        if r is None:
+            return False
+        sums.add("vu", b, b.per_member(r)[0])
+    torch.cat([thetas[i] for i in b.members], out=snap)
+    return True
+
+
+def after_pack(kernels, b: Block, snap, thetas, grads, a: dict | None, sums: Sums, scratch) -> bool:
+    w = b.width() if kernels is not None else 0
+    if not w:
+        return False
+    args = [snap, b.read(thetas, scratch, "t"), b.read(grads, scratch, "g")]
+    if a is None:
+        name, scalars = "post_plain_rows", []
+    else:
+        args += [b.read(a["m"], scratch, "m")]
+        if any(a["ams"][i] for i in b.members):
+            name, args = "post_adam_rows", args + [b.read(a["den"], scratch, "den"), b.read(a["v"], scratch, "v")]
+        else:
+            name, args = "post_adam_v_rows", args + [b.read(a["v"], scratch, "v")]
+        scalars = [b.per_row(a["eps_d"]), b.per_row(a["thr"])]
+    args = [x.view(-1, w) for x in args]
+    if not kernels.ready(name, args):
+        return False
+    r = kernels.call(name, *args, *scalars)
+    if r is None:
+        return False
+    _add_post(sums, b, b.per_member(r), a is not None)
+    return True
+
+
+PLAIN = ("upd", "dot", "after", "before", "post")  # the order of the post_* results
+ADAM = ("u", "big", "m", "v")
+
+
+def _add_post(sums: Sums, b: Block, per_term: torch.Tensor, adam: bool) -> None:
+    """A post_* kernel's results, one row per term (in PLAIN, then ADAM order) and one column per
+    member of ``b``, into ``sums``."""
+    for j, key in enumerate(PLAIN + ADAM if adam else PLAIN):
+        sums.add(key, b, per_term[j])

@@ -19,6 +19,7 @@ import torch
 
 from . import stats as S
 from .fused import Kernels
+from .native import Native
 
 log = logging.getLogger("optiscope")
 
@@ -34,13 +35,16 @@ class OptimizerProbe:
     gradient accumulation calls backward several times but the optimizer once.
     ``names``: parameter names by ``id(param)`` (from ``model.named_parameters()``); others are
     named ``<group>.<index>``. ``per_tensor``: also emit the per-tensor series on sampled steps.
-    ``fused``: compile fused kernels for the large tensors (``torch.compile``, in a background
-    thread, first needed on the first sampled step); False keeps to the eager blocks.
+    ``fused``: compute the statistics with compiled kernels, built in a background thread when
+    first needed (on the first sampled step): on CPU one native call per walk over every float32
+    tensor (``native``, built with the C compiler), elsewhere and for other dtypes one
+    ``torch.compile``d kernel per large tensor; False keeps to the eager blocks.
+    ``native=False`` leaves the CPU to the ``torch.compile``d kernels too.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, emit: Emit, every: int = 1,
                  names: dict[int, str] | None = None, per_tensor: bool = True, start_step: int | None = None,
-                 fused: bool = True):
+                 fused: bool = True, native: bool = True):
         self.optimizer = optimizer
         self.emit = emit
         self.every = max(1, int(every))
@@ -70,6 +74,9 @@ class OptimizerProbe:
         # Fused kernels for large tensors, compiled in the background on the first sampled step;
         # the eager blocks compute the same numbers until they are ready (and if they never are).
         self.kernels = Kernels(enabled=fused)
+        # On CPU, both walks over every float32 tensor in one native call each (built in the
+        # background with the C compiler); the fused kernels and eager blocks serve the rest.
+        self.native = Native(enabled=fused and native)
         # Other probes: collect() -> [(name, 0-d tensor) or (names, 1-d tensor)] joins a sampled step's vector;
         # host_values() -> {name: value} joins every step's record.
         self.contributors: list = []
@@ -186,8 +193,8 @@ class OptimizerProbe:
         adam = S.is_adam(self.optimizer)
         index_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         group_of = {id(p): groups[index_of[id(p)]] for p in every}
-        walk = S.before_step(changing, self.optimizer, group_of, device, self._scratch, adam, self.kernels) \
-            if changing else None
+        walk = S.before_step(changing, self.optimizer, group_of, device, self._scratch, adam, self.kernels,
+                             self.native) if changing else None
         grad_norm_known = self._learn_gradient_changes(changing)
         return {
             "grad_norm_known": grad_norm_known,
@@ -222,7 +229,7 @@ class OptimizerProbe:
         adam_ok = pre["adam"] and changing and all("exp_avg" in self.optimizer.state.get(p, {}) for p in changing)
         if changing:
             walk = S.after_step(changing, pre["walk"], self.optimizer, pre["group_of"], device, self._scratch,
-                                bool(adam_ok), self.kernels)
+                                bool(adam_ok))
             upd_sq, dots, after_sq, adam = walk.upd_sq, walk.dots, walk.after_sq, walk.adam
             pre["before_sq"], post_sq = walk.before_sq, walk.post_sq
             pre["pre_sq"] = torch.stack([n.to(device) if n is not None else post_sq[i]

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import Block, Scratch, Sums, sq_sum
-from .fused import MIN_NUMEL, Kernels
+from . import fused
+from .fused import Kernels
+from .native import Native
 
 #: |u| above this counts towards update bimodality (Adam's sign-like regime).
 BIMODAL_THRESHOLD = 0.9
@@ -92,30 +94,52 @@ class Before:
     vu_sum: torch.Tensor | None     # sum g^2 / max(v_hat_{t-1}, eps^2) (0 without v_{t-1})
     vu_count: torch.Tensor | None   # coordinates that entered vu_sum
     had_v: list[bool]
+    native: list[int] | None = None  # the native walk's snapshot: one address per tensor (else None)
+    kernels: Kernels | None = None    # the compiled kernels the post-step walk may use (blocks path)
 
 
 def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict], device: torch.device,
-                scratch: Scratch, adam: bool, kernels: Kernels | None = None) -> Before:
-    n = len(params)
-    sums = Sums(n, device)
-    thetas = [_flat(p) for p in params]
-    grads = [_flat(p.grad) for p in params]
+                scratch: Scratch, adam: bool, kernels: Kernels | None = None, native: Native | None = None) -> Before:
     had_v = [adam and "exp_avg_sq" in optimizer.state.get(p, {}) for p in params]
     # v-underestimation: g^2 / max(v / bc2, eps^2) = bc2 * g^2 / max(v, eps^2 * bc2), v = v_{t-1}.
-    # A tensor without v_{t-1} (its first step) stands in with its own gradient and is masked out,
-    # so that a pack of mixed tensors still takes one pass.
-    vs, floors, bc2s = [], [], []
-    for p, g, h in zip(params, grads, had_v):
+    v_prev, floors, bc2s = [], [], []
+    memo: dict[tuple, tuple] = {}  # (group, step): a few distinct values for many tensors
+    for p, h in zip(params, had_v):
         if h:
             st, group = optimizer.state[p], group_of[id(p)]
-            _, bc2 = _bias_corrections(group, _scalar_step(st["step"]))
-            vs.append(_flat(st["exp_avg_sq"]))
-            floors.append(float(group["eps"]) ** 2 * bc2)
-            bc2s.append(bc2)
+            t = _scalar_step(st["step"])
+            key = (id(group), t if isinstance(t, float) else id(st["step"]))
+            got = memo.get(key)
+            if got is None:
+                bc2 = _bias_corrections(group, t)[1]
+                got = memo[key] = (float(group["eps"]) ** 2 * bc2, bc2)
+            v_prev.append(st["exp_avg_sq"])
+            floors.append(got[0])
+            bc2s.append(got[1])
         else:
-            vs.append(g)
+            v_prev.append(None)
             floors.append(1.0)
             bc2s.append(0.0)
+    lengths = [p.numel() for p in params]
+    grads = [p.grad for p in params]
+    addresses = None
+    if native is not None and _native_fits(native, params, grads, v_prev, floors):
+        if native.ready():
+            snap = scratch.snapshot(("native",), sum(lengths), device, params[0].dtype)
+            addresses, base = [], snap.data_ptr()
+            for n in lengths:
+                addresses.append(base)
+                base += 4 * n  # float32
+            vu = native.pre(params, addresses, grads, v_prev, floors, lengths)
+            return _before(Before([], [], {}, None, None, had_v, addresses), vu, bc2s, lengths, device)
+        if native.building():
+            kernels = None  # eager blocks until it is built, rather than a second compiler meanwhile
+    sums = Sums(len(params), device)
+    thetas = [_flat(p) for p in params]
+    grads = [_flat(g) for g in grads]
+    # A tensor without v_{t-1} (its first step) stands in with its own gradient and is masked out,
+    # so that a pack of mixed tensors still takes one pass.
+    vs = [g if v is None else _flat(v) for g, v in zip(grads, v_prev)]
     blocks = scratch.plan(thetas)
     snapshots: list[torch.Tensor] = []
     whole: dict[int, torch.Tensor] = {}  # snapshot of each large tensor; its chunks' are views of it
@@ -130,24 +154,35 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
     for k, i, unit in units(blocks):
         if i is None:  # a pack of small tensors
             snap = scratch.snapshot(("pack", k), unit[0].n, unit[0].device, unit[0].dtype)
-            if not _fused_pack_before(kernels, unit[0], snap, thetas, grads, vs, floors, had_v, sums, scratch):
+            if not fused.before_pack(kernels, unit[0], snap, thetas, grads, vs, floors, had_v, sums, scratch):
                 eager(unit[0], snap)
             snapshots.append(snap)
             continue
         whole[i] = scratch.snapshot(("tensor", i), thetas[i].numel(), unit[0].device, thetas[i].dtype)
         views = [whole[i][b.lo:b.hi] for b in unit]
         snapshots.extend(views)
-        if not _fused_before(kernels, thetas[i], whole[i], grads[i], vs[i] if had_v[i] else None,
-                             floors[i], unit[0], sums):
+        if not fused.before_tensor(kernels, thetas[i], whole[i], grads[i], vs[i] if had_v[i] else None,
+                                   floors[i], unit[0], sums):
             for b, snap in zip(unit, views):
                 eager(b, snap)
-    vu_sum = vu_count = None
-    if any(had_v):
-        mask = torch.tensor(had_v, device=device)
+    return _before(Before(blocks, snapshots, whole, None, None, had_v, None, kernels), sums.total("vu"), bc2s,
+                   lengths, device)
+
+
+def _native_fits(native: Native, params, grads, v_prev, floors) -> bool:
+    """The native walks take float32 CPU tensors and step counts read as numbers."""
+    return params[0].device.type == "cpu" and all(isinstance(f, float) for f in floors) \
+        and native.usable(params) and native.usable(grads) and native.usable(v_prev)
+
+
+def _before(out: Before, vu: torch.Tensor, bc2s: list, lengths: list[int], device) -> Before:
+    """The per-tensor v-underestimation sums, bias-corrected, and their counts (0 without v_{t-1})."""
+    if any(out.had_v):
+        mask = torch.tensor(out.had_v, device=device)
         zero = torch.zeros((), dtype=F64, device=device)
-        vu_sum = torch.where(mask, sums.total("vu") * _vector(bc2s, device), zero)
-        vu_count = torch.where(mask, torch.tensor([float(t.numel()) for t in thetas], dtype=F64, device=device), zero)
-    return Before(blocks, snapshots, whole, vu_sum, vu_count, had_v)
+        out.vu_sum = torch.where(mask, vu * _vector(bc2s, device), zero)
+        out.vu_count = torch.where(mask, torch.tensor(lengths, dtype=F64, device=device), zero)
+    return out
 
 
 def units(blocks: list[Block]):
@@ -165,99 +200,6 @@ def units(blocks: list[Block]):
             j += 1
         yield k, b.members[0], blocks[k:j]
         k = j
-
-
-def _whole(b: Block, n: int) -> Block:
-    """A block covering all of one tensor (member ``b.members[0]``), for a fused kernel's sums."""
-    return Block(b.members, 0, n, None, b.device, b.dtype)
-
-
-def _fused_before(kernels, theta, snap, g, v, floor, b: Block, sums: Sums) -> bool:
-    """The snapshot as one plain copy and, with v_{t-1}, its v-underestimation sum in one kernel."""
-    if kernels is None or theta.numel() < MIN_NUMEL:
-        return False
-    if v is None:  # nothing to reduce before the step: the copy is all there is
-        snap.copy_(theta)
-        return True
-    if not kernels.ready("pre_v", [g, v]):
-        return False
-    r = kernels.call("pre_v", g, v, torch.tensor(floor, dtype=F64).to(theta.device))
-    if r is None:
-        return False
-    # The copy stays an eager memcpy: compiled into the kernel it read theta twice.
-    snap.copy_(theta)
-    sums.add("vu", _whole(b, theta.numel()), r)
-    return True
-
-
-def _fused_after(kernels, i, snap, theta, g, a: dict | None, b: Block, sums: Sums) -> bool:
-    if kernels is None or theta.numel() < MIN_NUMEL:
-        return False
-    if a is None:
-        name, args, scalars = "post_plain", [snap, theta, g], []
-    else:
-        name, args = ("post_adam", [snap, theta, g, a["m"][i], a["den"][i], a["v"][i]]) if a["ams"][i] else \
-            ("post_adam_v", [snap, theta, g, a["m"][i], a["v"][i]])
-        scalars = list(a["scal"][i])
-    if not kernels.ready(name, args):
-        return False
-    r = kernels.call(name, *args, *scalars)
-    if r is None:
-        return False
-    _add_post(sums, _whole(b, theta.numel()), r.reshape(-1, 1), a is not None)
-    return True
-
-
-def _fused_pack_before(kernels, b: Block, snap, thetas, grads, vs, floors, had_v, sums: Sums, scratch) -> bool:
-    """A pack's snapshot (one cat) and, where its members have v_{t-1}, v-underestimation as rows."""
-    w = b.width() if kernels is not None else 0
-    if not w:
-        return False
-    if any(had_v[i] for i in b.members):
-        args = [b.read(grads, scratch, "g").view(-1, w), b.read(vs, scratch, "v").view(-1, w)]
-        if not kernels.ready("pre_v_rows", args):
-            return False
-        r = kernels.call("pre_v_rows", *args, b.per_row(floors))
-        if r is None:
-            return False
-        sums.add("vu", b, b.per_member(r)[0])
-    torch.cat([thetas[i] for i in b.members], out=snap)
-    return True
-
-
-def _fused_pack_after(kernels, b: Block, snap, thetas, grads, a: dict | None, sums: Sums, scratch) -> bool:
-    w = b.width() if kernels is not None else 0
-    if not w:
-        return False
-    args = [snap, b.read(thetas, scratch, "t"), b.read(grads, scratch, "g")]
-    if a is None:
-        name, scalars = "post_plain_rows", []
-    else:
-        args += [b.read(a["m"], scratch, "m")]
-        if any(a["ams"][i] for i in b.members):
-            name, args = "post_adam_rows", args + [b.read(a["den"], scratch, "den"), b.read(a["v"], scratch, "v")]
-        else:
-            name, args = "post_adam_v_rows", args + [b.read(a["v"], scratch, "v")]
-        scalars = [b.per_row(a["eps_d"]), b.per_row(a["thr"])]
-    args = [x.view(-1, w) for x in args]
-    if not kernels.ready(name, args):
-        return False
-    r = kernels.call(name, *args, *scalars)
-    if r is None:
-        return False
-    _add_post(sums, b, b.per_member(r), a is not None)
-    return True
-
-
-_PLAIN = ("upd", "dot", "after", "before", "post")  # the order of fused.post_* results
-_ADAM = ("u", "big", "m", "v")
-
-
-def _add_post(sums: Sums, b: Block, per_term: torch.Tensor, adam: bool) -> None:
-    """A post_* kernel's results, one row per term (in _PLAIN, then _ADAM order) and one column per
-    member of ``b``, into ``sums``."""
-    for j, key in enumerate(_PLAIN + _ADAM if adam else _PLAIN):
-        sums.add(key, b, per_term[j])
 
 
 @dataclass
@@ -292,19 +234,53 @@ class After:
 
 
 def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dict[int, dict],
-               device: torch.device, scratch: Scratch, adam: bool, kernels: Kernels | None = None) -> After:
-    n = len(params)
-    sums = Sums(n, device)
+               device: torch.device, scratch: Scratch, adam: bool) -> After:
+    lengths = [p.numel() for p in params]
+    stride = max(1, math.ceil(sum(lengths) / HEADROOM_SAMPLE_TOTAL))  # one uniform stride over all tensors
+    native = pre.native is not None
+    a = _adam_inputs(params, optimizer, group_of, stride, samples=not native) if adam else None
+    if native:
+        if a is not None and not all(Native.usable(a[k]) for k in ("m", "den", "v")):
+            # state the native walk cannot read (never seen with torch.optim, whose state is laid
+            # out like the parameter): the generic series only, rather than a wrong read
+            a, adam = None, False
+        nones, ones = [None] * len(params), [1.0] * len(params)
+        r, per, q, q_lengths = Native.post(
+            pre.native, params, [p.grad for p in params], *((nones,) * 3 if a is None else (a["m"], a["den"], a["v"])),
+            ones if a is None else a["eps_d"], ones if a is None else a["thr"], lengths,
+            HEADROOM_SAMPLE_PER_TENSOR, stride)
+        totals = dict(zip(fused.PLAIN + fused.ADAM, r))
+    else:
+        totals = _after_blocks(params, pre, a, device, scratch)
+        if a is not None:
+            per, q, q_lengths = a["per"], torch.cat(a["q"]), [x.numel() for x in a["q"]]
+    out = After(totals["upd"], totals["dot"], totals["after"], totals["before"], totals["post"], None)
+    if adam:
+        bc1, bc2, eps_d = (_vector(a[k], device) for k in ("bc1", "bc2", "eps_d"))
+        q = q.to(device, F64) * torch.repeat_interleave(
+            eps_d.square().reciprocal(), torch.tensor(q_lengths, device=device))
+        out.adam = AdamSums(
+            m_sq=totals["m"], v_sq=totals["v"], u_sq=totals["u"] * bc2 / bc1.square(),
+            u_big=totals["big"],
+            count=torch.tensor(lengths, dtype=F64, device=device),
+            # medians of the raw v samples (an element each, so exact in any dtype); sqrt and
+            # the bias correction are monotonic and come after
+            headroom=torch.log10(medians(per, device).sqrt() / eps_d),
+            bc1=bc1, bc2=bc2, q_parts=list(q.split(q_lengths)))
+    return out
+
+
+def _after_blocks(params, pre: Before, a: dict | None, device, scratch: Scratch) -> dict[str, torch.Tensor]:
+    """The post-step sums, per tensor, through fused kernels where they serve and eager blocks elsewhere."""
+    sums, kernels = Sums(len(params), device), pre.kernels
     thetas = [_flat(p) for p in params]
     grads = [_flat(p.grad) for p in params]
-    if adam:
-        a = _adam_inputs(params, optimizer, group_of, sum(t.numel() for t in thetas))
+    if a is not None:
+        a = {**a, **{k: [_flat(x) for x in a[k]] for k in ("m", "v", "den")}}
     for k, i, unit in units(pre.blocks):
-        if i is not None and _fused_after(kernels, i, pre.whole[i], thetas[i], grads[i], a if adam else None,
-                                          unit[0], sums):
+        if i is not None and fused.after_tensor(kernels, i, pre.whole[i], thetas[i], grads[i], a, unit[0], sums):
             continue  # the kernel did this tensor in one pass
-        if i is None and _fused_pack_after(kernels, unit[0], pre.snapshots[k], thetas, grads, a if adam else None,
-                                           sums, scratch):
+        if i is None and fused.after_pack(kernels, unit[0], pre.snapshots[k], thetas, grads, a, sums, scratch):
             continue  # the pack, as rows, in one kernel
         for b, snap in zip(unit, pre.snapshots[k:k + len(unit)]):
             t = b.read(thetas, scratch, "t")
@@ -315,24 +291,9 @@ def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dic
             sums.add("post", b, b.reduce(g))
             sums.add("after", b, b.reduce(scratch.f32(t, "c")))
             sums.add("before", b, b.reduce(scratch.f32(snap, "c")))
-            if adam:
+            if a is not None:
                 _adam_block(b, a, sums, scratch)
-    out = After(sums.total("upd"), sums.total("dot"), sums.total("after"), sums.total("before"),
-                sums.total("post"), None)
-    if adam:
-        bc1, bc2, eps_d = (_vector(a[k], device) for k in ("bc1", "bc2", "eps_d"))
-        lengths = [x.numel() for x in a["q"]]
-        q = torch.cat(a["q"]).to(device, F64) * torch.repeat_interleave(
-            eps_d.square().reciprocal(), torch.tensor(lengths, device=device))
-        out.adam = AdamSums(
-            m_sq=sums.total("m"), v_sq=sums.total("v"), u_sq=sums.total("u") * bc2 / bc1.square(),
-            u_big=sums.total("big"),
-            count=torch.tensor([float(t.numel()) for t in thetas], dtype=F64, device=device),
-            # medians of the raw v samples (an element each, so exact in any dtype); sqrt and
-            # the bias correction are monotonic and come after
-            headroom=torch.log10(medians(a["per"], device).sqrt() / eps_d),
-            bc1=bc1, bc2=bc2, q_parts=list(q.split(lengths)))
-    return out
+    return {k: sums.total(k) for k in fused.PLAIN + (fused.ADAM if a is not None else ())}
 
 
 def _scalar_step(step):
@@ -357,9 +318,10 @@ def _vector(values: list, device) -> torch.Tensor:
     return torch.stack([torch.as_tensor(v, dtype=F64).to(device) for v in values])
 
 
-def _adam_inputs(params, optimizer, group_of, total: int) -> dict[str, list]:
+def _adam_inputs(params, optimizer, group_of, stride: int, samples: bool = True) -> dict[str, list]:
+    """Adam's state and per-tensor scalars; with ``samples``, the views of den that the
+    epsilon-headroom medians read (the native walk gathers those itself)."""
     a: dict[str, list] = {k: [] for k in ("m", "v", "den", "ams", "eps_d", "thr", "bc1", "bc2", "per", "q", "scal")}
-    stride = max(1, math.ceil(total / HEADROOM_SAMPLE_TOTAL))  # one uniform stride over all tensors
     # The scalars of a parameter depend on its group and step count only, shared by most
     # parameters: worked out once per (group, step), kernel arguments included.
     memo: dict[tuple, tuple] = {}
@@ -376,14 +338,16 @@ def _adam_inputs(params, optimizer, group_of, total: int) -> dict[str, list]:
             scal = tuple(torch.as_tensor(x, dtype=F64).to(dev) for x in (eps_d, thr))  # fused kernel arguments
             got = memo[key] = (bool(group.get("amsgrad")), eps_d, thr, bc1, bc2, scal)
         ams = got[0]
-        den = _flat(st["max_exp_avg_sq"] if ams else st["exp_avg_sq"])
+        den = st["max_exp_avg_sq"] if ams else st["exp_avg_sq"]
         for k, x in zip(("ams", "eps_d", "thr", "bc1", "bc2", "scal"), got):
             a[k].append(x)
-        a["m"].append(_flat(st["exp_avg"]))
-        a["v"].append(_flat(st["exp_avg_sq"]))
+        a["m"].append(st["exp_avg"])  # as they are: the walks flatten them if they need to
+        a["v"].append(st["exp_avg_sq"])
         a["den"].append(den)
-        a["per"].append(headroom_sample(den))  # views: nothing is copied yet
-        a["q"].append(den[::stride])
+        if samples:
+            flat = _flat(den)
+            a["per"].append(headroom_sample(flat))  # views: nothing is copied yet
+            a["q"].append(flat[::stride])
     return a
 
 
