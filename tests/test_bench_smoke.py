@@ -48,3 +48,16 @@ def test_ingest_benchmark_smoke(pg_admin):
         assert "unavailable" not in row, row
         assert f"targets: {store} >=" in r.stdout
         assert "one series read back complete: True" in r.stdout
+
+
+def test_query_benchmark_smoke(pg_admin):
+    """Both stores: the script checks each answer (downsampled, the largest spike and a NaN kept,
+    the filter respected) and fails on a wrong one; the table must come out complete."""
+    from conftest import PG_ADMIN_URL
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "query.py"), "--smoke", "--pg", PG_ADMIN_URL],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| store | series p50 (ms) | series p95 (ms) | runs p50 (ms) |" in r.stdout
+    for store in ("SQLite", "PostgreSQL"):
+        assert any(line.startswith(f"| {store} |") for line in r.stdout.splitlines()), store
+        assert f"{store}: series p50" in r.stdout

@@ -171,7 +171,7 @@ def test_sqlite_log_is_checkpointed_beside_the_writer(tmp_path):
     assert not wal.exists() or wal.stat().st_size == 0
     again = Store(f"sqlite:///{db}")
     try:
-        steps, _, values, _ = again.get_series("run1", "s299")
+        steps, _, values, _, _ = again.get_series("run1", "s299")
         assert steps == list(range(2500)) and values[-1] == 24.0
     finally:
         again.close()

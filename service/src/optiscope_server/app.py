@@ -74,6 +74,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+def series_csv(data: "m.SeriesData") -> str:
+    """step,rank,value lines; values as Python's shortest round-trip repr, non-finite ones spelt
+    as in JSON responses (NaN, Infinity, -Infinity)."""
+    spell = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+    lines = ["step,rank,value"]
+    for s, r, v in zip(data.steps, data.ranks, data.values):
+        x = repr(v)
+        lines.append(f"{s},{r},{spell.get(x, x)}")
+    return "\n".join(lines) + "\n"
+
+
 class FinishIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["finished", "crashed"] = "finished"
@@ -207,13 +218,42 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
     def list_series(run_id: str = RUN_ID):
         return m.SeriesList(run_id=run_id, series=[m.SeriesInfo(**s) for s in store().list_series(run_id)])
 
+    def series_data(run_id: str, name: str, rank, start, end, limit, max_points) -> m.SeriesData:
+        steps, ranks, values, truncated, width = store().get_series(run_id, name, rank, start, end, limit, max_points)
+        return m.SeriesData(run_id=run_id, name=name, steps=steps, ranks=ranks, values=values, truncated=truncated,
+                            downsampled=width is not None, bucket_steps=width)
+
+    limit_q = Query(settings.max_points_per_response, ge=1, le=settings.max_points_per_response)
+    max_points_q = Query(None, ge=4, le=settings.max_points_per_response,
+                         description="downsample to about this many points, keeping every bucket's extremes "
+                                     "and every non-finite point")
+
     @app.get("/api/v1/runs/{run_id}/series/{name:path}", tags=["history"], dependencies=api,
-             response_model=m.SeriesData)
+             response_model=m.SeriesData,
+             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                              "description": "the points, as JSON or (format=csv) as CSV: step,rank,value"}})
     def get_series(name: str, run_id: str = RUN_ID, rank: int | None = Query(None, ge=0),
                    start: int | None = Query(None, ge=0), end: int | None = Query(None, ge=0),
-                   limit: int = Query(settings.max_points_per_response, ge=1, le=settings.max_points_per_response)):
-        steps, ranks, values, truncated = store().get_series(run_id, name, rank, start, end, limit)
-        return m.SeriesData(run_id=run_id, name=name, steps=steps, ranks=ranks, values=values, truncated=truncated)
+                   limit: int = limit_q, max_points: int | None = max_points_q,
+                   format: Literal["json", "csv"] = "json"):
+        data = series_data(run_id, name, rank, start, end, limit, max_points)
+        if format == "csv":
+            return Response(series_csv(data), media_type="text/csv",
+                            headers={"Content-Disposition": f'attachment; filename="{run_id}.csv"'})
+        return data
+
+    @app.get("/api/v1/series", tags=["history"], dependencies=api, response_model=m.SeriesComparison)
+    def compare_series(name: str = Query(pattern=wire.NAME_RE.pattern, max_length=wire.MAX_NAME_LEN),
+                       run: list[str] = Query(min_length=1, max_length=20, description="run ids, repeated"),
+                       rank: int | None = Query(None, ge=0), start: int | None = Query(None, ge=0),
+                       end: int | None = Query(None, ge=0), limit: int = limit_q,
+                       max_points: int | None = max_points_q):
+        """The same series of several runs in one call, each downsampled alike: for comparison."""
+        for r in run:
+            if not wire.RUN_ID_RE.fullmatch(r):
+                raise ApiError(422, "bad_run_id", {"loc": ["query", "run"], "input": r})
+        return m.SeriesComparison(name=name, runs=[series_data(r, name, rank, start, end, limit, max_points)
+                                                   for r in run])
 
     @app.get("/api/v1/runs/{run_id}/alerts", tags=["alerts"], dependencies=api, response_model=m.AlertList)
     def run_alerts(run_id: str = RUN_ID, state: Literal["firing", "resolved"] | None = None):

@@ -13,6 +13,8 @@ import numpy as np
 
 from optiscope import wire
 
+from . import downsample
+
 _I8, _F8 = np.dtype("<i8"), np.dtype("<f8")
 _NATIVE_LE = sys.byteorder == "little"
 
@@ -97,31 +99,73 @@ class BatchColumns(Mapping):
         return out
 
 
-def merge(rows, start: int | None, end: int | None, limit: int) -> tuple[list[int], list[int], list[float], bool]:
-    """(steps, ranks, values, truncated) of one series from its chunk rows ``(rank, step_min,
-    step_max, steps, vals)`` in storage order: ordered by step then rank, one value per (step,
-    rank), the newest write winning."""
-    if not rows:
-        return [], [], [], False
-    steps, vals, ranks = [], [], []
-    for rank, lo, hi, sb, vb in rows:
-        s = np.arange(lo, hi + 1, dtype=np.int64) if sb is None else np.frombuffer(sb, dtype=_I8)
-        steps.append(s)
-        vals.append(np.frombuffer(vb, dtype=_F8))
-        ranks.append(np.full(len(s), rank, dtype=np.int64))
-    s, v, r = np.concatenate(steps), np.concatenate(vals), np.concatenate(ranks)
-    keep = np.ones(len(s), dtype=bool)
-    if start is not None:
-        keep &= s >= start
-    if end is not None:
-        keep &= s <= end
-    # Reversed, the newest write of each (step, rank) comes first; lexsort is stable, so it stays
-    # first among its equals and is the one kept.
-    s, v, r = s[keep][::-1], v[keep][::-1], r[keep][::-1]
-    order = np.lexsort((r, s))
-    s, v, r = s[order], v[order], r[order]
-    first = np.ones(len(s), dtype=bool)
-    first[1:] = (s[1:] != s[:-1]) | (r[1:] != r[:-1])
-    s, v, r = s[first], v[first], r[first]
+def merge(rows, start: int | None, end: int | None, limit: int,
+          max_points: int | None = None) -> tuple[list[int], list[int], list[float], bool, int | None]:
+    """(steps, ranks, values, truncated, bucket width) of one series from its chunk rows ``(rank,
+    step_min, step_max, steps, vals)`` in storage order: ordered by step then rank, one value per
+    (step, rank), the newest write winning; downsampled (see ``downsample``) to about
+    ``max_points`` when given and exceeded (the bucket width is None when it was not); at most
+    ``limit`` points."""
+    ranks = per_rank(rows, start, end)
+    width = None
+    if max_points is not None:
+        p = downsample.plan(list(ranks.values()), max_points)
+        if p is not None:
+            width = p.width
+            for r, (s, v) in ranks.items():
+                k = downsample.keep(s, v, p)
+                ranks[r] = (s[k], v[k])
+    if not ranks:
+        return [], [], [], False, width
+    if len(ranks) == 1:
+        ((r0, (s, v)),) = ranks.items()
+        r = np.full(len(s), r0, dtype=np.int64)
+    else:
+        s = np.concatenate([x for x, _ in ranks.values()])
+        v = np.concatenate([x for _, x in ranks.values()])
+        r = np.concatenate([np.full(len(x), k, dtype=np.int64) for k, (x, _) in ranks.items()])
+        order = np.lexsort((r, s))
+        s, v, r = s[order], v[order], r[order]
     truncated = len(s) > limit
-    return s[:limit].tolist(), r[:limit].tolist(), v[:limit].tolist(), truncated
+    return s[:limit].tolist(), r[:limit].tolist(), v[:limit].tolist(), truncated, width
+
+
+def per_rank(rows, start: int | None, end: int | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per rank, (steps, values) in the range, strictly increasing steps, the newest write of a
+    step winning. A rank written once per step in step order (the common case) is read without
+    a sort."""
+    parts: dict[int, list] = {}
+    for row in rows:
+        parts.setdefault(row[0], []).append(row)
+    out = {}
+    for rank in sorted(parts):
+        s, v = _steps_values(parts[rank])
+        if start is not None:
+            s, v = s[s >= start], v[s >= start]
+        if end is not None:
+            s, v = s[s <= end], v[s <= end]
+        if len(s) > 1 and not np.all(s[1:] > s[:-1]):
+            # Reversed, the newest write of each step comes first; a stable sort keeps it first
+            # among its equals, and it is the one kept.
+            s, v = s[::-1], v[::-1]
+            order = np.argsort(s, kind="stable")
+            s, v = s[order], v[order]
+            first = np.r_[True, s[1:] != s[:-1]]
+            s, v = s[first], v[first]
+        if len(s):
+            out[rank] = (s, v)
+    return out
+
+
+def _steps_values(rows) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of chunk rows, concatenated. Consecutive steps are stored as their range
+    alone; those of all rows come from one arange, not one per row."""
+    v = np.frombuffer(b"".join(r[4] for r in rows), dtype=_F8)
+    if all(r[3] is None for r in rows):
+        lo = np.array([r[1] for r in rows], dtype=np.int64)
+        lengths = np.array([r[2] - r[1] + 1 for r in rows], dtype=np.int64)
+        first = np.cumsum(lengths) - lengths  # where each row starts in the output
+        return np.arange(len(v), dtype=np.int64) + np.repeat(lo - first, lengths), v
+    s = np.concatenate([np.arange(lo, hi + 1, dtype=np.int64) if sb is None else np.frombuffer(sb, dtype=_I8)
+                        for _, lo, hi, sb, _ in rows])
+    return s, v

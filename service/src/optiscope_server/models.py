@@ -73,6 +73,16 @@ class SeriesData(BaseModel):
     ranks: list[int]
     values: list[float]
     truncated: bool = Field(description="true when more points matched than the limit")
+    downsampled: bool = Field(False, description="true when the points are a downsampled view (max_points): per "
+                                                 "bucket and rank its first, last, smallest and largest value, and "
+                                                 "every non-finite point")
+    bucket_steps: int | None = Field(None, description="the width in steps of a downsampling bucket")
+
+
+class SeriesComparison(BaseModel):
+    model_config = NONFINITE_AS_STRINGS
+    name: str
+    runs: list[SeriesData] = Field(description="one entry per requested run, in the order asked")
 
 
 class IngestOut(BaseModel):

@@ -163,23 +163,37 @@ class Store:
         return dict(row)
 
     def get_series(self, run_id: str, name: str, rank: int | None = None, start: int | None = None,
-                   end: int | None = None, limit: int = 100_000) -> tuple[list[int], list[int], list[float], bool]:
-        """(steps, ranks, values, truncated) ordered by step then rank, at most ``limit`` points."""
+                   end: int | None = None, limit: int = 100_000, max_points: int | None = None):
+        """(steps, ranks, values, truncated, bucket width) ordered by step then rank, downsampled to
+        about ``max_points`` when given (see ``chunks.merge``), at most ``limit`` points."""
         with self.engine.connect() as conn:
             sid = conn.execute(select(series.c.id).where(series.c.run_id == run_id, series.c.name == name)).scalar()
             if sid is None:
                 self.get_run_row(run_id)  # 404 for the run rather than the series when both are missing
                 raise NotFound(f"{run_id}/{name}")
-            q = select(chunks.c.rank, chunks.c.step_min, chunks.c.step_max, chunks.c.steps, chunks.c.vals) \
-                .where(chunks.c.series_id == sid)
-            if rank is not None:
-                q = q.where(chunks.c.rank == rank)
-            if start is not None:
-                q = q.where(chunks.c.step_max >= start)
-            if end is not None:
-                q = q.where(chunks.c.step_min <= end)
-            rows = conn.execute(q.order_by(chunks.c.id)).all()
-        return merge(rows, start, end, limit)
+            rows = self._read_chunks(conn, sid, rank, start, end)
+        return merge(rows, start, end, limit, max_points)
+
+    def _read_chunks(self, conn: Connection, sid: int, rank: int | None, start: int | None,
+                     end: int | None) -> list[tuple]:
+        """Chunk rows (rank, step_min, step_max, steps, vals) of one series in storage order. On
+        PostgreSQL through a binary cursor: in text, the server sends every bytea hex-encoded
+        and the client decodes it, most of the time of a million-point read (about 40 of 70 ms)."""
+        q = select(chunks.c.rank, chunks.c.step_min, chunks.c.step_max, chunks.c.steps, chunks.c.vals) \
+            .where(chunks.c.series_id == sid)
+        if rank is not None:
+            q = q.where(chunks.c.rank == rank)
+        if start is not None:
+            q = q.where(chunks.c.step_max >= start)
+        if end is not None:
+            q = q.where(chunks.c.step_min <= end)
+        q = q.order_by(chunks.c.id)
+        if self.engine.dialect.name != "postgresql":
+            return conn.execute(q).all()
+        sql = q.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        with conn.connection.dbapi_connection.cursor(binary=True) as cur:
+            cur.execute(str(sql), sql.params)
+            return cur.fetchall()
 
     # -- ingest ------------------------------------------------------------------------------
     def _run_lock(self, run_id: str) -> threading.Lock:
