@@ -55,10 +55,12 @@ class ActivationProbe:
         def hook(module, args, output):
             if not torch.is_grad_enabled() or not self.is_sampling():
                 return
-            native = self.native is not None and self.native.ready()
             for t in (output if isinstance(output, (tuple, list)) else (output,)):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-                    if native and Native.usable([t]):  # a CPU buffer: a host number, no sync
+                    # usable first: an accelerator's outputs never start a build that cannot serve
+                    # them; and never while torch.compile traces the hook (no real buffer to read)
+                    if self.native is not None and Native.usable([t]) and not torch.compiler.is_compiling() \
+                            and self.native.ready():  # a CPU buffer: a host number, no sync
                         self._seen.append((name, t.dtype, Native.absmax(t)))
                         continue
                     # max |t| as min and max in one fused reduction: no tensor-sized temporary

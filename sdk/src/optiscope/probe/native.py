@@ -346,13 +346,17 @@ class Native:
         return _S.lib.optiscope_absmax(t.data_ptr(), t.numel(), torch.get_num_threads())
 
 
-def _addresses(buf: torch.Tensor, counts: list[int]) -> ctypes.Array:
-    """The address of each tensor's part of ``buf`` (float32 parts of these lengths, in order)."""
+def addresses(buf: torch.Tensor, counts: list[int]) -> list[int]:
+    """The address of each tensor's part of the float32 ``buf``: parts of these lengths, in order."""
     out, at = [], buf.data_ptr()
     for c in counts:
         out.append(at)
         at += 4 * c
-    return (_P * len(counts))(*out)
+    return out
+
+
+def _addresses(buf: torch.Tensor, counts: list[int]) -> ctypes.Array:
+    return (_P * len(counts))(*addresses(buf, counts))
 
 
 def _ptrs(tensors) -> ctypes.Array:

@@ -29,6 +29,7 @@ from .blocks import Block, Scratch, Sums, sq_sum
 from . import fused
 from .fused import Kernels
 from .native import Native
+from .native import addresses as native_addresses
 
 #: |u| above this counts towards update bimodality (Adam's sign-like regime).
 BIMODAL_THRESHOLD = 0.9
@@ -103,35 +104,25 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
     had_v = [adam and "exp_avg_sq" in optimizer.state.get(p, {}) for p in params]
     # v-underestimation: g^2 / max(v / bc2, eps^2) = bc2 * g^2 / max(v, eps^2 * bc2), v = v_{t-1}.
     v_prev, floors, bc2s = [], [], []
-    memo: dict[tuple, tuple] = {}  # (group, step): a few distinct values for many tensors
+    memo: dict[tuple, tuple] = {}
     for p, h in zip(params, had_v):
         if h:
-            st, group = optimizer.state[p], group_of[id(p)]
-            t = _scalar_step(st["step"])
-            key = (id(group), t if isinstance(t, float) else id(st["step"]))
-            got = memo.get(key)
-            if got is None:
-                bc2 = _bias_corrections(group, t)[1]
-                got = memo[key] = (float(group["eps"]) ** 2 * bc2, bc2)
+            st = optimizer.state[p]
+            floor, bc2 = _once_per_step(memo, p, st, group_of[id(p)], _vu_scalars)
             v_prev.append(st["exp_avg_sq"])
-            floors.append(got[0])
-            bc2s.append(got[1])
+            floors.append(floor)
+            bc2s.append(bc2)
         else:
             v_prev.append(None)
             floors.append(1.0)
             bc2s.append(0.0)
     lengths = [p.numel() for p in params]
     grads = [p.grad for p in params]
-    addresses = None
     if native is not None and _native_fits(native, params, grads, v_prev, floors):
         if native.ready():
-            snap = scratch.snapshot(("native",), sum(lengths), device, params[0].dtype)
-            addresses, base = [], snap.data_ptr()
-            for n in lengths:
-                addresses.append(base)
-                base += 4 * n  # float32
-            vu = native.pre(params, addresses, grads, v_prev, floors, lengths)
-            return _before(Before([], [], {}, None, None, had_v, addresses), vu, bc2s, lengths, device)
+            snap = native_addresses(scratch.snapshot(("native",), sum(lengths), device, params[0].dtype), lengths)
+            vu = native.pre(params, snap, grads, v_prev, floors, lengths)
+            return _before(Before([], [], {}, None, None, had_v, snap), vu, bc2s, lengths, device)
         if native.building():
             kernels = None  # eager blocks until it is built, rather than a second compiler meanwhile
     sums = Sums(len(params), device)
@@ -171,8 +162,8 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
 
 def _native_fits(native: Native, params, grads, v_prev, floors) -> bool:
     """The native walks take float32 CPU tensors and step counts read as numbers."""
-    return params[0].device.type == "cpu" and all(isinstance(f, float) for f in floors) \
-        and native.usable(params) and native.usable(grads) and native.usable(v_prev)
+    return all(isinstance(f, float) for f in floors) and native.usable(params) and native.usable(grads) \
+        and native.usable(v_prev)
 
 
 def _before(out: Before, vu: torch.Tensor, bc2s: list, lengths: list[int], device) -> Before:
@@ -318,25 +309,40 @@ def _vector(values: list, device) -> torch.Tensor:
     return torch.stack([torch.as_tensor(v, dtype=F64).to(device) for v in values])
 
 
+def _once_per_step(memo: dict, p, st: dict, group: dict, make):
+    """``make(group, t, device)`` for a parameter's step count t: scalars that depend on its group
+    and step count only, shared by most parameters, so worked out once per (group, step, device)."""
+    t = _scalar_step(st["step"])
+    key = (id(group), t if isinstance(t, float) else id(st["step"]), p.device)
+    got = memo.get(key)
+    if got is None:
+        got = memo[key] = make(group, t, p.device)
+    return got
+
+
+def _vu_scalars(group: dict, t, device) -> tuple:
+    """v-underestimation's floor eps^2 * bc2 and bc2."""
+    bc2 = _bias_corrections(group, t)[1]
+    return float(group["eps"]) ** 2 * bc2, bc2
+
+
+def _adam_scalars(group: dict, t, device) -> tuple:
+    """(amsgrad, eps_d, thr, bc1, bc2, the fused kernels' (eps_d, thr) as 0-d tensors)."""
+    bc1, bc2 = _bias_corrections(group, t)
+    sqrt_bc2 = math.sqrt(bc2) if isinstance(bc2, float) else bc2.sqrt()
+    eps_d, thr = float(group["eps"]) * sqrt_bc2, BIMODAL_THRESHOLD * bc1 / sqrt_bc2
+    scal = tuple(torch.as_tensor(x, dtype=F64).to(device) for x in (eps_d, thr))
+    return bool(group.get("amsgrad")), eps_d, thr, bc1, bc2, scal
+
+
 def _adam_inputs(params, optimizer, group_of, stride: int, samples: bool = True) -> dict[str, list]:
     """Adam's state and per-tensor scalars; with ``samples``, the views of den that the
     epsilon-headroom medians read (the native walk gathers those itself)."""
     a: dict[str, list] = {k: [] for k in ("m", "v", "den", "ams", "eps_d", "thr", "bc1", "bc2", "per", "q", "scal")}
-    # The scalars of a parameter depend on its group and step count only, shared by most
-    # parameters: worked out once per (group, step), kernel arguments included.
     memo: dict[tuple, tuple] = {}
     for p in params:
-        st, group = optimizer.state[p], group_of[id(p)]
-        t = _scalar_step(st["step"])
-        key = (id(group), t if isinstance(t, float) else id(st["step"]), p.device)
-        got = memo.get(key)
-        if got is None:
-            bc1, bc2 = _bias_corrections(group, t)
-            sqrt_bc2 = math.sqrt(bc2) if isinstance(bc2, float) else bc2.sqrt()
-            eps_d, thr = float(group["eps"]) * sqrt_bc2, BIMODAL_THRESHOLD * bc1 / sqrt_bc2
-            dev = p.device
-            scal = tuple(torch.as_tensor(x, dtype=F64).to(dev) for x in (eps_d, thr))  # fused kernel arguments
-            got = memo[key] = (bool(group.get("amsgrad")), eps_d, thr, bc1, bc2, scal)
+        st = optimizer.state[p]
+        got = _once_per_step(memo, p, st, group_of[id(p)], _adam_scalars)
         ams = got[0]
         den = st["max_exp_avg_sq"] if ams else st["exp_avg_sq"]
         for k, x in zip(("ams", "eps_d", "thr", "bc1", "bc2", "scal"), got):
