@@ -9,7 +9,7 @@ of 1,000 steps (the SDK's default batch), a random walk with spikes and a few Na
 registered over 10 projects, a third of them finished. Then, over one keep-alive connection:
 
   series    GET /api/v1/runs/{id}/series/loss?max_points=2000   (downsampled, extremes kept)
-  runs      GET /api/v1/runs?project=p3&status=finished&limit=100  (a filtered first page)
+  runs      GET /api/v1/runs?project=p3&status=finished&config=lr=0.003&limit=100  (a filtered first page)
 
 Each query runs 5 times to warm up, then 30 times; the table gives the median and the 95th
 percentile of the wall time of each request as the client sees it (JSON decoding included).
@@ -100,9 +100,13 @@ def measure(db: str, workdir: Path, points: int, runs: int) -> dict:
 
             def check_runs(body):
                 assert body["runs"] and all(r["project"] == "p3" and r["status"] == "finished" for r in body["runs"])
+                # feed_runs: project k % 10, finished when k % 3 == 0, lr 1e-3 * (1 + k % 7)
+                want = sum(1 for k in range(runs) if k % 10 == 3 and k % 3 == 0 and k % 7 == 2)
+                assert len(body["runs"]) == min(100, want), (len(body["runs"]), want)
 
             series_ms = timed(client, f"{url}/api/v1/runs/big/series/loss?max_points=2000", check_series)
-            runs_ms = timed(client, f"{url}/api/v1/runs?project=p3&status=finished&limit=100", check_runs)
+            runs_ms = timed(client, f"{url}/api/v1/runs?project=p3&status=finished&config=lr=0.003&limit=100",
+                            check_runs)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -160,3 +160,51 @@ def test_compare_runs_and_export_csv(collector):
     rows = list(csv.reader(io.StringIO(r.text)))
     assert rows[0] == ["step", "rank", "value"] and [row[0] for row in rows[1:]] == ["1999", "2000", "2001"]
     assert rows[2][2] == "NaN" and float(rows[1][2]) == c.api("/runs/a/series/loss?start=1999&end=1999")["values"][0]
+
+
+def test_run_list_filters_sorting_and_cursor_pages(collector):
+    c = collector
+    made = []
+    for i in range(23):
+        body = {"project": "pa" if i % 2 else "pb", "name": f"run-{i:02d}",
+                "config": {"lr": [1e-3, 3e-4, 0.1 + 0.2][i % 3], "opt": "adamw" if i % 4 else "sgd", "warm": i % 5 == 0}}
+        r = httpx.put(f"{c.url}/api/v1/runs/r{i:02d}", json=body)
+        assert r.status_code == 200
+        made.append(r.json())
+        if i % 3 == 0:
+            httpx.post(f"{c.url}/api/v1/runs/r{i:02d}/finish", json={"status": "finished"}).raise_for_status()
+
+    def ids(query):
+        return [r["id"] for r in c.api("/runs?" + query)["runs"]]
+
+    newest_first = [r["id"] for r in sorted(made, key=lambda r: (r["created_at"], r["id"]), reverse=True)]
+    assert ids("limit=1000") == newest_first
+    assert ids("project=pa&status=finished") == [x for x in newest_first if int(x[1:]) % 2 and int(x[1:]) % 3 == 0]
+    assert ids("sort=name&order=asc&limit=5") == [f"r{i:02d}" for i in range(5)]
+    # config entries, matched as JSON values: numbers, strings, booleans
+    assert sorted(ids("config=lr=0.001&limit=1000")) == [f"r{i:02d}" for i in range(0, 23, 3)]
+    assert sorted(ids("config=lr=0.30000000000000004&config=opt=sgd")) == [f"r{i:02d}" for i in range(23)
+                                                                          if i % 3 == 2 and i % 4 == 0]
+    assert sorted(ids("config=warm=true")) == [f"r{i:02d}" for i in range(0, 23, 5)]
+    assert ids("config=nope=1") == []
+    # a time range
+    lo, hi = made[5]["created_at"], made[9]["created_at"]
+    assert sorted(ids(f"created_after={lo!r}&created_before={hi!r}")) == [f"r{i:02d}" for i in range(5, 9)]
+    # cursor pages: every run once, in order, whatever the page size; the last page has no cursor
+    for query in ("sort=name&order=desc", "sort=created_at&order=asc", "sort=updated_at&order=desc&project=pb"):
+        want, got, cursor = ids(query + "&limit=1000"), [], None
+        while True:
+            page = c.api(f"/runs?{query}&limit=4" + (f"&cursor={cursor}" if cursor else ""))
+            got += [r["id"] for r in page["runs"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert got == want, query
+    page = c.api("/runs?sort=name&limit=4")
+    r = httpx.get(f"{c.url}/api/v1/runs", params={"sort": "created_at", "limit": 4, "cursor": page["next_cursor"]})
+    assert r.status_code == 422 and r.json()["reason"] == "bad_cursor"  # a cursor of another sort
+    for bad in ("garbage", "W10="):
+        r = httpx.get(f"{c.url}/api/v1/runs", params={"cursor": bad})
+        assert r.status_code == 422 and r.json()["reason"] == "bad_cursor"
+    r = httpx.get(f"{c.url}/api/v1/runs", params={"config": "no-equals-sign"})
+    assert r.status_code == 422 and r.json()["reason"] == "bad_config_filter"

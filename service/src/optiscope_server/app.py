@@ -1,6 +1,7 @@
 """The collector's HTTP surface: ingest, REST history under /api/v1, /metrics, /healthz."""
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import zlib
@@ -72,6 +73,44 @@ async def read_body(request: Request, limit: int) -> bytes:
     elif encoding not in ("identity", ""):
         raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported (gzip is)")
     return body
+
+
+def config_filters(items: list[str]) -> dict[str, str]:
+    """``key=value`` query items as {key: the value's JSON text}: a value that parses as JSON (a
+    number, true, false, null) matches that JSON value, anything else matches the string."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not wire.NAME_RE.fullmatch(key):
+            raise ApiError(422, "bad_config_filter", {"loc": ["query", "config"], "input": item,
+                                                      "msg": "expected key=value with a key of letters, digits, _ . : / -"})
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        if isinstance(parsed, (dict, list)):
+            parsed = value
+        out[key] = json.dumps(parsed)
+    return out
+
+
+def encode_cursor(last: tuple, sort: str, order: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([sort, order, *last]).encode()).decode()
+
+
+def decode_cursor(cursor: str, sort: str, order: str) -> tuple:
+    """The (sort value, run id) a page ends on; a cursor made for another sort or order, or not
+    made by us, is a 422."""
+    try:
+        got_sort, got_order, value, run_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        ok = (got_sort, got_order) == (sort, order) and isinstance(run_id, str) and \
+            isinstance(value, str if sort == "name" else (int, float))
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise ApiError(422, "bad_cursor", {"loc": ["query", "cursor"],
+                                           "msg": "not a next_cursor of this listing (same sort and order)"})
+    return value, run_id
 
 
 def series_csv(data: "m.SeriesData") -> str:
@@ -207,8 +246,21 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
     # -- history -----------------------------------------------------------------------------
     @app.get("/api/v1/runs", tags=["history"], dependencies=api, response_model=m.RunList)
     def list_runs(project: str | None = None, status: Literal["running", "finished", "crashed"] | None = None,
-                  limit: int = Query(100, ge=1, le=1000)):
-        return m.RunList(runs=[m.run_out(r, run_url(r["id"])) for r in store().list_runs(project, status, limit)])
+                  created_after: float | None = Query(None, description="unix seconds, inclusive"),
+                  created_before: float | None = Query(None, description="unix seconds, exclusive"),
+                  config: list[str] = Query([], description="key=value, repeatable: a top-level config entry "
+                                                            "equal to value (a JSON number, true, false, null, or "
+                                                            "else a string)"),
+                  sort: Literal["created_at", "updated_at", "name"] = "created_at",
+                  order: Literal["desc", "asc"] = "desc", limit: int = Query(100, ge=1, le=1000),
+                  cursor: str | None = Query(None, max_length=1000, description="next_cursor of the previous page")):
+        """Runs, newest first by default, one page at a time."""
+        after = decode_cursor(cursor, sort, order) if cursor else None
+        rows, last = store().list_runs(project, status, limit, created_after=created_after,
+                                       created_before=created_before, config=config_filters(config), sort=sort,
+                                       descending=order == "desc", after=after)
+        return m.RunList(runs=[m.run_out(r, run_url(r["id"])) for r in rows],
+                         next_cursor=encode_cursor(last, sort, order) if last else None)
 
     @app.get("/api/v1/runs/{run_id}", tags=["history"], dependencies=api, response_model=m.RunDetail)
     def get_run(run_id: str = RUN_ID):

@@ -51,6 +51,7 @@ class RunDetail(RunOut):
 
 class RunList(BaseModel):
     runs: list[RunOut]
+    next_cursor: str | None = Field(None, description="pass as cursor= for the next page; null on the last page")
 
 
 class SeriesInfo(BaseModel):

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Text, cast, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -126,14 +126,41 @@ class Store:
             self._detectors.pop(run_id, None)
         return dict(row)
 
-    def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100) -> list[dict]:
-        q = select(runs).order_by(runs.c.created_at.desc()).limit(limit)
+    def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100, *,
+                  created_after: float | None = None, created_before: float | None = None,
+                  config: dict[str, str] | None = None, sort: str = "created_at", descending: bool = True,
+                  after: tuple | None = None) -> tuple[list[dict], tuple | None]:
+        """One page of runs and the key to pass as ``after`` for the next (None on the last page).
+
+        Keyset pagination on (sort column, id): a page costs the same wherever it starts, and runs
+        registered meanwhile never shift the pages. ``config`` matches top-level config entries by
+        their JSON text (``{"lr": "0.001", "opt": '"adamw"'}``) as the database renders it."""
+        col = runs.c[sort]
+        q = select(runs)
         if project:
             q = q.where(runs.c.project == project)
         if status:
             q = q.where(runs.c.status == status)
+        if created_after is not None:
+            q = q.where(runs.c.created_at >= created_after)
+        if created_before is not None:
+            q = q.where(runs.c.created_at < created_before)
+        for key, value in (config or {}).items():
+            q = q.where(self._config_entry(key) == value)
+        if after is not None:
+            key = tuple_(col, runs.c.id)
+            q = q.where(key < tuple_(*after) if descending else key > tuple_(*after))
+        q = q.order_by(*((col.desc(), runs.c.id.desc()) if descending else (col, runs.c.id))).limit(limit + 1)
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            rows = [dict(r) for r in conn.execute(q).mappings()]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, ((rows[-1][sort], rows[-1]["id"]) if more else None)
+
+    def _config_entry(self, key: str):
+        """The JSON text of one top-level config entry (NULL when absent)."""
+        entry = runs.c.config.op("->")(key)  # SQLite >= 3.38 and PostgreSQL: the entry as JSON
+        return cast(entry, Text) if self.engine.dialect.name == "postgresql" else entry
 
     def get_run(self, run_id: str) -> dict:
         with self.engine.connect() as conn:
