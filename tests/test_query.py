@@ -208,3 +208,60 @@ def test_run_list_filters_sorting_and_cursor_pages(collector):
         assert r.status_code == 422 and r.json()["reason"] == "bad_cursor"
     r = httpx.get(f"{c.url}/api/v1/runs", params={"config": "no-equals-sign"})
     assert r.status_code == 422 and r.json()["reason"] == "bad_config_filter"
+
+
+def test_deleting_a_run_or_a_project_removes_everything_of_it(collector, db_url, receiver):
+    """Retention: a deleted run leaves no row in any table (its alerts' webhook deliveries
+    included); other runs are untouched; a running run is refused unless forced."""
+    import sqlalchemy as sa
+
+    c = collector
+    for run_id, project in (("keep", "pa"), ("gone", "pa"), ("other1", "pb"), ("other2", "pb")):
+        assert httpx.put(f"{c.url}/api/v1/runs/{run_id}", json={"project": project, "name": run_id}).status_code == 200
+        recs = [(s, 1.7e9 + s, {"loss": math.nan if s == 3 else 1.0, "grad_norm": 2.0}) for s in range(10)]
+        r = httpx.post(f"{c.url}/api/v1/runs/{run_id}/batches", content=wire.encode_batch(wire.Batch(run_id, 0, 0, recs)),
+                       headers={"Content-Type": "application/vnd.optiscope.batch"})
+        assert r.status_code == 200 and r.json()["alerts"], r.text  # the NaN loss fired an alert
+    engine = sa.create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+    def rows_of(run_ids) -> dict[str, int]:
+        ids = ", ".join(f"'{r}'" for r in run_ids)
+        q = {"runs": f"SELECT count(*) FROM runs WHERE id IN ({ids})",
+             "run_ranks": f"SELECT count(*) FROM run_ranks WHERE run_id IN ({ids})",
+             "series": f"SELECT count(*) FROM series WHERE run_id IN ({ids})",
+             "chunks": f"SELECT count(*) FROM chunks JOIN series ON series.id = chunks.series_id WHERE run_id IN ({ids})",
+             "batches": f"SELECT count(*) FROM batches WHERE run_id IN ({ids})",
+             "alerts": f"SELECT count(*) FROM alerts WHERE run_id IN ({ids})",
+             "outbox": f"SELECT count(*) FROM outbox JOIN alerts ON alerts.id = outbox.alert_id WHERE run_id IN ({ids})"}
+        with engine.connect() as conn:
+            return {k: conn.execute(sa.text(sql)).scalar() for k, sql in q.items()}
+
+    before = rows_of(["gone"])
+    assert all(before.values()), before  # it really had rows everywhere
+    r = httpx.delete(f"{c.url}/api/v1/runs/gone")
+    assert r.status_code == 409 and r.json()["reason"] == "run_active"  # still running
+    assert rows_of(["gone"]) == before
+    httpx.post(f"{c.url}/api/v1/runs/gone/finish", json={"status": "finished"}).raise_for_status()
+    r = httpx.delete(f"{c.url}/api/v1/runs/gone")
+    assert r.status_code == 200 and r.json() == {"deleted": ["gone"]}
+    assert set(rows_of(["gone"]).values()) == {0}
+    keep = rows_of(["keep"])
+    assert all(keep.values()) and c.api("/runs/keep/series/loss")["steps"] == list(range(10))
+    assert httpx.get(f"{c.url}/api/v1/runs/gone").status_code == 404
+    assert httpx.delete(f"{c.url}/api/v1/runs/gone").status_code == 404
+    assert "gone" not in c.metrics()
+    # the id can be used again: a fresh run, with nothing of the old one
+    assert httpx.put(f"{c.url}/api/v1/runs/gone", json={"project": "pa", "name": "again"}).status_code == 200
+    assert c.api("/runs/gone/series")["series"] == [] and c.api("/runs/gone/alerts")["alerts"] == []
+    r = httpx.post(f"{c.url}/api/v1/runs/gone/batches", content=wire.encode_batch(wire.Batch(
+        "gone", 0, 0, [(s, 1.7e9 + s, {"loss": 5.0}) for s in range(3)])), headers={"Content-Type": "application/vnd.optiscope.batch"})
+    assert r.status_code == 200 and r.json()["duplicate"] is False  # its old idempotency keys went too
+    assert c.api("/runs/gone/series/loss")["values"] == [5.0] * 3
+    # a project: refused while its runs run, then everything of it goes, and nothing else
+    assert httpx.delete(f"{c.url}/api/v1/projects/pb").status_code == 409
+    r = httpx.delete(f"{c.url}/api/v1/projects/pb", params={"force": "true"})
+    assert r.status_code == 200 and r.json() == {"deleted": ["other1", "other2"]}
+    assert set(rows_of(["other1", "other2"]).values()) == {0}
+    assert rows_of(["keep"]) == keep
+    assert httpx.delete(f"{c.url}/api/v1/projects/pb").status_code == 404
+    engine.dispose()

@@ -262,6 +262,23 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
         return m.RunList(runs=[m.run_out(r, run_url(r["id"])) for r in rows],
                          next_cursor=encode_cursor(last, sort, order) if last else None)
 
+    def delete(run_id: str | None, project: str | None, force: bool) -> m.Deleted:
+        try:
+            return m.Deleted(deleted=store().delete_runs(run_id, project, force))
+        except Rejected as e:
+            raise ApiError(409, e.reason, str(e)) from None
+
+    @app.delete("/api/v1/runs/{run_id}", tags=["retention"], dependencies=api, response_model=m.Deleted)
+    def delete_run(run_id: str = RUN_ID, force: bool = Query(False, description="delete it even while running")):
+        """Delete a run completely: ranks, series, points, alerts and their webhook deliveries."""
+        return delete(run_id, None, force)
+
+    @app.delete("/api/v1/projects/{project}", tags=["retention"], dependencies=api, response_model=m.Deleted)
+    def delete_project(project: str = Path(pattern=wire.NAME_RE.pattern, max_length=wire.MAX_NAME_LEN),
+                       force: bool = Query(False, description="delete its runs even while running")):
+        """Delete every run of a project completely."""
+        return delete(None, project, force)
+
     @app.get("/api/v1/runs/{run_id}", tags=["history"], dependencies=api, response_model=m.RunDetail)
     def get_run(run_id: str = RUN_ID):
         return m.run_detail(store().get_run(run_id), run_url(run_id))

@@ -54,6 +54,10 @@ class RunList(BaseModel):
     next_cursor: str | None = Field(None, description="pass as cursor= for the next page; null on the last page")
 
 
+class Deleted(BaseModel):
+    deleted: list[str] = Field(description="the ids of the runs deleted")
+
+
 class SeriesInfo(BaseModel):
     model_config = NONFINITE_AS_STRINGS
     name: str

@@ -126,6 +126,34 @@ class Store:
             self._detectors.pop(run_id, None)
         return dict(row)
 
+    def delete_runs(self, run_id: str | None = None, project: str | None = None, force: bool = False) -> list[str]:
+        """Delete one run, or every run of a project, completely: its ranks, series, points,
+        idempotency keys, alerts and webhook deliveries go with it (foreign keys cascade), in one
+        transaction. A run still running is refused (``run_active``) unless ``force``: its trainer
+        would go on sending into a run that no longer exists. Returns the ids deleted."""
+        q = select(runs.c.id, runs.c.status)
+        q = q.where(runs.c.id == run_id) if run_id is not None else q.where(runs.c.project == project)
+        with self.engine.connect() as conn:
+            found = conn.execute(q).all()
+        if not found:
+            raise NotFound(run_id if run_id is not None else f"project {project}")
+        active = [rid for rid, status in found if status == "running"]
+        if active and not force:
+            raise Rejected("run_active", f"{len(active)} run(s) still running (e.g. {active[0]}); force=true deletes "
+                                         "them anyway")
+        ids = sorted(rid for rid, _ in found)
+        # no batch of these runs is ingested meanwhile (striped locks, taken in one order)
+        with contextlib.ExitStack() as held:
+            for lock in sorted({self._run_lock(r) for r in ids}, key=id):
+                held.enter_context(lock)
+            with self._writer, self.engine.begin() as conn:
+                conn.execute(runs.delete().where(runs.c.id.in_(ids)))
+            with self._cache_lock:
+                for rid in ids:
+                    self._series_cache.pop(rid, None)
+                    self._detectors.pop(rid, None)
+        return ids
+
     def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100, *,
                   created_after: float | None = None, created_before: float | None = None,
                   config: dict[str, str] | None = None, sort: str = "created_at", descending: bool = True,
