@@ -9,11 +9,12 @@ started as a user starts it (``mlflow server``, its defaults, a SQLite backend s
 directory, on loopback); ``senders`` processes post batches of realistic per-tensor metric names
 with increasing steps for ``duration_s`` seconds. Durable points are those of requests answered
 200: MLflow's SQL store commits a batch before it answers. ``bench/ingest.py --mlflow`` imports
-``run_baseline``.
+``run_baseline``; ``bench/query.py --mlflow`` starts its own server with ``tracking_server``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import multiprocessing as mp
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 MLFLOW_VERSION = "3.17.2"  # 3.18.0's mlflow-tracing dependency was not installable here
@@ -67,10 +69,15 @@ def _installed_version() -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def ensure_venv() -> str | None:
-    """The venv's MLflow version, making the venv first if needed; None (reason printed) on failure."""
+class Unavailable(RuntimeError):
+    """MLflow cannot be installed or started here; the message says why, in one line."""
+
+
+def make_venv() -> tuple[str | None, str | None]:
+    """(the venv's MLflow version, None), making the venv first if needed; (None, why) on failure,
+    the details printed."""
     if _installed_version() == MLFLOW_VERSION:
-        return MLFLOW_VERSION
+        return MLFLOW_VERSION, None
     print(f"mlflow baseline: installing mlflow=={MLFLOW_VERSION} into {VENV.name}/ (once; a few minutes)",
           file=sys.stderr)
     base = getattr(sys, "_base_executable", sys.executable)  # not a venv's python: no nesting
@@ -82,15 +89,22 @@ def ensure_venv() -> str | None:
     except subprocess.CalledProcessError as e:
         print(f"mlflow baseline: cannot make the MLflow venv ({' '.join(map(str, e.cmd[:4]))} ...):\n"
               f"{(e.stderr or '')[-3000:]}", file=sys.stderr)
-        return None
+        last = next((line.strip() for line in reversed((e.stderr or "").splitlines()) if line.strip()), "")
+        return None, f"cannot make its venv ({Path(str(e.cmd[0])).name} {' '.join(map(str, e.cmd[1:4]))} ... " \
+                     f"exited {e.returncode}{': ' + last[:200] if last else ''})"
     except (subprocess.TimeoutExpired, OSError) as e:
         print(f"mlflow baseline: cannot make the MLflow venv: {e}", file=sys.stderr)
-        return None
+        return None, f"cannot make its venv ({type(e).__name__}: {str(e)[:200]})"
     version = _installed_version()
     if version != MLFLOW_VERSION:
         print(f"mlflow baseline: the venv has mlflow {version!r}, not {MLFLOW_VERSION}", file=sys.stderr)
-        return None
-    return version
+        return None, f"its venv has mlflow {version!r}, not {MLFLOW_VERSION}"
+    return version, None
+
+
+def ensure_venv() -> str | None:
+    """The venv's MLflow version, making the venv first if needed; None (reason printed) on failure."""
+    return make_venv()[0]
 
 
 def _free_port() -> int:
@@ -207,22 +221,55 @@ def _stored(port: int, run_id: str, key: str) -> int:
             return n
 
 
-def run_baseline(duration_s: float = 20.0, senders: int = 2) -> dict | None:
-    """MLflow's ingest rate on this machine: ``{"points_per_s", "p50_ms", "p99_ms", "mlflow_version"}``,
-    or None (with the reason printed) when MLflow cannot be installed or started."""
-    version = ensure_venv()
+@dataclass
+class Server:
+    port: int
+    version: str
+    work: Path  # its temporary directory: the SQLite store, the artifacts, the server's log
+
+    def api(self, method: str, path: str, doc=None) -> dict:
+        return _api(self.port, method, path, doc)
+
+    def log_tail(self) -> str:
+        return _tail(self.work)
+
+
+@contextlib.contextmanager
+def tracking_server(prefix: str = "mlflow-baseline-"):
+    """A fresh MLflow tracking server as a user starts it (``mlflow server``, a SQLite backend store in
+    a temporary directory, loopback), the venv made first if needed; yields a ``Server``, stops the
+    server and removes the directory afterwards. Raises ``Unavailable`` (the details printed) when
+    MLflow cannot be installed or started."""
+    version, why = make_venv()
     if version is None:
-        return None
-    work = Path(tempfile.mkdtemp(prefix="mlflow-baseline-"))
-    port = _free_port()
+        raise Unavailable(why or "its virtual environment could not be made")
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     proc = None
-    procs: list = []
     try:
+        port = _free_port()
         try:
             proc = _start_server(port, work)
         except RuntimeError as e:
             print(f"mlflow baseline: {e}", file=sys.stderr)
+            raise Unavailable(f"mlflow server did not start ({str(e).splitlines()[0][:200]})") from e
+        yield Server(port, version, work)
+    finally:
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_baseline(duration_s: float = 20.0, senders: int = 2) -> dict | None:
+    """MLflow's ingest rate on this machine: ``{"points_per_s", "p50_ms", "p99_ms", "mlflow_version"}``,
+    or None (with the reason printed) when MLflow cannot be installed or started."""
+    procs: list = []
+    stack = contextlib.ExitStack()
+    try:
+        try:
+            server = stack.enter_context(tracking_server())
+        except Unavailable:
             return None
+        port, work, version = server.port, server.work, server.version
         exp = _api(port, "POST", "/api/2.0/mlflow/experiments/create", {"name": f"ingest-{os.getpid()}"})
         runs = [_api(port, "POST", "/api/2.0/mlflow/runs/create",
                      {"experiment_id": exp["experiment_id"], "start_time": int(time.time() * 1000),
@@ -268,9 +315,7 @@ def run_baseline(duration_s: float = 20.0, senders: int = 2) -> dict | None:
         for p in procs:
             if p.is_alive():
                 p.kill()
-        if proc is not None:
-            _stop(proc)
-        shutil.rmtree(work, ignore_errors=True)
+        stack.close()  # stops the server, removes its directory
 
 
 def main() -> int:

@@ -40,7 +40,7 @@ def test_json_batch_round_trip(run, rank, seq, recs):
         assert all(same(v1[k], v2[k]) for k in v1)
 
 
-@given(run=run_ids, rank=st.integers(0, 2**32 - 1), seq=st.integers(0, 2**64 - 1), recs=records)
+@given(run=run_ids, rank=st.integers(0, wire.MAX_RANK), seq=st.integers(0, 2**63 - 1), recs=records)
 def test_binary_batch_round_trip_is_bit_exact(run, rank, seq, recs):
     body = wire.encode_batch(wire.Batch(run, rank, seq, recs))
     assert wire.is_binary(body) and body[:4] == wire.MAGIC
@@ -180,3 +180,26 @@ def test_masked_series_and_limits_decode():
     many = _cols(steps=array("q"), times=array("d"),
                  series=[wire.Column(f"s{i}", array("d")) for i in range(wire.MAX_SERIES_PER_BATCH)])
     assert len(wire.decode_columns(wire.encode_columns(many)).series) == wire.MAX_SERIES_PER_BATCH
+
+
+def test_ranks_and_seqs_beyond_what_the_store_holds_are_refused():
+    """rank is a signed 32-bit integer in the store and seq a signed 64-bit one: a batch beyond them
+    is a clear bad_field, in either version, never an error at commit."""
+    for rank, seq in ((wire.MAX_RANK + 1, 0), (0, 2**63), (2**32 - 1, 2**64 - 1)):
+        binary = bytearray(wire.encode_batch(wire.Batch("r", 0, 0, [(0, 1.0, {"a": 1.0})])))
+        struct.pack_into("<IQ", binary, 8, rank, seq)  # after magic, version, flags, run id length
+        with pytest.raises(wire.WireError) as e:
+            wire.decode_columns(bytes(binary))
+        assert e.value.reason == "bad_field"
+        doc = json.dumps({"v": 1, "run": "r", "rank": rank, "seq": seq, "records": []})
+        with pytest.raises(wire.WireError) as e:
+            wire.decode_batch(doc)
+        assert e.value.reason == "bad_field"
+    for body, reason in (('{"v":1,"run":"r","rank":0,"seq":0,"records":[[9223372036854775808,0,{}]]}', "bad_step"),
+                         ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,1e999999,{}]]}', "bad_time"),
+                         ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,' + "9" * 400 + ',{}]]}', "bad_time"),
+                         ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,1,{"a":' + "9" * 400 + '}]]}', "bad_value"),
+                         ("[" * 100_000 + "]" * 100_000, "malformed_json")):
+        with pytest.raises(wire.WireError) as e:
+            wire.decode_batch(body)
+        assert e.value.reason == reason, body[:80]

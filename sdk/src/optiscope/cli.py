@@ -8,20 +8,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: optiscope serve [--host HOST] [--port PORT] [--db URL] [--webhook URL ...]\n"
+              "       optiscope db upgrade|current [--db URL]\n"
+              "       optiscope token create --project P --scope ingest|read|admin ... | list | revoke ID\n"
               "       optiscope sync [--url URL] [--token TOKEN] [--dir SPOOL_DIR]\n\n"
               "  serve    run the collector (needs the optiscope-server package)\n"
+              "  db       apply or show the collector database's schema migrations\n"
+              "  token    make, list and revoke the collector's API tokens\n"
               "  sync     send what killed or disconnected runs left in the spool")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "sync":
         return sync(rest)
-    if command == "serve":
+    if command in ("serve", "db", "token"):
         try:
-            from optiscope_server.cli import serve
+            from optiscope_server.cli import COMMANDS
         except ImportError:
-            print("optiscope: 'serve' needs the collector: pip install optiscope-server", file=sys.stderr)
+            print(f"optiscope: '{command}' needs the collector: pip install optiscope-server", file=sys.stderr)
             return 2
-        return serve(rest)
+        return COMMANDS[command](rest)
     print(f"optiscope: unknown command {command!r} (try --help)", file=sys.stderr)
     return 2
 

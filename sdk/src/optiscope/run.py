@@ -13,9 +13,10 @@ import secrets
 import socket
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from . import wire
+from .transport import rundoc
 from .transport.exporter import Exporter
 from .transport.http import HttpClient
 
@@ -36,7 +37,9 @@ def new_run_id() -> str:
 
 class Run:
     def __init__(self, project: str, name: str | None, url: str, token: str | None,
-                 config: Mapping[str, Any] | None, rank: int = 0, run_id: str | None = None, **exporter_options):
+                 config: Mapping[str, Any] | None, rank: int = 0, run_id: str | None = None,
+                 tags: Iterable[str] | None = None, environment: bool | Mapping[str, Any] = True,
+                 **exporter_options):
         self.id = run_id or new_run_id()
         self.project, self.url, self.rank = project, url.rstrip("/"), rank
         self.name = name or f"run-{self.id[-6:]}"
@@ -50,6 +53,18 @@ class Run:
         doc = {"project": project, "name": self.name, "rank": rank,
                "config": json.loads(json.dumps(self.config, default=str)),
                "host": socket.gethostname(), "pid": self._pid}
+        kept, dropped = rundoc.clean_tags(tags)
+        if dropped:
+            self._warn_once("tags", "%d tags dropped (e.g. %r): a tag is 1-100 of letters, digits and _.:/=+- "
+                            "(not starting with a symbol other than _), at most %d per run",
+                            len(dropped), dropped[0], wire.MAX_TAGS)
+        if kept:
+            doc["tags"] = kept
+        self._env_extra = dict(environment) if isinstance(environment, Mapping) else {}
+        self._env_on = environment is not False
+        if self._env_on:
+            doc["environment"] = self._environment()
+        self._doc = doc
         spool_opt = exporter_options.pop("spool", True)
         spool_root = exporter_options.pop("spool_dir", None)
         spool_max = exporter_options.pop("spool_max_bytes", None)
@@ -74,7 +89,7 @@ class Run:
     @property
     def counters(self) -> dict[str, int]:
         """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values,
-        spooled_batches, spool_full, replayed_batches, split_batches."""
+        spooled_batches, spool_full, replayed_batches, split_batches, heartbeats."""
         return dict(self._exporter.counters)
 
     def _warn_once(self, key: str, msg: str, *args, exc_info: bool = False) -> None:
@@ -84,6 +99,29 @@ class Run:
 
     def _active(self) -> bool:
         return not self._finished and os.getpid() == self._pid
+
+    def _environment(self) -> dict:
+        """This rank's fingerprint with the user's entries on top, within the collector's bound."""
+        from .probe.environment import fingerprint  # stdlib only: torch is read, never imported
+        env = fingerprint()
+        try:
+            env, cut = rundoc.bound_environment({**env, **self._env_extra})
+        except Exception:  # e.g. a circular structure among the user's entries: keep the fingerprint
+            self._warn_once("environment_extra", "the environment entries given to init() cannot be "
+                            "sent as JSON; they are left out", exc_info=True)
+            env, cut = rundoc.bound_environment(env)
+        if cut:
+            self._warn_once("environment_size", "the environment is over %d bytes as JSON; left out: %s",
+                            wire.MAX_ENVIRONMENT_BYTES, ", ".join(map(str, cut))[:200])
+        return env
+
+    def _refresh_environment(self) -> None:
+        # The model usually reaches the GPU between init() and watch(), and the fingerprint names
+        # devices only once CUDA is up (it never brings CUDA up itself): take it again, register again.
+        from .probe.environment import devices_pending
+        if self._env_on and devices_pending(self._doc.get("environment")):
+            self._doc = {**self._doc, "environment": self._environment()}
+            self._exporter.update_run_doc(self._doc)
 
     # -- public ------------------------------------------------------------------------------
     def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True, scaler=None,
@@ -120,6 +158,10 @@ class Run:
         except Exception:
             self._warn_once("watch", "could not attach to the optimizer; training continues unobserved",
                             exc_info=True)
+        try:
+            self._refresh_environment()
+        except Exception:
+            self._warn_once("refresh", "could not update the environment fingerprint", exc_info=True)
         return self
 
     def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
@@ -194,14 +236,21 @@ class Run:
 
 def init(project: str | None = None, name: str | None = None, url: str | None = None,
          token: str | None = None, config: Mapping[str, Any] | None = None, run_id: str | None = None,
-         rank: int | None = None, **options) -> Run:
+         rank: int | None = None, tags: Iterable[str] | None = None, environment: bool | Mapping[str, Any] = True,
+         **options) -> Run:
     """Start a run. ``url``, ``token`` and ``project`` fall back to ``OPTISCOPE_URL``,
     ``OPTISCOPE_TOKEN`` and ``OPTISCOPE_PROJECT``; the collector need not be reachable yet.
 
     The processes of one data-parallel training report to one run, each as its rank: ``run_id``
     (or ``OPTISCOPE_RUN_ID``, set once by the launcher for every process) names the shared run,
     and ``rank`` falls back to ``RANK`` (which torchrun sets), then 0. Without a run id every call
-    starts a new run."""
+    starts a new run.
+
+    ``tags``: strings of ``wire.TAG_RE`` (at most ``wire.MAX_TAGS``); others are dropped with one
+    log line. ``environment``: True sends this rank's fingerprint (``probe.environment``) with the
+    registration, False sends none, a dict adds its entries on top of the fingerprint.
+    ``heartbeat_interval`` (seconds, default 30, None for none) and the other options are the
+    exporter's bounds (``transport.exporter.Exporter``)."""
     project = project or os.environ.get("OPTISCOPE_PROJECT") or DEFAULT_PROJECT
     run_id = run_id or os.environ.get("OPTISCOPE_RUN_ID") or None
     if run_id is not None and not wire.RUN_ID_RE.fullmatch(run_id):
@@ -211,11 +260,19 @@ def init(project: str | None = None, name: str | None = None, url: str | None = 
             rank = int(os.environ.get("RANK", "0"))
         except ValueError:
             rank = 0
-    if rank < 0:
-        raise ValueError(f"optiscope: rank must be >= 0, got {rank}")
+    if not 0 <= rank <= wire.MAX_RANK:  # the collector refuses the registration of any other
+        raise ValueError(f"optiscope: rank must be from 0 to {wire.MAX_RANK}, got {rank}")
     url = url or os.environ.get("OPTISCOPE_URL") or DEFAULT_URL
     token = token or os.environ.get("OPTISCOPE_TOKEN") or None
     if not wire.valid_name(project):
         raise ValueError(f"optiscope: invalid project name {project!r}")
-    return Run(project, name, url, token, config, rank=rank, run_id=run_id, **options)
+    if not isinstance(environment, (bool, Mapping)):
+        raise ValueError(f"optiscope: environment must be True, False or a dict, got {type(environment).__name__}")
+    if tags is not None and not isinstance(tags, (str, Iterable)):
+        raise ValueError(f"optiscope: tags must be strings, got {type(tags).__name__}")
+    heartbeat = options.get("heartbeat_interval")
+    if heartbeat is not None and not heartbeat > 0:
+        raise ValueError(f"optiscope: heartbeat_interval must be > 0 seconds or None, got {heartbeat!r}")
+    return Run(project, name, url, token, config, rank=rank, run_id=run_id, tags=tags, environment=environment,
+               **options)
 

@@ -41,6 +41,13 @@ MAX_VALUES_PER_RECORD = 4_096   # version 1
 MAX_SERIES_PER_BATCH = 10_000   # version 2
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,199}$")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+MAX_RANK = 2**31 - 1  # ranks are signed 32-bit integers in the store
+#: The run registration's metadata: each tag must match TAG_RE (whole), at most MAX_TAGS per run; each
+#: rank's environment fingerprint is kept to MAX_ENVIRONMENT_BYTES as ``json.dumps`` writes it (ASCII,
+#: default separators: an upper bound of its compact UTF-8 size too).
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/=+\-]{0,99}")
+MAX_TAGS = 50
+MAX_ENVIRONMENT_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -162,14 +169,28 @@ def decode_value(x: Any) -> float:
     if isinstance(x, bool):  # bool is an int subclass; a True loss is a sender bug
         raise WireError("bad_value", f"boolean is not a metric value: {x!r}")
     if isinstance(x, (int, float)):
-        return float(x)
+        try:
+            return float(x)
+        except OverflowError:  # a JSON integer beyond float64: a sender bug, not an Inf
+            raise WireError("bad_value", f"integer too large for float64: {str(x)[:40]}...") from None
     if isinstance(x, str) and x in _NONFINITE_IN:
         return _NONFINITE_IN[x]
     raise WireError("bad_value", f"not a number: {x!r}")
 
 
+def _finite_float(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond float64
+        return False
+
+
 def valid_name(name: Any) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None  # fullmatch: "$" lets "\n" through
+
+
+def valid_tag(tag: Any) -> bool:
+    return isinstance(tag, str) and TAG_RE.fullmatch(tag) is not None
 
 
 def encode_batch(batch: Batch, version: int = WIRE_VERSION) -> bytes:
@@ -189,10 +210,10 @@ def encode_batch(batch: Batch, version: int = WIRE_VERSION) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _int(doc: Mapping, key: str, lo: int = 0) -> int:
+def _int(doc: Mapping, key: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
     v = doc.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise WireError("bad_field", f"'{key}' must be an integer >= {lo}, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise WireError("bad_field", f"'{key}' must be an integer from {lo} to {hi}, got {v!r}")
     return v
 
 
@@ -209,6 +230,8 @@ def _decode_json(body: bytes | str) -> Batch:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise WireError("malformed_json", f"body is not JSON: {e}") from None
+    except RecursionError:  # nesting deeper than the parser's stack; no batch is nested past 3
+        raise WireError("malformed_json", "body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise WireError("malformed_batch", "a batch is a JSON object")
     if doc.get("v") != 1:
@@ -220,7 +243,7 @@ def _decode_json(body: bytes | str) -> Batch:
     run = doc.get("run")
     if not isinstance(run, str) or not RUN_ID_RE.match(run):
         raise WireError("bad_field", f"'run' must be a run id, got {run!r}")
-    rank, seq = _int(doc, "rank"), _int(doc, "seq")
+    rank, seq = _int(doc, "rank", hi=MAX_RANK), _int(doc, "seq")
     records_in = doc.get("records")
     if not isinstance(records_in, list):
         raise WireError("bad_field", "'records' must be a list")
@@ -231,9 +254,9 @@ def _decode_json(body: bytes | str) -> Batch:
         if not (isinstance(rec, list) and len(rec) == 3 and isinstance(rec[2], dict)):
             raise WireError("malformed_record", f"record {i} must be [step, time, {{name: value}}]")
         step, t, values = rec
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= 2**63 - 1:
             raise WireError("bad_step", f"record {i}: step must be an integer >= 0, got {step!r}")
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not _finite_float(t):
             raise WireError("bad_time", f"record {i}: time must be a finite number, got {t!r}")
         if len(values) > MAX_VALUES_PER_RECORD:
             raise WireError("too_many_values", f"record {i}: {len(values)} values > {MAX_VALUES_PER_RECORD}")
@@ -376,6 +399,8 @@ def decode_columns(body: bytes | str) -> Columns:
         raise WireError("unsupported_version", f"binary wire version {version} is not supported (this side speaks 2)")
     if flags:
         raise WireError("bad_field", f"header flags must be 0, got {flags}")
+    if rank > MAX_RANK or seq > 2**63 - 1:  # stored as signed 32- and 64-bit integers
+        raise WireError("bad_field", f"rank must be at most {MAX_RANK} and seq at most 2**63 - 1")
     if n > MAX_RECORDS_PER_BATCH:
         raise WireError("too_many_records", f"{n} records > {MAX_RECORDS_PER_BATCH}")
     if n_series > MAX_SERIES_PER_BATCH:

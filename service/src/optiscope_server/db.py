@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
-from array import array
 
 from sqlalchemy import (BigInteger, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
-                        Table, Text, UniqueConstraint, create_engine, event, inspect, text)
+                        Table, Text, UniqueConstraint, create_engine, event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import JSON, TypeDecorator
 
@@ -49,6 +47,23 @@ runs = Table(
     Column("finished_at", Double),
 )
 
+# A project is created by the first run registered in it (or the first token made for it); its
+# name is what runs, tokens and the audit log refer to.
+projects = Table(
+    "projects", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("created_at", Double, nullable=False),
+)
+
+# Tags of a run, one row each: "runs tagged x" is one index range on every backend, where a JSON
+# array would need a dialect's own containment operator.
+run_tags = Table(
+    "run_tags", metadata,
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("tag", String(100), primary_key=True),
+    Index("ix_run_tags_tag", "tag", "run_id"),
+)
+
 # The processes of one run (data-parallel ranks): a run is finished once every rank that
 # registered has finished, and crashed as soon as one rank crashed.
 run_ranks = Table(
@@ -59,6 +74,13 @@ run_ranks = Table(
     Column("host", String(255)),
     Column("started_at", Double, nullable=False),
     Column("finished_at", Double),
+    # Each process reports its own environment (host, library versions, devices): the ranks of one
+    # run are meant to be alike, and a rank that differs is worth seeing.
+    Column("environment", JSON),
+    # When the collector last heard from the rank (registration, batch, heartbeat): a running rank
+    # silent for longer than the heartbeat timeout is marked crashed.
+    Column("last_seen", Double),
+    Column("crash_reason", String(16)),  # reported (by the SDK) | heartbeat (silent too long)
 )
 
 series = Table(
@@ -114,6 +136,10 @@ alerts = Table(
     Column("created_at", Double, nullable=False),
     Column("resolved_at", Double),
     Column("resolved_step", BigInteger),
+    # Acknowledged is orthogonal to firing/resolved: someone has seen the alert and owns it.
+    Column("acknowledged_at", Double),
+    Column("acknowledged_by", String(200)),
+    Column("ack_note", Text),
 )
 
 # Transactional outbox: a webhook delivery is written in the same transaction as its alert, so a
@@ -132,7 +158,38 @@ outbox = Table(
 )
 
 
-def make_engine(url: str) -> Engine:
+# API tokens: ``osk_<id>_<secret>``. Only a SHA-256 of the whole token is kept: the secret is 256
+# random bits, so a fast hash is as good as a slow one and costs nothing per request.
+tokens = Table(
+    "tokens", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("project", String(200), nullable=False, index=True),
+    Column("scopes", String(64), nullable=False),   # comma-separated: ingest, read, admin
+    Column("secret_hash", String(64), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("created_by", String(200)),
+    Column("revoked_at", Double),
+    Column("last_used_at", Double),
+)
+
+# Administrative actions (tokens, acknowledgements, deletions): who did what to which object, when.
+# Never deleted with the runs or projects it mentions.
+audit = Table(
+    "audit", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", Double, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("project", String(200)),
+    Column("target", String(200)),
+    Column("detail", JSON),
+    Column("remote", String(100)),
+    Index("ix_audit_project_id", "project", "id"),
+)
+
+
+def make_engine(url: str, migrate: bool = True) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -149,8 +206,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
     else:
         engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
-    metadata.create_all(engine)
-    _migrate_points(engine)
+    if migrate:
+        from .migrate import upgrade
+        upgrade(engine)
     return engine
 
 
@@ -185,29 +243,3 @@ class Checkpointer:
         self._thread.join(timeout=30)
         with self.writer, self.engine.connect() as conn:  # leave a short log behind
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
-
-
-def _migrate_points(engine: Engine, per_chunk: int = 100_000) -> None:
-    """A database written before chunked storage holds one row per point in ``points``: move them
-    into chunks, once, in one transaction, so no history disappears on upgrade."""
-    if not inspect(engine).has_table("points"):
-        return
-    with engine.begin() as conn:
-        keys = conn.execute(text("SELECT DISTINCT series_id, rank FROM points")).all()
-        for sid, rank in keys:  # one series and rank in memory at a time
-            got = conn.execute(text("SELECT step, value FROM points WHERE series_id = :s AND rank = :r ORDER BY step"),
-                               {"s": sid, "r": rank}).all()
-            for i in range(0, len(got), per_chunk):
-                steps = array("q", (st for st, _ in got[i:i + per_chunk]))
-                vals = array("d", (math.nan if v is None else v for _, v in got[i:i + per_chunk]))  # NULL was NaN
-                conn.execute(chunks.insert().values(
-                    series_id=sid, rank=rank, step_min=steps[0], step_max=steps[-1], last_value=vals[-1],
-                    steps=None if steps[-1] - steps[0] == len(steps) - 1 else _le_bytes(steps), vals=_le_bytes(vals)))
-        conn.execute(text("DROP TABLE points"))
-
-
-def _le_bytes(a: array) -> bytes:
-    if sys.byteorder != "little":
-        a = array(a.typecode, a)
-        a.byteswap()
-    return a.tobytes()

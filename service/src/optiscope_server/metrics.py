@@ -57,4 +57,6 @@ class Metrics:
         self.alerts = Counter("optiscope_alerts_fired", "Alerts fired, by rule", ["rule"], registry=r)
         self.webhooks = Counter("optiscope_webhook_deliveries", "Webhook delivery attempts, by outcome",
                                 ["outcome"], registry=r)
+        self.crashed = Counter("optiscope_runs_crashed", "Ranks marked crashed, by reason (reported by the SDK, "
+                               "or heartbeat: silent longer than the timeout)", ["reason"], registry=r)
         r.register(RunSeriesCollector(store, max_runs, active_window))

@@ -5,23 +5,50 @@ the same spelling as the wire format: non-finite values are data, never null.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optiscope import wire
 
 NONFINITE_AS_STRINGS = ConfigDict(ser_json_inf_nan="strings")
+#: PostgreSQL's text cannot hold a NUL character; refuse it at the door rather than fail at commit.
+NO_NUL = r"^[^\x00]*$"
 
 
 class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     project: str = Field(pattern=wire.NAME_RE.pattern, max_length=wire.MAX_NAME_LEN)
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     config: dict[str, Any] = Field(default_factory=dict)
-    rank: int = Field(0, ge=0)
-    host: str | None = Field(None, max_length=255)
+    rank: int = Field(0, ge=0, le=wire.MAX_RANK)
+    host: str | None = Field(None, max_length=255, pattern=NO_NUL)
     pid: int | None = None
+    tags: list[str] = Field(default_factory=list, max_length=wire.MAX_TAGS,
+                            description="labels to find the run by (tag= filter); they accumulate across ranks")
+    environment: dict[str, Any] | None = Field(None, description="this rank's environment fingerprint "
+                                                                 "(the SDK collects it)")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: list[str]) -> list[str]:
+        bad = [t for t in tags if not wire.valid_tag(t)]
+        if bad:
+            raise ValueError(f"tags must match {wire.TAG_RE.pattern}: {bad[:3]}")
+        return tags
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, env: dict | None) -> dict | None:
+        if env is not None and len(json.dumps(env)) > wire.MAX_ENVIRONMENT_BYTES:
+            raise ValueError(f"environment exceeds {wire.MAX_ENVIRONMENT_BYTES} bytes of JSON")
+        return env
+
+
+class ErrorOut(BaseModel):
+    reason: str = Field(description="machine-readable")
+    detail: Any = Field(description="for people, or the offending field")
 
 
 class RunOut(BaseModel):
@@ -33,7 +60,19 @@ class RunOut(BaseModel):
     created_at: float = Field(description="unix seconds")
     updated_at: float = Field(description="unix seconds of the last ingest or state change")
     finished_at: float | None
+    tags: list[str] = Field(default_factory=list)
     url: str
+
+
+class RankOut(BaseModel):
+    rank: int
+    status: str
+    host: str | None
+    started_at: float
+    finished_at: float | None
+    last_seen: float | None = Field(description="unix seconds the collector last heard from this rank")
+    crash_reason: str | None = Field(description="reported (by the SDK) or heartbeat (silent too long)")
+    environment: dict[str, Any] | None
 
 
 class LastValue(BaseModel):
@@ -45,13 +84,44 @@ class LastValue(BaseModel):
 class RunDetail(RunOut):
     model_config = NONFINITE_AS_STRINGS
     config: dict[str, Any]
+    environment: dict[str, Any] | None = Field(description="the environment of the lowest rank that sent one")
+    environment_differs: list[str] = Field(description="environment keys whose values differ between ranks")
+    ranks: list[RankOut]
     last: dict[str, LastValue] = Field(description="the newest point of each series")
-    alerts: dict[str, int] = Field(description="number of alerts by state")
+    alerts: dict[str, int] = Field(description="number of alerts by state, and firing_unacknowledged")
 
 
 class RunList(BaseModel):
     runs: list[RunOut]
     next_cursor: str | None = Field(None, description="pass as cursor= for the next page; null on the last page")
+
+
+class ProjectOut(BaseModel):
+    name: str
+    created_at: float
+    runs: int
+    running: int
+    last_activity: float | None = Field(description="unix seconds of the last ingest or state change of any run")
+
+
+class ProjectList(BaseModel):
+    projects: list[ProjectOut]
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: float
+    actor: str = Field(description="root, anonymous, token:<id> (<name>), or cli:<user>")
+    action: str = Field(description="token.create, token.revoke, alert.acknowledge, run.delete, project.delete")
+    project: str | None
+    target: str | None
+    detail: dict[str, Any] | None
+    remote: str | None
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntry]
+    next_cursor: str | None = Field(None, description="pass as cursor= for older entries")
 
 
 class Deleted(BaseModel):
@@ -112,24 +182,73 @@ class AlertOut(BaseModel):
     created_at: float
     resolved_at: float | None
     resolved_step: int | None
+    acknowledged_at: float | None = None
+    acknowledged_by: str | None = None
+    ack_note: str | None = None
     run_url: str
 
 
 class AlertList(BaseModel):
     alerts: list[AlertOut]
+    next_cursor: str | None = Field(None, description="pass as cursor= for older alerts")
 
 
 _RUN_FIELDS = ("id", "project", "name", "status", "host", "created_at", "updated_at", "finished_at")
 
 
 def run_out(row: dict, url: str) -> RunOut:
-    return RunOut(url=url, **{k: row[k] for k in _RUN_FIELDS})
+    return RunOut(url=url, tags=row.get("tags", []), **{k: row[k] for k in _RUN_FIELDS})
 
 
 def run_detail(row: dict, url: str) -> RunDetail:
-    return RunDetail(url=url, config=row["config"], last=row["last"], alerts=row["alerts"],
+    return RunDetail(url=url, config=row["config"], last=row["last"], alerts=row["alerts"], tags=row["tags"],
+                     environment=row["environment"], environment_differs=row["environment_differs"],
+                     ranks=[RankOut(**{k: r[k] for k in RankOut.model_fields}) for r in row["ranks"]],
                      **{k: row[k] for k in _RUN_FIELDS})
 
 
 def alert_out(row: dict, run_url: str) -> AlertOut:
     return AlertOut(run_url=run_url, **{k: v for k, v in row.items() if k in AlertOut.model_fields})
+
+
+# -- the ingest body, as documented in OpenAPI (the decoder in the wire module is what enforces it) --
+BATCH_JSON_V1 = {
+    "type": "object",
+    "title": "Batch (wire version 1)",
+    "additionalProperties": False,
+    "required": ["v", "run", "rank", "seq", "records"],
+    "properties": {
+        "v": {"const": 1},
+        "run": {"type": "string", "pattern": wire.RUN_ID_RE.pattern, "maxLength": 64},
+        "rank": {"type": "integer", "minimum": 0, "maximum": wire.MAX_RANK},
+        "seq": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "records": {
+            "type": "array",
+            "maxItems": wire.MAX_RECORDS_PER_BATCH,
+            "items": {
+                "type": "array",
+                "description": "[step, unix time, {series name: value}]",
+                "prefixItems": [
+                    {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    {"type": "number"},
+                    {"type": "object", "maxProperties": wire.MAX_VALUES_PER_RECORD,
+                     "propertyNames": {"pattern": wire.NAME_RE.pattern, "maxLength": wire.MAX_NAME_LEN},
+                     "additionalProperties": {"anyOf": [{"type": "number"},
+                                                        {"enum": ["NaN", "Infinity", "-Infinity"]}]}},
+                ],
+                "items": False,
+                "minItems": 3,
+                "maxItems": 3,
+            },
+        },
+    },
+}
+BATCH_REQUEST_BODY = {
+    "required": True,
+    "description": "one wire batch, told apart by its first bytes: binary version 2 (what the SDK sends) or a "
+                   "version 1 JSON document; may be gzip-compressed (Content-Encoding: gzip)",
+    "content": {
+        wire.CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": BATCH_JSON_V1},
+    },
+}

@@ -3,37 +3,30 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from sqlalchemy import Text, cast, func, or_, select, tuple_, update
+from sqlalchemy import Text, case, cast, exists, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from optiscope import wire
-from optiscope.detect import AlertEvent, Detector, default_detectors
+from optiscope.detect import Detector, default_detectors
 
+from .access import ensure_project, write_audit
+from .alertstore import AlertStore
 from .chunks import BatchColumns, merge
-from .db import Checkpointer, alerts, batches, chunks, make_engine, outbox, run_ranks, runs, series
+from .db import Checkpointer, alerts, batches, chunks, make_engine, projects, run_ranks, run_tags, runs, series
+from .errors import NotFound, Rejected
+from .lifecycle import Lifecycle, environment_differences
 
+log = logging.getLogger("optiscope.server")
 
 _CHUNK_COLUMNS = ("series_id", "rank", "step_min", "step_max", "last_value", "steps", "vals")
-
-
-class NotFound(LookupError):
-    pass
-
-
-class Rejected(ValueError):
-    """Input the store refuses; ``reason`` is machine-readable."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -55,7 +48,9 @@ def _finite_json(x):
     return x
 
 
-class Store:
+class Store(Lifecycle, AlertStore):
+    """Runs, series and points; alerts (AlertStore) and rank liveness (Lifecycle) are mixed in."""
+
     def __init__(self, url: str, max_series_per_run: int = 10_000,
                  detectors: Callable[[], list[Detector]] | None = None):
         self.url = url
@@ -84,9 +79,13 @@ class Store:
 
     # -- runs --------------------------------------------------------------------------------
     def upsert_run(self, run_id: str, project: str, name: str, config: dict, host: str | None,
-                   rank: int = 0) -> dict:
+                   rank: int = 0, tags: Iterable[str] = (), environment: dict | None = None) -> dict:
+        """Register a run, or a rank of it (idempotent). The first registration sets name and config;
+        tags accumulate; each rank keeps its own environment (a registration without one keeps the
+        last)."""
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
+            ensure_project(conn, project, now)
             stmt = self._insert(runs).values(id=run_id, project=project, name=name, status="running",
                                              config=_finite_json(config), host=host, created_at=now,
                                              updated_at=now)
@@ -94,60 +93,58 @@ class Store:
             row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one()
             if row["project"] != project:
                 raise Rejected("run_project_mismatch", f"run {run_id} belongs to project {row['project']!r}")
+            if tags:
+                conn.execute(self._insert(run_tags).on_conflict_do_nothing(),
+                             [{"run_id": run_id, "tag": t} for t in sorted(set(tags))])
+            env = None if environment is None else _finite_json(environment)
             # a rank registering again (a resumed process) is running again
-            ins = self._insert(run_ranks).values(run_id=run_id, rank=rank, status="running", host=host, started_at=now)
-            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"],
-                                                   set_={"status": "running", "finished_at": None, "host": host}))
-            row = self._settle(conn, run_id, now)
-        return dict(row)
+            ins = self._insert(run_ranks).values(run_id=run_id, rank=rank, status="running", host=host, started_at=now,
+                                                 environment=env, last_seen=now)
+            again = {"status": "running", "finished_at": None, "host": host, "last_seen": now, "crash_reason": None}
+            if env is not None:
+                again["environment"] = env
+            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"], set_=again))
+            row = dict(self._settle(conn, run_id, now))
+            row["tags"] = list(conn.execute(select(run_tags.c.tag).where(run_tags.c.run_id == run_id)
+                                            .order_by(run_tags.c.tag)).scalars())
+        return row
 
-    def _settle(self, conn: Connection, run_id: str, now: float):
-        """The run's status from its ranks': crashed if one crashed, finished when all finished."""
-        states = {s for (s,) in conn.execute(select(run_ranks.c.status).where(run_ranks.c.run_id == run_id))}
-        status = "crashed" if "crashed" in states else "running" if "running" in states or not states else "finished"
-        current = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one_or_none()
-        if current is not None and current != status:
-            conn.execute(update(runs).where(runs.c.id == run_id).values(
-                status=status, updated_at=now, finished_at=None if status == "running" else now))
-        return conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+    def run_project(self, run_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(runs.c.project).where(runs.c.id == run_id)).scalar()
 
-    def finish_run(self, run_id: str, status: str, rank: int = 0) -> dict:
-        now = time.time()
-        with self.engine.begin() as conn:
-            if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-                raise NotFound(run_id)
-            ins = self._insert(run_ranks).values(run_id=run_id, rank=rank, status=status, started_at=now,
-                                                 finished_at=now)
-            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"],
-                                                   set_={"status": status, "finished_at": now}))
-            row = self._settle(conn, run_id, now)
-        if row["status"] != "running":
-            # A finished run sends no more batches (a late one restores the state from the store).
-            self._detectors.pop(run_id, None)
-        return dict(row)
-
-    def delete_runs(self, run_id: str | None = None, project: str | None = None, force: bool = False) -> list[str]:
+    def delete_runs(self, run_id: str | None = None, project: str | None = None, force: bool = False,
+                    actor: str = "anonymous", remote: str | None = None) -> list[str]:
         """Delete one run, or every run of a project, completely: its ranks, series, points,
         idempotency keys, alerts and webhook deliveries go with it (foreign keys cascade), in one
         transaction. A run still running is refused (``run_active``) unless ``force``: its trainer
         would go on sending into a run that no longer exists. Returns the ids deleted."""
-        q = select(runs.c.id, runs.c.status)
+        q = select(runs.c.id, runs.c.status, runs.c.project)
         q = q.where(runs.c.id == run_id) if run_id is not None else q.where(runs.c.project == project)
         with self.engine.connect() as conn:
             found = conn.execute(q).all()
-        if not found:
+            known = project is not None and conn.execute(
+                select(projects.c.name).where(projects.c.name == project)).first() is not None
+        if not found and not known:
             raise NotFound(run_id if run_id is not None else f"project {project}")
-        active = [rid for rid, status in found if status == "running"]
+        active = [rid for rid, status, _ in found if status == "running"]
         if active and not force:
             raise Rejected("run_active", f"{len(active)} run(s) still running (e.g. {active[0]}); force=true deletes "
                                          "them anyway")
-        ids = sorted(rid for rid, _ in found)
+        ids = sorted(rid for rid, _, _ in found)
         # no batch of these runs is ingested meanwhile (striped locks, taken in one order)
         with contextlib.ExitStack() as held:
             for lock in sorted({self._run_lock(r) for r in ids}, key=id):
                 held.enter_context(lock)
             with self._writer, self.engine.begin() as conn:
                 conn.execute(runs.delete().where(runs.c.id.in_(ids)))
+                if run_id is not None:
+                    write_audit(conn, actor, "run.delete", found[0].project, run_id,
+                                {"force": force}, remote)
+                else:
+                    conn.execute(projects.delete().where(projects.c.name == project))
+                    write_audit(conn, actor, "project.delete", project, project, {"runs": len(ids), "force": force},
+                                remote)
             with self._cache_lock:
                 for rid in ids:
                     self._series_cache.pop(rid, None)
@@ -156,8 +153,8 @@ class Store:
 
     def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100, *,
                   created_after: float | None = None, created_before: float | None = None,
-                  config: dict[str, str] | None = None, sort: str = "created_at", descending: bool = True,
-                  after: tuple | None = None) -> tuple[list[dict], tuple | None]:
+                  config: dict[str, str] | None = None, tags: Iterable[str] = (), sort: str = "created_at",
+                  descending: bool = True, after: tuple | None = None) -> tuple[list[dict], tuple | None]:
         """One page of runs and the key to pass as ``after`` for the next (None on the last page).
 
         Keyset pagination on (sort column, id): a page costs the same wherever it starts, and runs
@@ -175,14 +172,23 @@ class Store:
             q = q.where(runs.c.created_at < created_before)
         for key, value in (config or {}).items():
             q = q.where(self._config_entry(key) == value)
+        for tag in tags:  # every tag given
+            q = q.where(exists().where(run_tags.c.run_id == runs.c.id, run_tags.c.tag == tag))
         if after is not None:
             key = tuple_(col, runs.c.id)
             q = q.where(key < tuple_(*after) if descending else key > tuple_(*after))
         q = q.order_by(*((col.desc(), runs.c.id.desc()) if descending else (col, runs.c.id))).limit(limit + 1)
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(q).mappings()]
-        more = len(rows) > limit
-        rows = rows[:limit]
+            more = len(rows) > limit
+            rows = rows[:limit]
+            tagged = collections.defaultdict(list)
+            if rows:
+                for rid, tag in conn.execute(select(run_tags.c.run_id, run_tags.c.tag).where(
+                        run_tags.c.run_id.in_([r["id"] for r in rows])).order_by(run_tags.c.tag)):
+                    tagged[rid].append(tag)
+        for r in rows:
+            r["tags"] = tagged.get(r["id"], [])
         return rows, ((rows[-1][sort], rows[-1]["id"]) if more else None)
 
     def _config_entry(self, key: str):
@@ -198,9 +204,20 @@ class Store:
             last = conn.execute(_latest(series.c.run_id == run_id).order_by(series.c.name)).all()
             counts = conn.execute(select(alerts.c.state, func.count()).where(alerts.c.run_id == run_id)
                                   .group_by(alerts.c.state)).all()
+            unacked = conn.execute(select(func.count()).where(alerts.c.run_id == run_id, alerts.c.state == "firing",
+                                                              alerts.c.acknowledged_at.is_(None))).scalar()
+            ranks = [dict(r) for r in conn.execute(select(run_ranks).where(run_ranks.c.run_id == run_id)
+                                                   .order_by(run_ranks.c.rank)).mappings()]
+            tags = list(conn.execute(select(run_tags.c.tag).where(run_tags.c.run_id == run_id)
+                                     .order_by(run_tags.c.tag)).scalars())
         out = dict(row)
         out["last"] = {n: {"step": s, "value": v} for _, n, s, v in last}
         out["alerts"] = {state: n for state, n in counts}
+        out["alerts"]["firing_unacknowledged"] = unacked
+        out["ranks"], out["tags"] = ranks, tags
+        envs = [r["environment"] for r in ranks if r["environment"] is not None]
+        out["environment"] = envs[0] if envs else None
+        out["environment_differs"] = environment_differences(envs)
         return out
 
     # -- series ------------------------------------------------------------------------------
@@ -301,6 +318,7 @@ class Store:
                                        None if math.isnan(c.last_value) else c.last_value, c.steps, c.vals)
                                       for c in prepared])
         conn.execute(update(runs).where(runs.c.id == batch.run).values(updated_at=now))
+        self._seen(conn, batch.run, batch.rank, now)
         result = IngestResult(duplicate=False, points=sum(c.n for c in prepared))
         for det in self._detectors_for(conn, batch.run):
             for ev in det.update_columns(cols.steps, cols, batch.rank):
@@ -340,52 +358,19 @@ class Store:
             have = dict(conn.execute(select(series.c.name, series.c.id).where(series.c.run_id == run_id)).all())
         return have
 
-    # -- alerts ------------------------------------------------------------------------------
-    def _record_alert(self, conn: Connection, run, ev: AlertEvent, targets: list[str], run_url: str,
-                      now: float) -> int:
-        if ev.state == "firing":
-            alert_id = conn.execute(alerts.insert().values(
-                run_id=run.id, rule=ev.rule, severity=ev.severity, state="firing", series=ev.series,
-                rank=ev.rank, step=ev.step, value=ev.value, message=ev.message, created_at=now)).inserted_primary_key[0]
-        else:
-            alert_id = conn.execute(select(alerts.c.id).where(
-                alerts.c.run_id == run.id, alerts.c.rule == ev.rule, alerts.c.series == ev.series,
-                alerts.c.rank == ev.rank, alerts.c.state == "firing").order_by(alerts.c.id.desc())).scalar()
-            if alert_id is None:
-                return -1
-            conn.execute(update(alerts).where(alerts.c.id == alert_id)
-                         .values(state="resolved", resolved_at=now, resolved_step=ev.step))
-        payload = json.dumps(webhook_event(alert_id, ev, run, run_url, now), allow_nan=False)
-        if targets:
-            conn.execute(outbox.insert(), [{"alert_id": alert_id, "target": t, "payload": payload, "attempts": 0,
-                                            "next_attempt_at": now} for t in targets])
-        return alert_id
-
-    def list_alerts(self, run_id: str | None = None, state: str | None = None, limit: int = 1000) -> list[dict]:
-        q = (select(alerts, runs.c.project).join(runs, runs.c.id == alerts.c.run_id)
-             .order_by(alerts.c.id.desc()).limit(limit))
-        if run_id is not None:
-            self.get_run_row(run_id)
-            q = q.where(alerts.c.run_id == run_id)
-        if state:
-            q = q.where(alerts.c.state == state)
+    # -- projects ----------------------------------------------------------------------------
+    def list_projects(self, only: str | None = None) -> list[dict]:
+        """Projects with their number of runs, of running runs, and the last activity of any run."""
+        per = (select(runs.c.project, func.count().label("runs"),
+                      func.sum(case((runs.c.status == "running", 1), else_=0)).label("running"),
+                      func.max(runs.c.updated_at).label("last_activity"))
+               .group_by(runs.c.project).subquery())
+        q = (select(projects.c.name, projects.c.created_at, per.c.runs, per.c.running, per.c.last_activity)
+             .select_from(projects.outerjoin(per, per.c.project == projects.c.name)).order_by(projects.c.name))
+        if only is not None:
+            q = q.where(projects.c.name == only)
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
-
-    # -- outbox ------------------------------------------------------------------------------
-    def due_deliveries(self, now: float, limit: int = 100) -> list[dict]:
-        q = (select(outbox.c.id, outbox.c.target, outbox.c.payload, outbox.c.attempts)
-             .where(outbox.c.delivered_at.is_(None), outbox.c.next_attempt_at <= now)
-             .order_by(outbox.c.id).limit(limit))
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
-
-    def mark_delivery(self, delivery_id: int, ok: bool, error: str | None, next_attempt_at: float) -> None:
-        values = ({"delivered_at": time.time(), "last_error": None} if ok else
-                  {"last_error": (error or "")[:500], "next_attempt_at": next_attempt_at})
-        with self.engine.begin() as conn:
-            conn.execute(update(outbox).where(outbox.c.id == delivery_id)
-                         .values(attempts=outbox.c.attempts + 1, **values))
+            return [{**dict(r), "runs": r.runs or 0, "running": r.running or 0} for r in conn.execute(q).mappings()]
 
     # -- metrics -----------------------------------------------------------------------------
     def active_runs_latest(self, since: float, max_runs: int, names: Iterable[str]) -> list[dict]:
@@ -419,16 +404,4 @@ def _latest(*where, outer: bool = False):
               .order_by(chunks.c.step_max.desc(), chunks.c.id.desc()).limit(1).correlate(series).scalar_subquery())
     return (select(series.c.run_id, series.c.name, chunks.c.step_max, chunks.c.last_value)
             .select_from(series.join(chunks, chunks.c.id == newest, isouter=outer)).where(*where))
-
-
-def webhook_event(alert_id: int, ev: AlertEvent, run, run_url: str, now: float) -> dict:
-    """The native JSON event POSTed to webhooks (documented in the README)."""
-    return {
-        "type": f"alert.{ev.state}",
-        "alert": {"id": alert_id, "rule": ev.rule, "severity": ev.severity, "state": ev.state,
-                  "series": ev.series, "step": ev.step, "rank": ev.rank, "value": wire.encode_value(ev.value),
-                  "message": ev.message},
-        "run": {"id": run.id, "project": run.project, "name": run.name, "url": run_url},
-        "time": now,
-    }
 

@@ -5,6 +5,11 @@ oldest record and counts it) and returns. One daemon thread registers the run, b
 size and time, and sends each batch with its idempotency key (run, rank, seq), retrying only what
 can succeed later. ``close`` is bounded by a timeout. Batches are encoded once, in wire version 2
 (binary, columnar), and those bytes are what is spooled, sent, and re-sent.
+
+A run that sends nothing for ``heartbeat_interval`` seconds (a long evaluation, a slow data
+loader, no ``log`` calls) sends a heartbeat instead, so the collector can tell a quiet rank from a
+dead one. A heartbeat is best-effort: one attempt per interval, never spooled, never retried on
+the batches' backoff, never sent while batches wait to be retried.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import time
 from typing import Any
 
 from .. import wire
+from . import rundoc
 from .http import RETRYABLE, HttpClient
 
 log = logging.getLogger("optiscope")
@@ -43,18 +49,28 @@ def materialize(record: Record) -> tuple[int, float, dict[str, float]]:
     return step, t, out
 
 
+#: Seconds without any request to the collector after which a registered run sends a heartbeat.
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+
+
 class Exporter:
+    """Bounds (see the README's table): ``max_queue`` records in memory (a full queue drops the
+    oldest), batches of ``max_batch_records`` or every ``flush_interval`` seconds, at most
+    ``max_pending_batches`` held for retry, retries ``backoff_max`` seconds apart at most, and one
+    heartbeat after ``heartbeat_interval`` seconds (30) with nothing sent (None: no heartbeats)."""
+
     def __init__(self, client: HttpClient, run_id: str, run_doc: dict, rank: int = 0,
                  max_queue: int = 100_000, max_batch_records: int = 1_000, flush_interval: float = 0.5,
                  max_pending_batches: int = 1_000, backoff_max: float = 10.0, spool=None,
-                 replay_root=None):
+                 replay_root=None, heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL):
         self.client = client
         self.run_id, self.run_doc, self.rank = run_id, run_doc, rank
         self.max_queue, self.max_batch_records = max_queue, max_batch_records
         self.flush_interval, self.max_pending, self.backoff_max = flush_interval, max_pending_batches, backoff_max
+        self.heartbeat_interval = heartbeat_interval if heartbeat_interval and heartbeat_interval > 0 else None
         self.counters = collections.Counter(dropped=0, sent_batches=0, sent_points=0, retries=0,
                                             rejected_batches=0, bad_values=0, spooled_batches=0,
-                                            spool_full=0, replayed_batches=0, split_batches=0)
+                                            spool_full=0, replayed_batches=0, split_batches=0, heartbeats=0)
         self.spool = spool  # transport.spool.Spool or None
         self._replay_root = replay_root  # other runs' spools to replay once the collector answers
         self._queue: collections.deque[Record] = collections.deque()
@@ -63,6 +79,9 @@ class Exporter:
         self._cv = threading.Condition()
         self._seq = 0
         self._registered = False
+        self._new_doc: dict | None = None  # from update_run_doc, for the exporter thread to take
+        self._doc_stale = False  # registered, but run_doc changed since: PUT it before the next batch
+        self._last_request = time.monotonic()  # the heartbeat's clock: any request, answered or not
         self._closing = False
         self._deadline = math.inf
         self._finish_status: str | None = None
@@ -81,6 +100,13 @@ class Exporter:
             self._queue.append(record)
             if len(self._queue) >= self.max_batch_records:
                 self._cv.notify()
+
+    def update_run_doc(self, doc: dict) -> None:
+        """Replace the registration document (e.g. a fingerprint that now knows the devices); the
+        exporter thread registers it again before its next batch (the PUT is idempotent)."""
+        with self._cv:
+            self._new_doc = doc
+            self._cv.notify()
 
     def close(self, timeout: float, status: str = "finished") -> bool:
         """Flush what is queued, mark the run finished, stop the thread. True when every record
@@ -118,17 +144,25 @@ class Exporter:
         # Two clocks: records are batched (and spooled) every flush_interval or max_batch_records,
         # whatever the collector does; sending waits out the backoff (or Retry-After) after a failure.
         backoff, send_at = 0.0, 0.0
+        first = True  # register at once, not a flush_interval later: the run shows up, heartbeats start
         while True:
             with self._cv:
-                if not self._closing and len(self._queue) < self.max_batch_records:
+                if not first and not self._closing and len(self._queue) < self.max_batch_records \
+                        and self._new_doc is None:
                     wake = self.flush_interval if not self._pending or not backoff else \
                         min(self.flush_interval, max(0.0, send_at - time.monotonic()))
+                    if self._heartbeat_on() and not backoff:  # wake for the heartbeat, records or not
+                        wake = min(wake, max(0.0, self._last_request + self.heartbeat_interval - time.monotonic()))
                     self._cv.wait(timeout=wake)
                 closing = self._closing
                 now = time.monotonic()
                 if now >= self._deadline:
                     return
                 records = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_records))]
+                new_doc, self._new_doc = self._new_doc, None
+                first = False
+            if new_doc is not None:
+                self._take_doc(new_doc)
             if records:
                 self._enqueue_batch(records)
             if now < send_at:
@@ -141,6 +175,8 @@ class Exporter:
             if not ok and self._retry_after:
                 backoff, self._retry_after = max(backoff, self._retry_after), 0.0
             send_at = time.monotonic() + backoff
+            if ok and not closing:
+                self._heartbeat()
             if ok and closing:
                 with self._cv:
                     if self._queue:
@@ -201,18 +237,21 @@ class Exporter:
             self._warn_once("spool_full", "the spool is full; new batches are kept in memory only")
         return spooled
 
-    def _call(self, method: str, path: str, body) -> int | None:
-        """Returns the status, or None when the collector could not be reached."""
+    def _call(self, method: str, path: str, body, quiet: frozenset[int] = frozenset()) -> int | None:
+        """Returns the status, or None when the collector could not be reached. ``quiet``: refusals
+        the caller handles itself, so not logged here."""
         try:
             status, headers, payload = self.client.request(method, path, body)
         except ConnectionError as e:
+            self._last_request = time.monotonic()
             self._warn_once("unreachable", "collector at %s unreachable (%s); will keep retrying",
                             self.client.base_url, e)
             return None
         if status in RETRYABLE and headers.get("retry-after", "").strip().isdigit():
             # the collector says when to come back (bounded by backoff_max)
             self._retry_after = min(self.backoff_max, float(headers["retry-after"]))
-        if status >= 400 and status not in RETRYABLE and status != 413:
+        self._last_request = time.monotonic()
+        if status >= 400 and status not in RETRYABLE and status != 413 and status not in quiet:
             reason = _reason(payload)
             self._warn_once(f"http{status}:{reason}", "%s %s rejected with %d (%s); dropping it",
                             method, path, status, reason)
@@ -220,15 +259,18 @@ class Exporter:
 
     def _drain(self) -> bool:
         """Register the run if needed, then send pending batches oldest first. False = back off."""
-        if not self._registered:
-            status = self._call("PUT", f"/api/v1/runs/{self.run_id}", self.run_doc)
+        if not self._registered or self._doc_stale:
+            status = self._register()
             if status is None or status in RETRYABLE:
                 self.counters["retries"] += 1
                 return False
-            self._registered = 200 <= status < 300
-            if not self._registered:  # e.g. 401: nothing we send will be accepted
-                return True
-            self._replay_others()
+            if self._doc_stale:  # a registered run's new document: accepted or not, the data goes on
+                self._doc_stale = False
+            else:
+                self._registered = 200 <= status < 300
+                if not self._registered:  # e.g. 401: nothing we send will be accepted
+                    return True
+                self._replay_others()
         while self._pending:
             seq, body, n, spooled = self._pending[0]
             status = self._call("POST", f"/api/v1/runs/{self.run_id}/batches", body)
@@ -248,6 +290,45 @@ class Exporter:
             else:
                 self.counters["rejected_batches"] += 1
         return True
+
+    def _register(self) -> int | None:
+        def put(method: str, path: str, body: dict) -> int | None:
+            # The document with tags/environment may be refused by an older collector: rundoc falls
+            # back to the core, so only a refused core is worth the generic "rejected" line.
+            optional = rundoc.core(body) is not None
+            return self._call(method, path, body, quiet=rundoc.REFUSED if optional else frozenset())
+
+        status, fell_back = rundoc.put_run(put, self.run_id, self.run_doc)
+        if fell_back:
+            self._warn_once("doc_refused", "the collector refused the run's tags/environment; the run is "
+                            "registered without them")
+        return status
+
+    def _take_doc(self, doc: dict) -> None:
+        """On the exporter thread (the spool's only user): the new document replaces the old one,
+        in the spool too (a replay registers what the run last said), and is sent before the next batch."""
+        self.run_doc = doc
+        self._doc_stale = self._registered  # not yet registered: the first PUT carries it anyway
+        if self.spool is not None:
+            try:
+                self.spool.set_doc(doc)
+            except OSError:
+                self._warn_once("spool_doc", "cannot update the run document in the spool at %s", self.spool.dir)
+
+    def _heartbeat_on(self) -> bool:
+        return bool(self.heartbeat_interval) and self._registered
+
+    def _heartbeat(self) -> None:
+        """Tell the collector this rank is alive, once ``heartbeat_interval`` passed with no request.
+        Called only after a drain that sent everything: a heartbeat never waits in front of a batch.
+        One attempt: failed or refused, the next is an interval later (the clock is any request)."""
+        if not self._heartbeat_on() or self._pending:
+            return
+        if time.monotonic() - self._last_request < self.heartbeat_interval:
+            return
+        status = self._call("POST", f"/api/v1/runs/{self.run_id}/heartbeat", {"rank": self.rank})
+        if status is not None and 200 <= status < 300:
+            self.counters["heartbeats"] += 1
 
     def _split(self, body: bytes, n: int) -> bool:
         """413: the collector's body limit is below this batch; send it as two halves instead

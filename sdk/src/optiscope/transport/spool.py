@@ -23,6 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from . import rundoc
 from .http import RETRYABLE
 
 MAGIC = b"OSB1"
@@ -67,13 +68,21 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = Lock(self.dir)
         self.lock.acquire()  # a replayer in another process leaves this spool alone while we live
-        (self.dir / "run.json").write_text(json.dumps({"run": run_id, "rank": rank, "doc": run_doc}))
+        self.run_id, self.rank = run_id, rank
+        self.set_doc(run_doc)
         self.max_bytes = max_bytes
         self._segment: Path | None = None
         self._segment_size = 0
         self._unacked: dict[Path, set[int]] = {}
         self._seg_of: dict[int, Path] = {}
         self.bytes = 0
+
+    def set_doc(self, run_doc: dict) -> None:
+        """Keep the run's registration document, the one a replay registers. Written to a temporary
+        file and renamed: a process killed mid-write leaves the old document, never half of one."""
+        tmp = self.dir / "run.json.tmp"
+        tmp.write_text(json.dumps({"run": self.run_id, "rank": self.rank, "doc": run_doc}))
+        os.replace(tmp, self.dir / "run.json")
 
     def append(self, seq: int, body: bytes) -> bool:
         """Durably record one batch before it is sent. False when the spool is full (the batch
@@ -164,7 +173,7 @@ def replay(directory: Path, client) -> tuple[str, int]:
         meta = json.loads((directory / "run.json").read_text())
         run_id = meta["run"]
         sent = 0
-        status = _status(client, "PUT", f"/api/v1/runs/{run_id}", meta["doc"])
+        status, _ = rundoc.put_run(lambda m, p, b: _status(client, m, p, b), run_id, meta["doc"])
         if status is None or status in RETRYABLE:
             return "unreachable", 0
         for seg in sorted(directory.glob("*.seg")):

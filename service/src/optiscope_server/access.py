@@ -1,0 +1,161 @@
+"""Access control: API tokens scoped to one project, and the audit log of administrative actions.
+
+A token reads ``osk_<id>_<secret>``: the prefix makes a leaked token recognisable to secret
+scanners, the id finds its row without a scan, and only a SHA-256 of the whole token is stored,
+compared in constant time. Scopes: ``ingest`` (register runs, send batches, heartbeats, finish),
+``read`` (every GET), ``admin`` (everything in its project: deletions, acknowledgements, the audit
+log). The collector's own ``--token`` is a root token: every scope on every project.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Engine
+
+from .db import audit, projects, tokens
+
+PREFIX = "osk_"
+SCOPES = ("ingest", "read", "admin")
+TOKEN_RE = re.compile(r"osk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+#: last_used_at is written at most this often per token: a write per request would queue every
+#: read behind SQLite's one writer.
+_TOUCH_EVERY = 60.0
+_DUMMY_HASH = hashlib.sha256(b"optiscope-no-such-token").hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``project`` None means every project (the root token, or an open collector)."""
+
+    actor: str
+    project: str | None
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+    def sees(self, project: str) -> bool:
+        return self.project is None or self.project == project
+
+
+ROOT = Principal("root", None, frozenset(SCOPES))
+OPEN = Principal("anonymous", None, frozenset(SCOPES))
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(engine: Engine, project: str, scopes: list[str], name: str, actor: str) -> tuple[str, dict]:
+    """A new token (shown once: only its hash is kept) and its row."""
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
+    tid = secrets.token_hex(8)
+    token = f"{PREFIX}{tid}_{secrets.token_urlsafe(32)}"
+    now = time.time()
+    row = {"id": tid, "name": name, "project": project, "scopes": ",".join(sorted(set(scopes))),
+           "secret_hash": _hash(token), "created_at": now, "created_by": actor}
+    with engine.begin() as conn:
+        ensure_project(conn, project, now)
+        conn.execute(insert(tokens).values(**row))
+        write_audit(conn, actor, "token.create", project, tid, {"name": name, "scopes": row["scopes"]})
+    return token, _public(row)
+
+
+def revoke_token(engine: Engine, token_id: str, actor: str) -> dict:
+    now = time.time()
+    with engine.begin() as conn:
+        row = conn.execute(select(tokens).where(tokens.c.id == token_id)).mappings().first()
+        if row is None:
+            raise LookupError(token_id)
+        if row["revoked_at"] is None:
+            conn.execute(update(tokens).where(tokens.c.id == token_id).values(revoked_at=now))
+            write_audit(conn, actor, "token.revoke", row["project"], token_id, {"name": row["name"]})
+        return _public(conn.execute(select(tokens).where(tokens.c.id == token_id)).mappings().one())
+
+
+def list_tokens(engine: Engine, project: str | None = None) -> list[dict]:
+    q = select(tokens).order_by(tokens.c.created_at)
+    if project is not None:
+        q = q.where(tokens.c.project == project)
+    with engine.connect() as conn:
+        return [_public(r) for r in conn.execute(q).mappings()]
+
+
+def _public(row) -> dict:
+    return {k: v for k, v in dict(row).items() if k != "secret_hash"}
+
+
+class Verifier:
+    """Checks bearer tokens against the table. Revocation is seen by the next request: rows are
+    read on every call (one primary-key lookup), never cached."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._touched: dict[str, float] = {}
+
+    def any_token(self) -> bool:
+        """Whether a token was ever made here: from then on every request needs one (revoking the
+        last token must not open the collector to everyone)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(tokens.c.id).limit(1)).first() is not None
+
+    def verify(self, token: str) -> Principal | None:
+        m = TOKEN_RE.fullmatch(token)
+        row = None
+        if m:
+            with self.engine.connect() as conn:
+                row = conn.execute(select(tokens.c.id, tokens.c.name, tokens.c.project, tokens.c.scopes,
+                                          tokens.c.secret_hash, tokens.c.revoked_at)
+                                   .where(tokens.c.id == m.group(1))).first()
+        # Compare even when there is no row, so a miss takes as long as a wrong secret.
+        ok = hmac.compare_digest(_hash(token), row.secret_hash if row is not None else _DUMMY_HASH)
+        if not ok or row is None or row.revoked_at is not None:
+            return None
+        self._touch(row.id)
+        return Principal(f"token:{row.id} ({row.name})", row.project, frozenset(row.scopes.split(",")))
+
+    def _touch(self, token_id: str) -> None:
+        now = time.time()
+        if now - self._touched.get(token_id, 0.0) < _TOUCH_EVERY:
+            return
+        self._touched[token_id] = now
+        with self.engine.begin() as conn:
+            conn.execute(update(tokens).where(tokens.c.id == token_id).values(last_used_at=now))
+
+
+def ensure_project(conn, project: str, now: float) -> None:
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as ins
+    else:
+        from sqlalchemy.dialects.sqlite import insert as ins
+    conn.execute(ins(projects).values(name=project, created_at=now).on_conflict_do_nothing())
+
+
+def write_audit(conn, actor: str, action: str, project: str | None, target: str | None, detail: dict | None = None,
+                remote: str | None = None) -> None:
+    """One audit entry, in the caller's transaction: the action and its record commit together."""
+    conn.execute(insert(audit).values(at=time.time(), actor=actor[:200], action=action, project=project,
+                                      target=None if target is None else str(target)[:200], detail=detail,
+                                      remote=remote))
+
+
+def list_audit(engine: Engine, project: str | None, action: str | None, limit: int,
+               before: int | None = None) -> list[dict]:
+    q = select(audit).order_by(audit.c.id.desc()).limit(limit)
+    if project is not None:
+        q = q.where(audit.c.project == project)
+    if action is not None:
+        q = q.where(audit.c.action == action)
+    if before is not None:
+        q = q.where(audit.c.id < before)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(q).mappings()]
