@@ -194,8 +194,8 @@ def test_open_on_loopback_until_a_token_exists_and_never_again_after(tmp_path):
     c = Collector(db, cwd=tmp_path).start()
     try:
         assert httpx.get(f"{c.url}/api/v1/runs").status_code == 200  # the embedded default: open on loopback
-        token = make_token(db, "p", "read")  # made while the collector runs: it applies at once
-        assert httpx.get(f"{c.url}/api/v1/runs").status_code == 401
+        token = make_token(db, "p", "read")  # made while the collector runs: it applies within a second
+        wait_until(lambda: httpx.get(f"{c.url}/api/v1/runs").status_code == 401, 3, what="the collector closing")
         assert httpx.get(f"{c.url}/api/v1/runs", headers=auth(token)).status_code == 200
         assert cli("token", "revoke", token_id(token), db=db).returncode == 0
         assert httpx.get(f"{c.url}/api/v1/runs", headers=auth(token)).status_code == 401  # revocation is immediate

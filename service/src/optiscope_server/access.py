@@ -26,6 +26,8 @@ TOKEN_RE = re.compile(r"osk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 #: last_used_at is written at most this often per token: a write per request would queue every
 #: read behind SQLite's one writer.
 _TOUCH_EVERY = 60.0
+#: How long "no token exists" is believed before the table is asked again.
+NO_TOKEN_TTL = 1.0
 _DUMMY_HASH = hashlib.sha256(b"optiscope-no-such-token").hexdigest()
 
 
@@ -100,12 +102,20 @@ class Verifier:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._touched: dict[str, float] = {}
+        self._seen_token = False
+        self._asked_at = -1e18
 
     def any_token(self) -> bool:
         """Whether a token was ever made here: from then on every request needs one (revoking the
-        last token must not open the collector to everyone)."""
-        with self.engine.connect() as conn:
-            return conn.execute(select(tokens.c.id).limit(1)).first() is not None
+        last token must not open the collector to everyone). Rows are never deleted, so a yes is
+        remembered; a no is asked again at most once a second (``optiscope token create`` may run
+        at any time: the open collector closes within a second of it), not on every request."""
+        now = time.monotonic()
+        if not self._seen_token and now - self._asked_at >= NO_TOKEN_TTL:
+            with self.engine.connect() as conn:
+                self._seen_token = conn.execute(select(tokens.c.id).limit(1)).first() is not None
+            self._asked_at = now
+        return self._seen_token
 
     def verify(self, token: str) -> Principal | None:
         m = TOKEN_RE.fullmatch(token)

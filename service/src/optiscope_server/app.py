@@ -80,6 +80,7 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store = Store(settings.db_url, max_series_per_run=settings.max_series_per_run)
+        store.seen_interval = min(5.0, settings.heartbeat_timeout / 4)
         metrics = Metrics(store, settings.metrics_max_runs, settings.metrics_active_window)
         dispatcher = WebhookDispatcher(store, on_result=lambda ok: metrics.webhooks.labels(
             "delivered" if ok else "failed").inc())
@@ -132,7 +133,7 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
                                             "(missing, unknown or revoked token)")
 
     def need(scope: str):
-        def check(who: Principal = Depends(principal)) -> Principal:
+        async def check(who: Principal = Depends(principal)) -> Principal:  # no I/O: stays on the loop
             if not who.allows(scope):
                 raise ApiError(403, "insufficient_scope", f"this needs a token with the {scope!r} scope")
             return who

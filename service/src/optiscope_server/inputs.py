@@ -87,7 +87,7 @@ def decode_cursor(cursor: str, sort: str, order: str) -> tuple:
     return value, run_id
 
 
-def refuse_nul(request: Request) -> None:
+async def refuse_nul(request: Request) -> None:  # async: no I/O, so no hop to the thread pool
     """No path or query value may hold a NUL character: PostgreSQL's text cannot store one, and no
     name, id or filter of ours contains one."""
     if "\x00" in request.url.path or any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):

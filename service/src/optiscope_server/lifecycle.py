@@ -63,6 +63,9 @@ class Lifecycle:
                     log.warning("run %s: %d rank(s) silent for %.0f s, marked crashed (now %s)", run_id, n, timeout,
                                 row["status"])
             self._detectors.pop(run_id, None)
+            with self._cache_lock:  # its next batch must reach _seen, to revive it
+                for key in [k for k in self._seen_at if k[0] == run_id]:
+                    del self._seen_at[key]
         return changed
 
     def _settle(self, conn: Connection, run_id: str, now: float):

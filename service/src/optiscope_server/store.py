@@ -71,6 +71,11 @@ class Store(Lifecycle, AlertStore):
         # of known series costs no catalog query. Bounded: the least recently used run leaves.
         self._series_cache: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
+        # (run, rank) -> monotonic time its last_seen was last written by this replica: a batch
+        # rewrites it only every seen_interval seconds (kept below a quarter of the heartbeat
+        # timeout, so no busy rank looks silent), sparing a write per batch. Bounded like the cache.
+        self.seen_interval = 5.0
+        self._seen_at: collections.OrderedDict[tuple[str, int], float] = collections.OrderedDict()
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -318,7 +323,14 @@ class Store(Lifecycle, AlertStore):
                                        None if math.isnan(c.last_value) else c.last_value, c.steps, c.vals)
                                       for c in prepared])
         conn.execute(update(runs).where(runs.c.id == batch.run).values(updated_at=now))
-        self._seen(conn, batch.run, batch.rank, now)
+        key, tick = (batch.run, batch.rank), time.monotonic()
+        if tick - self._seen_at.get(key, -math.inf) >= self.seen_interval:
+            self._seen(conn, batch.run, batch.rank, now)
+            with self._cache_lock:
+                self._seen_at[key] = tick
+                self._seen_at.move_to_end(key)
+                while len(self._seen_at) > 4096:
+                    self._seen_at.popitem(last=False)
         result = IngestResult(duplicate=False, points=sum(c.n for c in prepared))
         for det in self._detectors_for(conn, batch.run):
             for ev in det.update_columns(cols.steps, cols, batch.rank):
