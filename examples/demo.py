@@ -60,7 +60,7 @@ def start_collector(workdir: Path, webhook: str) -> tuple[subprocess.Popen, str]
     port = free_port()
     exe = Path(sys.executable).parent / "optiscope"
     proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--db", f"sqlite:///{workdir / 'optiscope.db'}",
-                             "--webhook", webhook, "--log-level", "warning"], cwd=workdir)
+                             "--webhook", webhook, "--allow-internal-webhooks", "--log-level", "warning"], cwd=workdir)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -101,6 +101,8 @@ class Receiver:
     def __init__(self):
         self.events: list[dict] = []
         self.headers: list[dict] = []
+        self.bodies: list[bytes] = []  # as received, for signature checks
+        self.attempts: list[dict] = []  # every request's headers, whatever was answered
         self.status = 200  # what the receiver answers; tests may change it
         receiver = self
 
@@ -108,9 +110,11 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 code = receiver.status
+                receiver.attempts.append({k.lower(): v for k, v in self.headers.items()})
                 if code == 200:
                     receiver.events.append(json.loads(body))
-                    receiver.headers.append(dict(self.headers))
+                    receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    receiver.bodies.append(body)
                 self.send_response(code)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -152,6 +156,8 @@ class Collector:
         args = [str(BIN / "optiscope"), "serve", "--port", str(self.port), "--db", self.db, "--log-level", "warning"]
         for w in self.webhooks:
             args += ["--webhook", w]
+        if self.webhooks:  # the tests' receivers listen on loopback
+            args += ["--allow-internal-webhooks"]
         if self.token:
             args += ["--token", self.token]
         args += self.extra_args

@@ -58,12 +58,15 @@ def secured(db_url, tmp_path):
     assert httpx.put(f"{c.url}/api/v1/runs/b1", json={"project": "beta", "name": "b"},
                      headers=auth(t["beta"])).status_code == 200
     alert = httpx.get(f"{c.url}/api/v1/alerts", headers=auth(t["read"])).json()["alerts"][0]
+    hook = httpx.post(f"{c.url}/api/v1/webhooks", json={"url": "https://example.com/hook"}, headers=auth(t["admin"]))
+    assert hook.status_code == 201 and hook.json()["project"] == "alpha", hook.text
+    c.hook_id = hook.json()["id"]
     yield c, t, alert["id"]
     c.stop()
 
 
 # (method, path, json body or batch seq, the scope it needs)
-def endpoints(alert_id: int) -> list[tuple]:
+def endpoints(alert_id: int, hook_id: int) -> list[tuple]:
     return [
         ("PUT", "/runs/a1", {"project": "alpha", "name": "a1"}, "ingest"),
         ("POST", "/runs/a1/batches", "batch", "ingest"),
@@ -80,6 +83,11 @@ def endpoints(alert_id: int) -> list[tuple]:
         ("GET", "/alerts?project=alpha", None, "read"),
         ("POST", f"/alerts/{alert_id}/acknowledge", {"note": "mine"}, "admin"),
         ("GET", "/audit?project=alpha", None, "admin"),
+        ("GET", "/webhooks", None, "admin"),
+        ("POST", "/webhooks", {"url": "https://example.com/h", "project": "alpha"}, "admin"),
+        ("POST", f"/webhooks/{hook_id}/rotate", None, "admin"),
+        ("POST", f"/webhooks/{hook_id}/enable", None, "admin"),
+        ("DELETE", f"/webhooks/{hook_id}", None, "admin"),
         ("DELETE", "/runs/a2?force=true", None, "admin"),
         ("DELETE", "/projects/alpha?force=true", None, "admin"),
     ]
@@ -103,7 +111,7 @@ def test_every_endpoint_refuses_what_it_must_and_allows_its_scope(secured):
     wrong = [None, "osk_0123456789abcdef_" + "A" * 43, t["admin"][:-1] + ("B" if t["admin"][-1] != "B" else "C"),
              "not-a-token", t["revoked"]]
     failures = []
-    for method, path, body, scope in endpoints(alert_id):
+    for method, path, body, scope in endpoints(alert_id, c.hook_id):
         def expect(token, status, reason, what):
             r = call(method, path, body, token)
             got = (r.status_code, r.json().get("reason") if r.headers.get("content-type", "").startswith(
@@ -122,6 +130,12 @@ def test_every_endpoint_refuses_what_it_must_and_allows_its_scope(secured):
             r = call(method, path, body, t["beta"])
             if [p["name"] for p in r.json()["projects"]] != ["beta"]:
                 failures.append(f"GET /projects with beta's token shows {r.text[:200]}")
+        elif (method, path) == ("GET", "/webhooks"):
+            r = call(method, path, body, t["beta"])
+            if r.json()["webhooks"] != []:
+                failures.append(f"GET /webhooks with beta's token shows {r.text[:200]}")
+        elif (method, path) == ("POST", "/webhooks"):
+            expect(t["beta"], 403, "project_not_allowed", "beta's token")
         elif method == "PUT":
             expect(t["beta"], 403, "project_not_allowed", "beta's token")
             r = httpx.put(f"{c.url}/api/v1/runs/a1", json={"project": "beta", "name": "x"}, headers=auth(t["beta"]))

@@ -6,6 +6,7 @@ Mixed into ``Store``: it uses the store's engine, writer lock and ``get_run_row`
 from __future__ import annotations
 
 import json
+import secrets
 import time
 
 from sqlalchemy import select, update
@@ -14,31 +15,35 @@ from sqlalchemy.engine import Connection
 from optiscope import wire
 from optiscope.detect import AlertEvent
 
+from . import hooks
 from .access import write_audit
-from .db import alerts, outbox, runs
+from .db import alerts, outbox, runs, webhooks
 from .errors import NotFound
 
 
 class AlertStore:
     # -- alerts ------------------------------------------------------------------------------
-    def _record_alert(self, conn: Connection, run, ev: AlertEvent, targets: list[str], run_url: str,
-                      now: float) -> int:
+    def _record_alert(self, conn: Connection, run, ev: AlertEvent, run_url: str, now: float) -> int:
         if ev.state == "firing":
             alert_id = conn.execute(alerts.insert().values(
                 run_id=run.id, rule=ev.rule, severity=ev.severity, state="firing", series=ev.series,
                 rank=ev.rank, step=ev.step, value=ev.value, message=ev.message, created_at=now)).inserted_primary_key[0]
+            started = now
         else:
-            alert_id = conn.execute(select(alerts.c.id).where(
+            found = conn.execute(select(alerts.c.id, alerts.c.created_at).where(
                 alerts.c.run_id == run.id, alerts.c.rule == ev.rule, alerts.c.series == ev.series,
-                alerts.c.rank == ev.rank, alerts.c.state == "firing").order_by(alerts.c.id.desc())).scalar()
-            if alert_id is None:
+                alerts.c.rank == ev.rank, alerts.c.state == "firing").order_by(alerts.c.id.desc())).first()
+            if found is None:
                 return -1
+            alert_id, started = found
             conn.execute(update(alerts).where(alerts.c.id == alert_id)
                          .values(state="resolved", resolved_at=now, resolved_step=ev.step))
-        payload = json.dumps(webhook_event(alert_id, ev, run, run_url, now), allow_nan=False)
+        payload = json.dumps(webhook_event(alert_id, ev, run, run_url, now, started), allow_nan=False)
+        targets = hooks.targets_for(conn, run.project)
         if targets:
-            conn.execute(outbox.insert(), [{"alert_id": alert_id, "target": t, "payload": payload, "attempts": 0,
-                                            "next_attempt_at": now} for t in targets])
+            conn.execute(outbox.insert(), [{"alert_id": alert_id, "webhook_id": t.id, "target": t.url,
+                                            "msg_id": f"msg_{secrets.token_hex(12)}", "payload": payload,
+                                            "attempts": 0, "next_attempt_at": now} for t in targets])
         return alert_id
 
     def list_alerts(self, run_id: str | None = None, state: str | None = None, limit: int = 1000, *,
@@ -85,11 +90,37 @@ class AlertStore:
 
     # -- outbox ------------------------------------------------------------------------------
     def due_deliveries(self, now: float, limit: int = 100) -> list[dict]:
-        q = (select(outbox.c.id, outbox.c.target, outbox.c.payload, outbox.c.attempts)
+        """Deliveries due now, with their endpoint's format, secrets and state (a delivery written
+        before endpoints were rows has none: native, unsigned)."""
+        q = (select(outbox.c.id, outbox.c.target, outbox.c.payload, outbox.c.attempts, outbox.c.msg_id,
+                    outbox.c.webhook_id, webhooks.c.format, webhooks.c.secrets, webhooks.c.disabled_at)
+             .select_from(outbox.outerjoin(webhooks, webhooks.c.id == outbox.c.webhook_id))
              .where(outbox.c.delivered_at.is_(None), outbox.c.next_attempt_at <= now)
              .order_by(outbox.c.id).limit(limit))
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    def alertmanager_endpoints(self) -> list[dict]:
+        q = select(webhooks.c.id, webhooks.c.url, webhooks.c.project, webhooks.c.secrets).where(
+            webhooks.c.format == "alertmanager", webhooks.c.disabled_at.is_(None))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def firing_events(self, project: str | None, run_url, limit: int = 1000) -> list[dict]:
+        """The native event of every firing alert (of one project, or all), as when it fired."""
+        q = (select(alerts, runs.c.project, runs.c.name.label("run_name")).join(runs, runs.c.id == alerts.c.run_id)
+             .where(alerts.c.state == "firing").order_by(alerts.c.id).limit(limit))
+        if project is not None:
+            q = q.where(runs.c.project == project)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [{"type": "alert.firing",
+                 "alert": {"id": r["id"], "rule": r["rule"], "severity": r["severity"], "state": "firing",
+                           "series": r["series"], "step": r["step"], "rank": r["rank"],
+                           "value": wire.encode_value(r["value"]), "message": r["message"],
+                           "created_at": r["created_at"]},
+                 "run": {"id": r["run_id"], "project": r["project"], "name": r["run_name"], "url": run_url(r["run_id"])},
+                 "time": r["created_at"]} for r in rows]
 
     def mark_delivery(self, delivery_id: int, ok: bool, error: str | None, next_attempt_at: float) -> None:
         values = ({"delivered_at": time.time(), "last_error": None} if ok else
@@ -99,13 +130,16 @@ class AlertStore:
                          .values(attempts=outbox.c.attempts + 1, **values))
 
 
-def webhook_event(alert_id: int, ev: AlertEvent, run, run_url: str, now: float) -> dict:
+def webhook_event(alert_id: int, ev: AlertEvent, run, run_url: str, now: float, started: float) -> dict:
     """The native JSON event POSTed to webhooks (documented in the README)."""
+    alert = {"id": alert_id, "rule": ev.rule, "severity": ev.severity, "state": ev.state, "series": ev.series,
+             "step": ev.step, "rank": ev.rank, "value": wire.encode_value(ev.value), "message": ev.message,
+             "created_at": started}
+    if ev.state == "resolved":
+        alert["resolved_at"] = now
     return {
         "type": f"alert.{ev.state}",
-        "alert": {"id": alert_id, "rule": ev.rule, "severity": ev.severity, "state": ev.state,
-                  "series": ev.series, "step": ev.step, "rank": ev.rank, "value": wire.encode_value(ev.value),
-                  "message": ev.message},
+        "alert": alert,
         "run": {"id": run.id, "project": run.project, "name": run.name, "url": run_url},
         "time": now,
     }

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from optiscope import wire
 
-from . import access
+from . import access, hooks, webhook_routes
 from . import models as m
 from .access import Principal
 from .inputs import ApiError, config_filters, decode_cursor, encode_cursor, read_body, refuse_nul, series_csv
@@ -24,7 +24,7 @@ from .lifecycle import Reaper
 from .metrics import Metrics
 from .store import NotFound, Rejected, Store
 from .telemetry import default_provider, instrument
-from .webhooks import WebhookDispatcher
+from .webhooks import DEFAULT_SCHEDULE, WebhookDispatcher
 
 RUN_ID = Path(pattern=wire.RUN_ID_RE.pattern, max_length=64)
 #: Upper bound of integer parameters: steps, ranks and ids fit a signed 64-bit column with room.
@@ -46,7 +46,10 @@ class Settings:
     """Every bound has a documented default (README, "Collector settings")."""
 
     db_url: str = "sqlite:///optiscope.db"
-    webhooks: list[str] = field(default_factory=list)
+    webhooks: list[str] = field(default_factory=list)   # [FORMAT=]URL, every project's alerts
+    webhook_secrets: list[str] = field(default_factory=list)  # sign the configured webhooks, newest first
+    allow_internal_webhooks: bool = False         # private, loopback, link-local targets allowed
+    webhook_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
     token: str | None = None
     public_url: str = "http://127.0.0.1:8737"
     max_body_bytes: int = 8 * 1024 * 1024        # after decompression
@@ -82,8 +85,10 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
         store = Store(settings.db_url, max_series_per_run=settings.max_series_per_run)
         store.seen_interval = min(5.0, settings.heartbeat_timeout / 4)
         metrics = Metrics(store, settings.metrics_max_runs, settings.metrics_active_window)
+        hooks.sync_config(store.engine, [hooks.parse_spec(w) for w in settings.webhooks], settings.webhook_secrets)
         dispatcher = WebhookDispatcher(store, on_result=lambda ok: metrics.webhooks.labels(
-            "delivered" if ok else "failed").inc())
+            "delivered" if ok else "failed").inc(), schedule=settings.webhook_schedule,
+            allow_internal=settings.allow_internal_webhooks, run_url=run_url)
         dispatcher.start()
         reaper = Reaper(store, settings.heartbeat_timeout, lambda: metrics.crashed.labels("heartbeat").inc())
         reaper.start()
@@ -217,7 +222,7 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
             raise ApiError(422, "run_mismatch", f"batch is for run {batch.run!r}, posted to {run_id!r}")
         with tracer.start_as_current_span("store.ingest", attributes={"optiscope.points": batch.n_points()}):
             try:
-                res = await run_in_threadpool(store().ingest, batch, settings.webhooks, run_url(run_id))
+                res = await run_in_threadpool(store().ingest, batch, run_url(run_id))
             except Rejected as e:
                 raise ApiError(422, e.reason, str(e)) from None
         metrics = state["metrics"]
@@ -398,4 +403,5 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
         return m.AuditList(entries=[m.AuditEntry(**r) for r in rows],
                            next_cursor=str(rows[-1]["id"]) if len(rows) == limit else None)
 
+    webhook_routes.add_routes(app, store, ADMIN, remote, ERRORS, body_schema, parse)
     return app

@@ -34,8 +34,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8737)
     _db_arg(p)
-    p.add_argument("--webhook", action="append", default=None,
-                   help="POST alerts to this URL (repeatable; also OPTISCOPE_WEBHOOKS, comma-separated)")
+    p.add_argument("--webhook", action="append", default=None, metavar="[FORMAT=]URL",
+                   help="send every project's alerts to this URL, FORMAT native (default), slack or alertmanager "
+                        "(repeatable; also OPTISCOPE_WEBHOOKS, comma-separated)")
+    p.add_argument("--webhook-secret", action="append", default=None, metavar="whsec_...",
+                   help="sign the --webhook deliveries (Standard Webhooks); give two during a rotation, newest "
+                        "first (also OPTISCOPE_WEBHOOK_SECRETS, comma-separated)")
+    p.add_argument("--allow-internal-webhooks", action="store_true",
+                   help="allow webhook targets on private, loopback and link-local addresses (refused by default)")
+    p.add_argument("--webhook-retry-schedule", default=None, metavar="S,S,...",
+                   help="seconds before each retry of a failed delivery (default 5,300,1800,7200,18000,36000,36000)")
     p.add_argument("--token", default=os.environ.get("OPTISCOPE_TOKEN"),
                    help="root bearer token: every scope on every project (also OPTISCOPE_TOKEN)")
     p.add_argument("--public-url", default=None, help="base URL used in alert links (default http://HOST:PORT)")
@@ -66,6 +74,25 @@ def serve(argv: list[str]) -> int:
         return 2
     webhooks = args.webhook if args.webhook is not None else [
         u for u in os.environ.get("OPTISCOPE_WEBHOOKS", "").split(",") if u.strip()]
+    secrets = args.webhook_secret if args.webhook_secret is not None else [
+        s.strip() for s in os.environ.get("OPTISCOPE_WEBHOOK_SECRETS", "").split(",") if s.strip()]
+    from . import hooks
+    for w in webhooks:
+        try:
+            hooks.check_url(hooks.parse_spec(w)[1])
+        except ValueError as e:
+            print(f"optiscope serve: --webhook {w}: {e}", file=sys.stderr)
+            return 2
+    bad = [s for s in secrets if not hooks.valid_secret(s)]
+    if bad:
+        print("optiscope serve: a webhook secret is whsec_ followed by base64 of 24 to 64 bytes", file=sys.stderr)
+        return 2
+    try:
+        schedule = tuple(float(x) for x in args.webhook_retry_schedule.split(",")) \
+            if args.webhook_retry_schedule else None
+    except ValueError:
+        print("optiscope serve: --webhook-retry-schedule is comma-separated seconds", file=sys.stderr)
+        return 2
     import uvicorn
 
     from .app import Settings, create_app
@@ -73,7 +100,9 @@ def serve(argv: list[str]) -> int:
     settings = Settings(db_url=args.db, webhooks=[w.strip() for w in webhooks], token=args.token or None,
                         public_url=args.public_url or f"http://{args.host}:{args.port}",
                         max_body_bytes=args.max_body_bytes, heartbeat_timeout=args.heartbeat_timeout,
-                        require_auth=public)
+                        require_auth=public, webhook_secrets=secrets,
+                        allow_internal_webhooks=args.allow_internal_webhooks,
+                        **({"webhook_schedule": schedule} if schedule else {}))
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)
     return 0

@@ -142,12 +142,31 @@ alerts = Table(
     Column("ack_note", Text),
 )
 
+# Where alerts go. ``project`` None: every project's alerts (made by the root token or from the
+# command line, ``source`` config). Secrets sign each delivery (Standard Webhooks); several during a
+# rotation, newest first. An endpoint that answers 410 Gone is disabled, not retried.
+webhooks = Table(
+    "webhooks", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("url", Text, nullable=False),
+    Column("format", String(16), nullable=False),      # native | slack | alertmanager
+    Column("project", String(200)),
+    Column("secrets", JSON),                           # ["whsec_...", ...], newest first; None: unsigned
+    Column("source", String(16), nullable=False),      # api | config
+    Column("created_at", Double, nullable=False),
+    Column("created_by", String(200)),
+    Column("disabled_at", Double),
+    Column("disabled_reason", Text),
+)
+
 # Transactional outbox: a webhook delivery is written in the same transaction as its alert, so a
 # crash between detection and delivery loses nothing; the dispatcher sends and marks it.
 outbox = Table(
     "outbox", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("alert_id", Integer, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False),
+    Column("webhook_id", Integer, ForeignKey("webhooks.id", ondelete="CASCADE")),
+    Column("msg_id", String(64)),   # the webhook-id header: the same on every retry of this delivery
     Column("target", Text, nullable=False),
     Column("payload", Text, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),

@@ -288,14 +288,14 @@ class Store(Lifecycle, AlertStore):
             self._detectors[run_id] = dets
         return dets
 
-    def ingest(self, batch: wire.Columns, webhook_targets: Iterable[str] = (), run_url: str = "") -> IngestResult:
+    def ingest(self, batch: wire.Columns, run_url: str = "") -> IngestResult:
         """Store one batch atomically: its chunks, new series, detector alerts and their outbox rows."""
         cols = BatchColumns(batch)
         prepared = cols.chunks()  # the numpy work, before taking the writer's turn
         with self._run_lock(batch.run):
             try:
                 with self._writer, self.engine.begin() as conn:
-                    result, ids = self._ingest(conn, batch, cols, prepared, list(webhook_targets), run_url)
+                    result, ids = self._ingest(conn, batch, cols, prepared, run_url)
             except Exception:
                 self._detectors.pop(batch.run, None)  # state may have moved past a rolled-back batch
                 raise
@@ -307,8 +307,7 @@ class Store(Lifecycle, AlertStore):
                     self._series_cache.popitem(last=False)
         return result
 
-    def _ingest(self, conn: Connection, batch: wire.Columns, cols: BatchColumns, prepared, targets: list[str],
-                run_url: str) -> tuple[IngestResult, dict[str, int] | None]:
+    def _ingest(self, conn: Connection, batch: wire.Columns, cols: BatchColumns, prepared, run_url: str) -> tuple[IngestResult, dict[str, int] | None]:
         run = conn.execute(select(runs.c.id, runs.c.project, runs.c.name).where(runs.c.id == batch.run)).first()
         if run is None:
             raise NotFound(batch.run)
@@ -334,7 +333,7 @@ class Store(Lifecycle, AlertStore):
         result = IngestResult(duplicate=False, points=sum(c.n for c in prepared))
         for det in self._detectors_for(conn, batch.run):
             for ev in det.update_columns(cols.steps, cols, batch.rank):
-                result.alerts.append(self._record_alert(conn, run, ev, targets, run_url, now))
+                result.alerts.append(self._record_alert(conn, run, ev, run_url, now))
                 if ev.state == "firing":
                     result.fired.append(ev.rule)
         return result, ids
