@@ -61,3 +61,20 @@ def test_query_benchmark_smoke(pg_admin):
     for store in ("SQLite", "PostgreSQL"):
         assert any(line.startswith(f"| {store} |") for line in r.stdout.splitlines()), store
         assert f"{store}: series p50" in r.stdout
+
+
+def test_alerts_benchmark_smoke(pg_admin):
+    """Both stores, through the real collector and a webhook receiver in the script: it exits 1 unless
+    every alert (firing and resolved) arrived and every delivery's signature verified. Latency is
+    printed, never asserted."""
+    from conftest import PG_ADMIN_URL
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "alerts.py"), "--smoke", "--pg", PG_ADMIN_URL],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| store | condition | N | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | ingest p50 (ms) |" in r.stdout
+    for store in ("SQLite", "PostgreSQL"):
+        row = next(line for line in r.stdout.splitlines() if line.startswith(f"| {store} |"))
+        assert row.startswith(f"| {store} | idle | 10 |"), row
+        summary = next(line for line in r.stdout.splitlines() if line.startswith(f"{store}: "))
+        assert " 0 failed the signature check" in summary and "idle: 0 missing" in summary, summary
+    assert "delivery: every alert arrived, signed correctly" in r.stdout, r.stdout

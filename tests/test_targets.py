@@ -186,8 +186,10 @@ def test_silent_receiver_times_out(listener):
 
 
 def test_endless_answer_is_cut_off(listener):
-    # a receiver that answers 200 and then never stops sending the body, one byte at a time
+    # a receiver that answers 200 and then keeps sending the body one byte at a time (for 5 s,
+    # so that a client without the bound fails this test instead of hanging it)
     port, stop = listener.getsockname()[1], threading.Event()
+    give_up = time.monotonic() + 5
 
     def drip():
         listener.settimeout(5)
@@ -195,7 +197,7 @@ def test_endless_answer_is_cut_off(listener):
         with conn:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
-            while not stop.wait(0.02):
+            while not stop.wait(0.02) and time.monotonic() < give_up:
                 try:
                     conn.sendall(b"x")
                 except OSError:
