@@ -59,7 +59,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import DEFAULT_PG, Trainer, pct, postgres_db  # noqa: E402
+from ingest import DEFAULT_PG, Trainer, each_store, pct  # noqa: E402
 
 from optiscope import wire  # noqa: E402
 
@@ -321,20 +321,8 @@ def main() -> int:
         args.load = 0 if args.smoke else 3
 
     started = time.monotonic()
-    rows: dict[str, dict | str] = {}
     with tempfile.TemporaryDirectory(prefix="optiscope-bench-") as tmp:
-        if args.store in ("sqlite", "both"):
-            rows["SQLite"] = measure(f"sqlite:///{Path(tmp) / 'alerts.db'}", Path(tmp), args)
-        if args.store in ("postgresql", "both"):
-            try:
-                url, drop = postgres_db(args.pg)
-            except Exception as e:  # noqa: BLE001 - no usable server: say so in the table
-                rows["PostgreSQL"] = f"unavailable: {e}"
-            else:
-                try:
-                    rows["PostgreSQL"] = measure(url, Path(tmp), args)
-                finally:
-                    drop()
+        rows: dict[str, dict | str] = each_store(args, Path(tmp), measure, "alerts.db")
 
     conditions = ("idle", "under load") if args.load else ("idle",)
     print(f"# optiscope alert latency: a NaN `loss` posted -> its signed alert.firing at a webhook receiver on "

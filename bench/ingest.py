@@ -245,6 +245,25 @@ def mlflow_row(args) -> dict | str:
     return got or "unavailable: its virtual environment could not be made"
 
 
+def each_store(args, tmp: Path, measure, db_name: str) -> dict:
+    """``measure(db_url, workdir, args)`` on SQLite and PostgreSQL as ``args.store`` asks (a fresh
+    database on ``args.pg``, dropped after); a PostgreSQL that cannot be used is a row saying why."""
+    rows: dict = {}
+    if args.store in ("sqlite", "both"):
+        rows["SQLite"] = measure(f"sqlite:///{tmp / db_name}", tmp, args)
+    if args.store in ("postgresql", "both"):
+        try:
+            url, drop = postgres_db(args.pg)
+        except Exception as e:  # noqa: BLE001 - no usable server: say so in the table
+            rows["PostgreSQL"] = f"unavailable: {e}"
+        else:
+            try:
+                rows["PostgreSQL"] = measure(url, tmp, args)
+            finally:
+                drop()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny batches, one short round (CI)")
@@ -264,20 +283,8 @@ def main() -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
 
-    rows = {}
     with tempfile.TemporaryDirectory(prefix="optiscope-bench-") as tmp:
-        if args.store in ("sqlite", "both"):
-            rows["SQLite"] = measure(f"sqlite:///{Path(tmp) / 'bench.db'}", Path(tmp), args)
-        if args.store in ("postgresql", "both"):
-            try:
-                url, drop = postgres_db(args.pg)
-            except Exception as e:  # noqa: BLE001 - no usable server: say so in the table
-                rows["PostgreSQL"] = f"unavailable: {e}"
-            else:
-                try:
-                    rows["PostgreSQL"] = measure(url, Path(tmp), args)
-                finally:
-                    drop()
+        rows = each_store(args, Path(tmp), measure, "bench.db")
     if args.mlflow:
         rows["MLflow (log-batch)"] = mlflow_row(args)
 
