@@ -138,9 +138,23 @@ def test_tags_environments_and_projects(collector):
                                                       "tags": [f"t{i}" for i in range(wire.MAX_TAGS + 1)]})
     assert many.status_code == 422
 
+    nul = httpx.put(f"{c.url}/api/v1/runs/r4", json={"project": "p", "name": "n", "config": {"x": "a\u0000b"}})
+    assert nul.status_code == 422  # PostgreSQL's JSON operators would fail on it in every later filter
+    plain = httpx.put(f"{c.url}/api/v1/runs/r4", content=b'{"project": "p", "name": "n"}',
+                      headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415 and plain.json()["reason"] == "unsupported_media_type"
+    # a config key is one key on both stores: "a.b" is not a path, "1a" not an array index
+    put(c, "dots", project="keys", config={"a.b": 6, "a": {"b": 7}, "1a": 1})
+    assert ids("project=keys&config=a.b=6") == ["dots"] and ids("project=keys&config=a.b=7") == []
+    assert ids("project=keys&config=1a=1") == ["dots"]
+    import base64
+    import json as _json
+    odd = base64.urlsafe_b64encode(_json.dumps(["name", "desc", "\ud800", "r1"]).encode()).decode()
+    assert httpx.get(f"{c.url}/api/v1/runs?sort=name&cursor={odd}").status_code == 422
+
     httpx.post(f"{c.url}/api/v1/runs/r2/finish", json={"status": "finished"})
     projects = {p["name"]: p for p in c.api("/projects")["projects"]}
-    assert set(projects) == {"vision", "nlp"}
+    assert set(projects) == {"vision", "nlp", "keys"}
     assert (projects["vision"]["runs"], projects["vision"]["running"]) == (2, 1)
     assert projects["vision"]["last_activity"] >= projects["vision"]["created_at"]
 

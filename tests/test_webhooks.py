@@ -183,3 +183,38 @@ def test_webhook_input_is_checked(fast):
     assert status({"url": "https://example.com/x", "secret": "not-a-secret"}) == 422
     assert status({"url": "https://example.com/x", "secret": hooks.new_secret()}) == 201
     assert httpx.delete(f"{fast.url}/api/v1/webhooks/999").status_code == 404
+
+
+def test_deliveries_beyond_a_shortened_schedule_are_given_up_not_left_blocking(tmp_path, receiver):
+    """Rows that had more attempts than the schedule now allows (it was shortened between two starts)
+    are given up; they must not stay due and hold up the newer deliveries behind them."""
+    from sqlalchemy import insert, select
+
+    from optiscope_server.db import alerts, outbox, runs
+    from optiscope_server.store import Store
+    from optiscope_server.webhooks import WebhookDispatcher
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(insert(runs).values(id="r", project="p", name="r", status="running", config={},
+                                             created_at=1.0, updated_at=1.0))
+            aid = conn.execute(insert(alerts).values(run_id="r", rule="x", severity="page", state="firing",
+                                                     series="loss", rank=0, step=1, value=1.0, message="m",
+                                                     created_at=1.0)).inserted_primary_key[0]
+            event = '{"type": "alert.firing", "alert": {"id": 1, "rule": "x", "severity": "page", "state": "firing", ' \
+                    '"series": "loss", "step": 1, "rank": 0, "value": 1.0, "message": "m"}, ' \
+                    '"run": {"id": "r", "project": "p", "name": "r", "url": "u"}, "time": 1.0}'
+            conn.execute(insert(outbox), [{"alert_id": aid, "target": receiver.url, "payload": event,
+                                           "attempts": 5, "next_attempt_at": 0.0} for _ in range(100)]
+                         + [{"alert_id": aid, "target": receiver.url, "payload": event, "attempts": 0,
+                             "next_attempt_at": 0.0}])
+        d = WebhookDispatcher(store, schedule=(1.0, 2.0), allow_internal=True)
+        for _ in range(3):
+            d.deliver_due()
+        assert len(receiver.events) == 1  # the fresh one got through
+        with store.engine.connect() as conn:
+            left = conn.execute(select(outbox.c.last_error).where(outbox.c.attempts == 6)).scalars().all()
+        assert left == ["retry schedule exhausted"] * 100
+    finally:
+        store.close()
+

@@ -107,9 +107,11 @@ class AlertStore:
             return [dict(r) for r in conn.execute(q).mappings()]
 
     def firing_events(self, project: str | None, run_url, limit: int = 1000) -> list[dict]:
-        """The native event of every firing alert (of one project, or all), as when it fired."""
+        """The native event of every firing alert of a running run (of one project, or all), newest
+        first, as when it fired. An ended run sends nothing more that could resolve its alerts, so
+        they are left to expire in Alertmanager rather than be kept alive for ever."""
         q = (select(alerts, runs.c.project, runs.c.name.label("run_name")).join(runs, runs.c.id == alerts.c.run_id)
-             .where(alerts.c.state == "firing").order_by(alerts.c.id).limit(limit))
+             .where(alerts.c.state == "firing", runs.c.status == "running").order_by(alerts.c.id.desc()).limit(limit))
         if project is not None:
             q = q.where(runs.c.project == project)
         with self.engine.connect() as conn:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from optiscope import wire
 
@@ -115,9 +116,16 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
             reject(exc.reason)
         return JSONResponse({"reason": exc.reason, "detail": exc.detail}, status_code=exc.status)
 
-    @app.exception_handler(NotFound)
-    async def _not_found(request: Request, exc: NotFound):
+    @app.exception_handler(LookupError)  # NotFound, and rows deleted meanwhile by another request
+    async def _not_found(request: Request, exc: LookupError):
         return JSONResponse({"reason": "not_found", "detail": f"not found (or not yours): {exc}"}, status_code=404)
+
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(request: Request, exc: OperationalError):
+        # A deadlock victim, a lost connection, a database restarting: the same request can succeed
+        # later, and 503 is what the SDK retries (a 500 would make it drop the batch).
+        return JSONResponse({"reason": "database_unavailable", "detail": "the database could not complete the "
+                             "request; try again"}, status_code=503, headers={"Retry-After": "1"})
 
     # -- access ------------------------------------------------------------------------------
     def principal(request: Request) -> Principal:
@@ -180,6 +188,11 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
     async def parse(request: Request, model: type[BaseModel]):
         """A JSON body through the same limits and gzip decoding as batches (the SDK compresses
         any body over 1 KiB, a run's config included)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            # Also what keeps a web page from posting here: a cross-site form or fetch without a
+            # preflight cannot send application/json (an open loopback collector has no token to check).
+            raise ApiError(415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)")
         body = await read_body(request, settings.max_body_bytes)
         try:
             return model.model_validate_json(body or b"{}")

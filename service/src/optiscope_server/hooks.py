@@ -24,7 +24,8 @@ from .db import webhooks
 
 SECRET_PREFIX = "whsec_"
 FORMATS = ("native", "slack", "alertmanager")
-MAX_SECRETS = 2  # during a rotation: the new one and the one receivers may still hold
+MAX_SECRETS = 2
+_SYNC_LOCK = 0x6F707469 + 1  # beside migrate's lock key  # during a rotation: the new one and the one receivers may still hold
 
 
 def new_secret() -> str:
@@ -117,7 +118,7 @@ def listing(engine: Engine, project: str | None) -> list[dict]:
 
 def delete(engine: Engine, webhook_id: int, actor: str, remote: str | None = None) -> None:
     with engine.begin() as conn:
-        row = conn.execute(select(webhooks.c.project, webhooks.c.url).where(webhooks.c.id == webhook_id)).first()
+        row = _row(conn, webhooks.c.project, webhooks.c.url, webhook_id=webhook_id)
         conn.execute(webhooks.delete().where(webhooks.c.id == webhook_id))  # pending deliveries go with it
         write_audit(conn, actor, "webhook.delete", row.project, webhook_id, {"url": row.url}, remote)
 
@@ -126,7 +127,7 @@ def rotate(engine: Engine, webhook_id: int, actor: str, remote: str | None = Non
     """Start a rotation (a new secret signs beside the previous one) or, with ``finish``, end it
     (only the newest signs). Returns the new secret, or None when finishing."""
     with engine.begin() as conn:
-        row = conn.execute(select(webhooks.c.project, webhooks.c.secrets).where(webhooks.c.id == webhook_id)).first()
+        row = _row(conn, webhooks.c.project, webhooks.c.secrets, webhook_id=webhook_id)
         old = list(row.secrets or [])
         fresh = None if finish else new_secret()
         keep = old[:1] if finish else [fresh, *old][:MAX_SECRETS]
@@ -139,11 +140,18 @@ def rotate(engine: Engine, webhook_id: int, actor: str, remote: str | None = Non
 def set_enabled(engine: Engine, webhook_id: int, enabled: bool, actor: str, reason: str | None = None,
                 remote: str | None = None) -> None:
     with engine.begin() as conn:
-        row = conn.execute(select(webhooks.c.project).where(webhooks.c.id == webhook_id)).first()
+        row = _row(conn, webhooks.c.project, webhook_id=webhook_id)
         conn.execute(update(webhooks).where(webhooks.c.id == webhook_id).values(
             disabled_at=None if enabled else time.time(), disabled_reason=None if enabled else reason))
         write_audit(conn, actor, "webhook.enable" if enabled else "webhook.disable", row.project, webhook_id,
                     None if enabled else {"reason": reason}, remote)
+
+
+def _row(conn: Connection, *cols, webhook_id: int):
+    row = conn.execute(select(*cols).where(webhooks.c.id == webhook_id)).first()
+    if row is None:  # deleted meanwhile (another admin, another replica)
+        raise LookupError(f"webhook {webhook_id}")
+    return row
 
 
 def targets_for(conn: Connection, project: str) -> list:
@@ -159,6 +167,8 @@ def sync_config(engine: Engine, configured: list[tuple[str, str]], secrets: list
     replica must be started with the same endpoints."""
     now = time.time()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # replicas starting together: one after the other, no duplicates
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SYNC_LOCK})")
         have = {(r.format, r.url): r.id for r in conn.execute(
             select(webhooks.c.id, webhooks.c.format, webhooks.c.url).where(webhooks.c.source == "config"))}
         for key in configured:

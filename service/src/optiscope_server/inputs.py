@@ -76,10 +76,11 @@ def decode_cursor(cursor: str, sort: str, order: str) -> tuple:
             wire.RUN_ID_RE.fullmatch(run_id) is not None
         if sort == "name":
             ok = ok and isinstance(value, str) and len(value) <= 200 and "\x00" not in value
+            value.encode("utf-8")  # a lone surrogate cannot reach the database
         else:  # a time: a float, as the column holds it (a bool or a huge int would reach the database)
             ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             value = float(value)
-    except (ValueError, TypeError, OverflowError, RecursionError):
+    except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError, AttributeError):
         ok = False
     if not ok:
         raise ApiError(422, "bad_cursor", {"loc": ["query", "cursor"],

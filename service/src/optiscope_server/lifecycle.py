@@ -107,7 +107,12 @@ class Reaper:
         self._thread.start()
 
     def _run(self) -> None:
+        started = time.monotonic()
         while not self._stop.wait(min(15.0, self.timeout / 4)):
+            if time.monotonic() - started < self.timeout:
+                # Nobody could reach a collector that was down: give every rank one full timeout
+                # from our start to be heard from before silence counts against it.
+                continue
             try:
                 for _ in self.store.mark_silent(self.timeout):
                     self.on_crash()

@@ -38,6 +38,13 @@ class RunIn(BaseModel):
             raise ValueError(f"tags must match {wire.TAG_RE.pattern}: {bad[:3]}")
         return tags
 
+    @field_validator("config", "environment")
+    @classmethod
+    def _no_nul(cls, doc: dict | None) -> dict | None:
+        if doc is not None and "\\u0000" in json.dumps(doc):  # PostgreSQL's JSON operators fail on it
+            raise ValueError("no key or string may contain a NUL character")
+        return doc
+
     @field_validator("environment")
     @classmethod
     def _environment(cls, env: dict | None) -> dict | None:

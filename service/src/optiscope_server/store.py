@@ -198,8 +198,10 @@ class Store(Lifecycle, AlertStore):
 
     def _config_entry(self, key: str):
         """The JSON text of one top-level config entry (NULL when absent)."""
-        entry = runs.c.config.op("->")(key)  # SQLite >= 3.38 and PostgreSQL: the entry as JSON
-        return cast(entry, Text) if self.engine.dialect.name == "postgresql" else entry
+        if self.engine.dialect.name == "postgresql":
+            return cast(runs.c.config.op("->")(key), Text)  # the entry as JSON
+        # SQLite >= 3.38: a quoted path, so a key is one key ("a.b" is not a.b, "1a" no array index)
+        return runs.c.config.op("->")(f'$."{key}"')
 
     def get_run(self, run_id: str) -> dict:
         with self.engine.connect() as conn:
@@ -295,19 +297,25 @@ class Store(Lifecycle, AlertStore):
         with self._run_lock(batch.run):
             try:
                 with self._writer, self.engine.begin() as conn:
-                    result, ids = self._ingest(conn, batch, cols, prepared, run_url)
+                    result, ids, seen = self._ingest(conn, batch, cols, prepared, run_url)
             except Exception:
                 self._detectors.pop(batch.run, None)  # state may have moved past a rolled-back batch
                 raise
-        if ids is not None:  # committed: the ids are real now
+        if ids is not None:  # committed: the ids are real now, and last_seen written if seen
             with self._cache_lock:
+                if seen is not None:
+                    self._seen_at[seen] = time.monotonic()
+                    self._seen_at.move_to_end(seen)
+                    while len(self._seen_at) > 4096:
+                        self._seen_at.popitem(last=False)
                 self._series_cache[batch.run] = ids
                 self._series_cache.move_to_end(batch.run)
                 while len(self._series_cache) > 1024:
                     self._series_cache.popitem(last=False)
         return result
 
-    def _ingest(self, conn: Connection, batch: wire.Columns, cols: BatchColumns, prepared, run_url: str) -> tuple[IngestResult, dict[str, int] | None]:
+    def _ingest(self, conn: Connection, batch: wire.Columns, cols: BatchColumns, prepared,
+                run_url: str) -> tuple[IngestResult, dict[str, int] | None, tuple[str, int] | None]:
         run = conn.execute(select(runs.c.id, runs.c.project, runs.c.name).where(runs.c.id == batch.run)).first()
         if run is None:
             raise NotFound(batch.run)
@@ -315,28 +323,27 @@ class Store(Lifecycle, AlertStore):
         key = self._insert(batches).values(run_id=batch.run, rank=batch.rank, seq=batch.seq, received_at=now)
         # RETURNING rather than rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
         if conn.execute(key.on_conflict_do_nothing().returning(batches.c.seq)).first() is None:
-            return IngestResult(duplicate=True), None
+            return IngestResult(duplicate=True), None, None
+        # run_ranks before runs, the order mark_silent, heartbeat and finish_run lock them in: the
+        # opposite order could deadlock with another replica marking this rank crashed.
+        seen = (batch.run, batch.rank)
+        if time.monotonic() - self._seen_at.get(seen, -math.inf) >= self.seen_interval:
+            self._seen(conn, batch.run, batch.rank, now)
+        else:
+            seen = None
         ids = self._series_ids(conn, batch.run, [c.name for c in prepared])
         if prepared:
             self._write_chunks(conn, [(ids[c.name], batch.rank, c.step_min, c.step_max,
                                        None if math.isnan(c.last_value) else c.last_value, c.steps, c.vals)
                                       for c in prepared])
         conn.execute(update(runs).where(runs.c.id == batch.run).values(updated_at=now))
-        key, tick = (batch.run, batch.rank), time.monotonic()
-        if tick - self._seen_at.get(key, -math.inf) >= self.seen_interval:
-            self._seen(conn, batch.run, batch.rank, now)
-            with self._cache_lock:
-                self._seen_at[key] = tick
-                self._seen_at.move_to_end(key)
-                while len(self._seen_at) > 4096:
-                    self._seen_at.popitem(last=False)
         result = IngestResult(duplicate=False, points=sum(c.n for c in prepared))
         for det in self._detectors_for(conn, batch.run):
             for ev in det.update_columns(cols.steps, cols, batch.rank):
                 result.alerts.append(self._record_alert(conn, run, ev, run_url, now))
                 if ev.state == "firing":
                     result.fired.append(ev.rule)
-        return result, ids
+        return result, ids, seen
 
     def _write_chunks(self, conn: Connection, rows: list[tuple]) -> None:
         """Append chunk rows (columns in _CHUNK_COLUMNS order; a NaN last_value already NULL, as the

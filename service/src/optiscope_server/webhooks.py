@@ -64,7 +64,8 @@ class WebhookDispatcher:
         now = time.time()
         sent = 0
         for d in self.store.due_deliveries(now):
-            if d["attempts"] > len(self.schedule):
+            if d["attempts"] > len(self.schedule):  # a schedule shortened since: give it up, never block the queue
+                self.store.mark_delivery(d["id"], False, "retry schedule exhausted", float("inf"))
                 continue
             if d["disabled_at"] is not None:
                 self.store.mark_delivery(d["id"], False, "endpoint disabled", float("inf"))
