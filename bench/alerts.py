@@ -44,14 +44,12 @@ import json
 import math
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -59,7 +57,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import DEFAULT_PG, Trainer, each_store, pct  # noqa: E402
+from ingest import DEFAULT_PG, Trainer, each_store, pct, start_collector  # noqa: E402
 
 from optiscope import wire  # noqa: E402
 
@@ -151,31 +149,6 @@ class Receiver:
 
 
 # -- the collector and the load ----------------------------------------------------------------
-def start_collector(db: str, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """bench/ingest.py's start_collector, with extra arguments to `optiscope serve`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).parent / "optiscope"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "optiscope.cli"]
-    log_path = workdir / f"collector-{port}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd + ["serve", "--port", str(port), "--db", db, "--log-level", "warning", *extra],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"collector exited: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("collector did not become healthy")
-
-
 def loader(url: str, n_series: int, steps: int, seed: int, stop, out) -> None:
     """One trainer's process: its own run, bench/ingest.py's batches back to back until stop is set."""
     from optiscope.transport.http import HttpClient

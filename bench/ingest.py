@@ -112,26 +112,29 @@ def sender(url: str, n_series: int, steps: int, seed: int, start_at: float, stop
     out.close()
 
 
-def start_collector(db: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_collector(db: str, workdir: Path, extra: tuple[str, ...] | list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`optiscope serve` on a free loopback port (``extra``: more of its arguments), once healthy."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "optiscope"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "optiscope.cli"]
-    log = open(workdir / f"collector-{port}.log", "w")
-    proc = subprocess.Popen(cmd + ["serve", "--port", str(port), "--db", db, "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    log_path = workdir / f"collector-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd + ["serve", "--port", str(port), "--db", db, "--log-level", "warning", *extra],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"collector exited: {(workdir / log.name).read_text()[-2000:]}")
+            raise RuntimeError(f"collector exited: {log_path.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=1):
                 return proc, url
         except OSError:
             time.sleep(0.1)
+    proc.kill()
     raise RuntimeError("collector did not become healthy")
 
 
