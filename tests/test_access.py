@@ -208,6 +208,11 @@ def test_open_on_loopback_until_a_token_exists_and_never_again_after(tmp_path):
     c = Collector(db, cwd=tmp_path).start()
     try:
         assert httpx.get(f"{c.url}/api/v1/runs").status_code == 200  # the embedded default: open on loopback
+        for host in ("localhost:1", "[::1]:8737", "127.0.0.1"):
+            assert httpx.get(f"{c.url}/api/v1/runs", headers={"Host": host}).status_code == 200, host
+        # a page re-pointed at 127.0.0.1 (DNS rebinding) arrives with its own name: refused
+        rebound = httpx.get(f"{c.url}/api/v1/runs", headers={"Host": "attacker.example:8737"})
+        assert rebound.status_code == 403 and rebound.json()["reason"] == "host_not_allowed"
         token = make_token(db, "p", "read")  # made while the collector runs: it applies within a second
         wait_until(lambda: httpx.get(f"{c.url}/api/v1/runs").status_code == 401, 3, what="the collector closing")
         assert httpx.get(f"{c.url}/api/v1/runs", headers=auth(token)).status_code == 200

@@ -141,6 +141,11 @@ def create_app(settings: Settings, tracer_provider=None) -> FastAPI:
             if who is not None:
                 return who
         if not (settings.require_auth or settings.token or state["verifier"].any_token()):
+            if not access.loopback_host(request.headers.get("host", "")):
+                # A page whose name was re-pointed at 127.0.0.1 (DNS rebinding) reaches us with its
+                # own name as Host: the open collector answers only requests addressed to loopback.
+                raise ApiError(403, "host_not_allowed", "without tokens the collector answers only requests "
+                                                        "addressed to localhost, 127.0.0.1 or [::1]")
             return access.OPEN
         raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required "
                                             "(missing, unknown or revoked token)")
