@@ -100,10 +100,10 @@ class Run:
     def _active(self) -> bool:
         return not self._finished and os.getpid() == self._pid
 
-    def _environment(self) -> dict:
+    def _environment(self, earlier: dict | None = None) -> dict:
         """This rank's fingerprint with the user's entries on top, within the collector's bound."""
         from .probe.environment import fingerprint  # stdlib only: torch is read, never imported
-        env = fingerprint()
+        env = fingerprint(earlier)
         try:
             env, cut = rundoc.bound_environment({**env, **self._env_extra})
         except Exception:  # e.g. a circular structure among the user's entries: keep the fingerprint
@@ -120,7 +120,7 @@ class Run:
         # devices only once CUDA is up (it never brings CUDA up itself): take it again, register again.
         from .probe.environment import devices_pending
         if self._env_on and devices_pending(self._doc.get("environment")):
-            self._doc = {**self._doc, "environment": self._environment()}
+            self._doc = {**self._doc, "environment": self._environment(self._doc.get("environment"))}
             self._exporter.update_run_doc(self._doc)
 
     # -- public ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from types import SimpleNamespace
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
@@ -116,13 +117,10 @@ class AlertStore:
             q = q.where(runs.c.project == project)
         with self.engine.connect() as conn:
             rows = conn.execute(q).mappings().all()
-        return [{"type": "alert.firing",
-                 "alert": {"id": r["id"], "rule": r["rule"], "severity": r["severity"], "state": "firing",
-                           "series": r["series"], "step": r["step"], "rank": r["rank"],
-                           "value": wire.encode_value(r["value"]), "message": r["message"],
-                           "created_at": r["created_at"]},
-                 "run": {"id": r["run_id"], "project": r["project"], "name": r["run_name"], "url": run_url(r["run_id"])},
-                 "time": r["created_at"]} for r in rows]
+        return [webhook_event(r["id"], AlertEvent(r["rule"], r["severity"], "firing", r["series"], r["step"], r["rank"],
+                                                  r["value"], r["message"]),
+                              SimpleNamespace(id=r["run_id"], project=r["project"], name=r["run_name"]),
+                              run_url(r["run_id"]), r["created_at"], r["created_at"]) for r in rows]
 
     def mark_delivery(self, delivery_id: int, ok: bool, error: str | None, next_attempt_at: float) -> None:
         values = ({"delivered_at": time.time(), "last_error": None} if ok else

@@ -36,8 +36,10 @@ _TORCH_KEYS = ("torch", "cuda", "cudnn", "hip", "device_count", "devices", "num_
 _DRIVER_RE = re.compile(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)*)\s")
 
 
-def fingerprint() -> dict[str, Any]:
-    """This process's environment; see the module docstring. Never raises."""
+def fingerprint(earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This process's environment; see the module docstring. Never raises. ``earlier``: a
+    fingerprint taken before in this process, whose git part is reused (it cannot have changed
+    meanwhile, and running git again would cost up to GIT_BUDGET on the caller's thread)."""
     # Each part is looked up when called, not bound at import: a test can break one of them.
     env: dict[str, Any] = {
         "python": _guard("python", platform.python_version),
@@ -47,7 +49,7 @@ def fingerprint() -> dict[str, Any]:
         "cpu_count": _guard("cpu_count", os.cpu_count),
         "packages": _guard("packages", _packages),
         "driver": _guard("driver", _driver),
-        "git": _guard("git", _git),
+        "git": earlier["git"] if earlier and "git" in earlier else _guard("git", _git),
         "seeds": _guard("seeds", _seeds),
     }
     env.update(_guard("torch", _torch_parts) or dict.fromkeys(_TORCH_KEYS))
