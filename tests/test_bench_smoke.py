@@ -78,3 +78,17 @@ def test_alerts_benchmark_smoke(pg_admin):
         summary = next(line for line in r.stdout.splitlines() if line.startswith(f"{store}: "))
         assert " 0 failed the signature check" in summary and "idle: 0 missing" in summary, summary
     assert "delivery: every alert arrived, signed correctly" in r.stdout, r.stdout
+
+
+def test_detection_benchmark_smoke():
+    """Two scenarios of the kit, one seed, the SDK attached as a user attaches it: the table comes out
+    whole, no record is lost, the diverging run is caught before it fails and the healthy one never pages."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "detection.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| detector | recall |" in r.stdout and "| nan_or_10x_min (kit) |" in r.stdout
+    assert "records lost by the SDK: none" in r.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in r.stdout.splitlines()
+            if line.startswith("| mlp_")}
+    assert int(rows["mlp_lr_ramp"]) >= 1, rows  # a lead of at least one step: paged before the failure
+    assert rows["mlp_corrupt_batch_recovers"] == "0", rows  # no alarm event on the benign run

@@ -35,7 +35,12 @@ def test_unwatched_series_and_ranks_are_independent():
 
 
 def test_default_detectors():
-    assert [type(d).__name__ for d in default_detectors()] == ["NonFiniteDetector"]
+    names = [type(d).__name__ for d in default_detectors()]
+    assert names[0] == "NonFiniteDetector" and {"OverflowForecast", "LrAboveSchedule", "EarlyDivergence",
+                                                 "LossRegression", "LrOffSchedule"} <= set(names)
+    paging = [d for d in default_detectors({"lr": 1e-3}) if getattr(d, "severity", "page") == "page"]
+    warning = [d for d in default_detectors({"lr": 1e-3}) if getattr(d, "severity", "page") == "warning"]
+    assert paging and warning and all(d.rule for d in paging + warning)
 
 
 @given(st.lists(st.lists(st.tuples(st.sampled_from(["loss", "grad_norm", "lr"]), special), max_size=4),

@@ -313,7 +313,7 @@ def _random_model_steps(seed, width, lr, wd, steps, fused, native):
 def test_sampling_every_n_computes_nothing_on_other_steps():
     model, opt, g = build(seed=1, device="cpu", opt_cls=torch.optim.AdamW, variant={})
     cap = Capture()
-    probe = OptimizerProbe(opt, cap, every=3)
+    probe = OptimizerProbe(opt, cap, every=3, vitals=False)
     for step in range(7):
         opt.zero_grad()
         model(torch.randn(4, 5, generator=g)).sum().backward()
@@ -498,7 +498,7 @@ def test_gradients_are_measured_in_backward_only_while_something_changes_them():
     bare = _backward_ops(model, torch.randn(4, 6))  # the backward pass's own operators
     opt.zero_grad(set_to_none=True)
     cap = Capture()
-    OptimizerProbe(opt, cap)
+    OptimizerProbe(opt, cap, vitals=False)
     true = []
     for step in range(6):
         x = torch.randn(4, 6)
@@ -539,7 +539,7 @@ def test_an_unsampled_step_runs_no_operation_at_all():
     for _ in range(2):
         _ops_of_a_step(model, opt, x)
     bare = _ops_of_a_step(model, opt, x)
-    probe = OptimizerProbe(opt, lambda *a: None, every=1000)
+    probe = OptimizerProbe(opt, lambda *a: None, every=1000, vitals=False)
     probe.steps = 1  # past the sampled step 0
     watched = _ops_of_a_step(model, opt, x)
     probe.close()
@@ -669,3 +669,37 @@ def test_batched_medians_are_torch_median(samples):
     want = [float(t.median()) for t in tensors]
     assert [math.isnan(x) for x in got] == [math.isnan(x) for x in want]
     assert [x for x in got if not math.isnan(x)] == [x for x in want if not math.isnan(x)]
+
+
+def test_vitals_measure_the_pre_clip_gradient_norm_on_every_step_without_a_sync():
+    """With vitals (the default), every step's record carries grad_norm, the norm of the gradients
+    as backward left them (before clipping), as a device tensor the exporter reads later: the only
+    operators added to an unsampled step are the per-parameter reductions and their stack, and no
+    copy to the host (aten::item / _local_scalar_dense) runs on the training thread."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 6)
+    for _ in range(2):
+        _ops_of_a_step(model, opt, x)
+    bare = _ops_of_a_step(model, opt, x)
+    cap = Capture()
+    probe = OptimizerProbe(opt, cap, every=1000)
+    probe.steps = 1
+    watched = _ops_of_a_step(model, opt, x)
+    added = list(watched)
+    for op in bare:
+        added.remove(op)
+    assert added and not any(o in ("aten::item", "aten::_local_scalar_dense") for o in added), added
+    assert isinstance(cap.every_step[1]["grad_norm"], torch.Tensor)
+    probe.close()
+    cap = Capture()
+    probe = OptimizerProbe(opt, cap, every=4, start_step=0)
+    for step in range(6):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 2)).backward()
+        true = n64(p.grad for p in model.parameters())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # the record must say pre-clip
+        opt.step()
+        got = cap.steps[step]["grad_norm"] if step in cap.steps else float(cap.every_step[step]["grad_norm"])
+        assert got == pytest.approx(true, rel=1e-6), step

@@ -39,7 +39,7 @@ class Run:
     def __init__(self, project: str, name: str | None, url: str, token: str | None,
                  config: Mapping[str, Any] | None, rank: int = 0, run_id: str | None = None,
                  tags: Iterable[str] | None = None, environment: bool | Mapping[str, Any] = True,
-                 **exporter_options):
+                 detect: bool = False, offline: bool = False, **exporter_options):
         self.id = run_id or new_run_id()
         self.project, self.url, self.rank = project, url.rstrip("/"), rank
         self.name = name or f"run-{self.id[-6:]}"
@@ -77,8 +77,15 @@ class Run:
             except OSError:
                 self._warn_once("spool", "cannot create the spool under %s; batches are kept in memory only",
                                 root, exc_info=True)
-        self._exporter = Exporter(HttpClient(self.url, token), self.id, doc, rank=rank, spool=spool,
-                                  replay_root=root, **exporter_options)
+        #: with ``detect``: every alert transition the in-process detectors saw (firing, resolved)
+        self.alerts: list = []
+        self._detectors = None
+        if detect:
+            from .detect import default_detectors  # numpy: only when asked
+            self._detectors = default_detectors(self.config)
+        self._exporter = Exporter(None if offline else HttpClient(self.url, token), self.id, doc, rank=rank,
+                                  spool=spool, replay_root=None if offline else root,
+                                  observe=self._detect if detect else None, **exporter_options)
         atexit.register(self._atexit)
 
     @property
@@ -125,7 +132,7 @@ class Run:
 
     # -- public ------------------------------------------------------------------------------
     def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True, scaler=None,
-              start_step: int | None = None) -> "Run":
+              start_step: int | None = None, vitals: bool = True) -> "Run":
         """Attach to a ``torch.optim.Optimizer`` through its step hooks; full statistics on one
         optimizer step in ``every``.
 
@@ -135,7 +142,9 @@ class Run:
         ``model.named_modules()``). ``scaler``: a ``torch.amp.GradScaler`` whose loss scale and
         skipped steps to record. ``start_step``: the index of the next optimizer step; by default
         the step count kept in the optimizer's state (so a run resumed from a checkpoint goes on
-        numbering where it stopped), or 0 for a fresh optimizer.
+        numbering where it stopped), or 0 for a fresh optimizer. ``vitals`` (default on): also on
+        the steps that are not sampled, the gradient norm before clipping and the headroom of
+        float16/float8 activations, which the divergence detectors need on every step.
         """
         try:
             from .probe.activations import ActivationProbe  # imports torch: only here
@@ -143,11 +152,12 @@ class Run:
             names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
             # OPTISCOPE_FUSED=0: never compile the fused statistics kernels (eager blocks only)
             probe = OptimizerProbe(optimizer, self._emit, every=every, names=names, start_step=start_step,
-                                   fused=os.environ.get("OPTISCOPE_FUSED", "1") != "0")
+                                   fused=os.environ.get("OPTISCOPE_FUSED", "1") != "0", vitals=vitals)
             self._probes.append(probe)
             if model is not None and activations is not False:
                 act = ActivationProbe(model, probe.sampling_next,
-                                      modules=None if activations is True else list(activations), native=probe.native)
+                                      modules=None if activations is True else list(activations), native=probe.native,
+                                      vitals=vitals)
                 probe.contributors.append(act)
                 self._closers.append(act.close)
             if scaler is not None:
@@ -222,7 +232,26 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(status="crashed" if exc_type is not None else "finished")
 
+    def declare(self, change: str, step: int | None = None) -> None:
+        """Declare a planned change at ``step`` (default: as ``log``), so that what follows is read as
+        expected rather than as an incident: ``"data"`` (a data-mixture switch: the loss rules take
+        a new baseline after a grace period) or ``"schedule"`` (an intended LR change: the LR now in
+        use becomes the declared reference). Travels as the series ``declare/<change>_change``, so
+        the collector's detectors see it, and it stays in the run's history."""
+        if change not in ("data", "schedule"):
+            raise ValueError(f"optiscope: declare() takes 'data' or 'schedule', not {change!r}")
+        self.log({f"declare/{change}_change": 1.0}, step=step)
+
     # -- internal ----------------------------------------------------------------------------
+    def _detect(self, records) -> None:
+        """On the exporter thread: the same detectors as the collector's, over the same records."""
+        for step, _, values in records:
+            for d in self._detectors:
+                for ev in d.update(step, values, self.rank):
+                    self.alerts.append(ev)
+                    if ev.state == "firing" and ev.severity == "page":
+                        log.warning("optiscope: ALERT %s: %s", ev.rule, ev.message)
+
     def _emit(self, step: int, values: dict, vector) -> None:
         if self._active():
             self._exporter.submit((step, time.time(), values, vector))
@@ -237,7 +266,7 @@ class Run:
 def init(project: str | None = None, name: str | None = None, url: str | None = None,
          token: str | None = None, config: Mapping[str, Any] | None = None, run_id: str | None = None,
          rank: int | None = None, tags: Iterable[str] | None = None, environment: bool | Mapping[str, Any] = True,
-         **options) -> Run:
+         detect: bool = False, offline: bool = False, **options) -> Run:
     """Start a run. ``url``, ``token`` and ``project`` fall back to ``OPTISCOPE_URL``,
     ``OPTISCOPE_TOKEN`` and ``OPTISCOPE_PROJECT``; the collector need not be reachable yet.
 
@@ -249,6 +278,9 @@ def init(project: str | None = None, name: str | None = None, url: str | None = 
     ``tags``: strings of ``wire.TAG_RE`` (at most ``wire.MAX_TAGS``); others are dropped with one
     log line. ``environment``: True sends this rank's fingerprint (``probe.environment``) with the
     registration, False sends none, a dict adds its entries on top of the fingerprint.
+    ``detect``: also run the collector's detectors in this process, on the exporter thread; their
+    transitions collect in ``run.alerts`` and a page is logged. ``offline``: send nothing (batches
+    go to the spool, for ``optiscope sync``, unless ``spool=False``).
     ``heartbeat_interval`` (seconds, default 30, None for none) and the other options are the
     exporter's bounds (``transport.exporter.Exporter``)."""
     project = project or os.environ.get("OPTISCOPE_PROJECT") or DEFAULT_PROJECT
@@ -274,5 +306,5 @@ def init(project: str | None = None, name: str | None = None, url: str | None = 
     if heartbeat is not None and not heartbeat > 0:
         raise ValueError(f"optiscope: heartbeat_interval must be > 0 seconds or None, got {heartbeat!r}")
     return Run(project, name, url, token, config, rank=rank, run_id=run_id, tags=tags, environment=environment,
-               **options)
+               detect=detect, offline=offline, **options)
 

@@ -82,8 +82,8 @@ CATALOG: dict[str, SeriesSpec] = {
                    "iterations whose optimizer step GradScaler skipped (non-finite gradients), cumulative", "count",
                    "every step", True),
         SeriesSpec("grad_norm", "global", "sqrt(sum over parameters of ||g||^2), gradients before any clipping "
-                   "(missing on the one sampled step where clipping first appears after sampled steps without it)",
-                   "1", _S, True),
+                   "(with vitals off, missing on the one sampled step where clipping first appears after sampled "
+                   "steps without it)", "1", "every step (sampled steps only with vitals off)", True),
         SeriesSpec("grad_norm_clipped", "global",
                    "the same norm of the gradients the optimizer steps with (after clipping; equal to grad_norm "
                    "when nothing clips)", "1", _S, True),
@@ -110,7 +110,8 @@ CATALOG: dict[str, SeriesSpec] = {
         SeriesSpec("bias_correction2", _ADAM, "1 - beta2^t of the first parameter of param group 0", "1", _S),
         SeriesSpec("act_headroom_bits", "global (model watched)",
                    "min over watched modules of log2(finfo(dtype).max / max|output|); NaN if any output held NaN, "
-                   "-inf if one overflowed", "bits", _S, True),
+                   "-inf if one overflowed; on steps that are not sampled, over float16/float8 outputs only",
+                   "bits", "sampled steps; every step where a float16/float8 output exists (vitals)", True),
         SeriesSpec("act_absmax/module/{name}", "one watched module",
                    "max |output| over the forward passes of the step (every leaf module by default)", "as output", _S),
         SeriesSpec("act_headroom_bits/module/{name}", "one watched module",
@@ -118,6 +119,10 @@ CATALOG: dict[str, SeriesSpec] = {
         SeriesSpec("sdk/{counter}", "the run's SDK process (one per rank)",
                    "the exporter's cumulative counters when the batch was made: sent_points, dropped, retries, "
                    "spooled_batches, spool_full, rejected_batches", "count", "every batch"),
+        SeriesSpec("declare/{change}_change", "global (Run.declare)",
+                   "1 at the step where the run declared a planned change: data (a data-mixture switch) or "
+                   "schedule (an intended LR change); the detectors read what follows as expected", "1",
+                   "when declared"),
         SeriesSpec("state_norm/{key}", "other optimizers", "||state[key]||_2 over all parameters, for each "
                    "floating-point state tensor kind (momentum_buffer, square_avg, sum, ...)", "1", _S),
         SeriesSpec("{stat}/group/{i}", "param group i, when more than one has gradients",

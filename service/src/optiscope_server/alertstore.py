@@ -26,19 +26,27 @@ class AlertStore:
     # -- alerts ------------------------------------------------------------------------------
     def _record_alert(self, conn: Connection, run, ev: AlertEvent, run_url: str, now: float) -> int:
         if ev.state == "firing":
+            evidence = _evidence(ev)
+            inhibited = self._inhibited_by(conn, run.id, ev)
+            if inhibited is not None:
+                evidence = {**(evidence or {}), "inhibited_by": inhibited}
             alert_id = conn.execute(alerts.insert().values(
                 run_id=run.id, rule=ev.rule, severity=ev.severity, state="firing", series=ev.series,
-                rank=ev.rank, step=ev.step, value=ev.value, message=ev.message, created_at=now)).inserted_primary_key[0]
+                rank=ev.rank, step=ev.step, value=ev.value, message=ev.message, evidence=evidence,
+                created_at=now)).inserted_primary_key[0]
             started = now
         else:
-            found = conn.execute(select(alerts.c.id, alerts.c.created_at).where(
+            found = conn.execute(select(alerts.c.id, alerts.c.created_at, alerts.c.evidence).where(
                 alerts.c.run_id == run.id, alerts.c.rule == ev.rule, alerts.c.series == ev.series,
                 alerts.c.rank == ev.rank, alerts.c.state == "firing").order_by(alerts.c.id.desc())).first()
             if found is None:
                 return -1
-            alert_id, started = found
+            alert_id, started, evidence = found
+            inhibited = (evidence or {}).get("inhibited_by")
             conn.execute(update(alerts).where(alerts.c.id == alert_id)
                          .values(state="resolved", resolved_at=now, resolved_step=ev.step))
+        if inhibited is not None:
+            return alert_id  # stored and listed, but the incident was already paged: nothing is sent
         payload = json.dumps(webhook_event(alert_id, ev, run, run_url, now, started), allow_nan=False)
         targets = hooks.targets_for(conn, run.project)
         if targets:
@@ -46,6 +54,18 @@ class AlertStore:
                                             "msg_id": f"msg_{secrets.token_hex(12)}", "payload": payload,
                                             "attempts": 0, "next_attempt_at": now} for t in targets])
         return alert_id
+
+    @staticmethod
+    def _inhibited_by(conn: Connection, run_id: str, ev: AlertEvent) -> int | None:
+        """One page per incident: a paging alert that fires while another paging rule's alert is
+        firing on the same run and rank is the same incident seen by a second rule. It is stored
+        (with ``inhibited_by`` in its evidence) but not delivered. A non-finite value is always
+        delivered: the run is dead, which is news even to whoever holds the first page."""
+        if ev.severity != "page" or ev.rule == "non_finite":
+            return None
+        return conn.execute(select(alerts.c.id).where(
+            alerts.c.run_id == run_id, alerts.c.rank == ev.rank, alerts.c.state == "firing",
+            alerts.c.severity == "page", alerts.c.rule != ev.rule).order_by(alerts.c.id)).scalar()
 
     def list_alerts(self, run_id: str | None = None, state: str | None = None, limit: int = 1000, *,
                     project: str | None = None, rule: str | None = None, severity: str | None = None,
@@ -118,7 +138,7 @@ class AlertStore:
         with self.engine.connect() as conn:
             rows = conn.execute(q).mappings().all()
         return [webhook_event(r["id"], AlertEvent(r["rule"], r["severity"], "firing", r["series"], r["step"], r["rank"],
-                                                  r["value"], r["message"]),
+                                                  r["value"], r["message"], r["evidence"] or {}),
                               SimpleNamespace(id=r["run_id"], project=r["project"], name=r["run_name"]),
                               run_url(r["run_id"]), r["created_at"], r["created_at"]) for r in rows]
 
@@ -130,11 +150,27 @@ class AlertStore:
                          .values(attempts=outbox.c.attempts + 1, **values))
 
 
+def _evidence(ev: AlertEvent) -> dict | None:
+    """The event's evidence as strict JSON: non-finite numbers spelled as the wire spells them,
+    anything else that is not JSON as its string."""
+    def clean(x):
+        if isinstance(x, bool) or x is None or isinstance(x, (str, int)):
+            return x
+        if isinstance(x, float):
+            return wire.encode_value(x)
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return str(x)
+    return clean(dict(ev.evidence)) if ev.evidence else None
+
+
 def webhook_event(alert_id: int, ev: AlertEvent, run, run_url: str, now: float, started: float) -> dict:
     """The native JSON event POSTed to webhooks (documented in the README)."""
     alert = {"id": alert_id, "rule": ev.rule, "severity": ev.severity, "state": ev.state, "series": ev.series,
              "step": ev.step, "rank": ev.rank, "value": wire.encode_value(ev.value), "message": ev.message,
-             "created_at": started}
+             "evidence": _evidence(ev) or {}, "created_at": started}
     if ev.state == "resolved":
         alert["resolved_at"] = now
     return {

@@ -133,6 +133,8 @@ alerts = Table(
     Column("step", BigInteger, nullable=False),
     Column("value", Value),
     Column("message", Text, nullable=False),
+    # what triggered it (AlertEvent.evidence): window, values, thresholds; JSON-safe by construction
+    Column("evidence", JSON),
     Column("created_at", Double, nullable=False),
     Column("resolved_at", Double),
     Column("resolved_step", BigInteger),

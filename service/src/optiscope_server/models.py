@@ -186,6 +186,10 @@ class AlertOut(BaseModel):
     step: int
     value: float
     message: str
+    evidence: dict[str, Any] = Field(default_factory=dict, description=(
+        "what triggered the alert: the window of steps, the values and thresholds compared, the baseline; "
+        "non-finite numbers as the strings NaN, Infinity, -Infinity; inhibited_by: the id of the alert "
+        "already paging for this incident (this one was stored but not delivered)"))
     created_at: float
     resolved_at: float | None
     resolved_step: int | None
@@ -215,7 +219,9 @@ def run_detail(row: dict, url: str) -> RunDetail:
 
 
 def alert_out(row: dict, run_url: str) -> AlertOut:
-    return AlertOut(run_url=run_url, **{k: v for k, v in row.items() if k in AlertOut.model_fields})
+    fields = {k: v for k, v in row.items() if k in AlertOut.model_fields}
+    fields["evidence"] = fields.get("evidence") or {}  # alerts stored before evidence existed: NULL
+    return AlertOut(run_url=run_url, **fields)
 
 
 # -- the ingest body, as documented in OpenAPI (the decoder in the wire module is what enforces it) --

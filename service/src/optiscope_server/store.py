@@ -52,7 +52,7 @@ class Store(Lifecycle, AlertStore):
     """Runs, series and points; alerts (AlertStore) and rank liveness (Lifecycle) are mixed in."""
 
     def __init__(self, url: str, max_series_per_run: int = 10_000,
-                 detectors: Callable[[], list[Detector]] | None = None):
+                 detectors: Callable[[dict], list[Detector]] | None = None):
         self.url = url
         self.engine: Engine = make_engine(url)
         self.max_series_per_run = max_series_per_run
@@ -281,7 +281,9 @@ class Store(Lifecycle, AlertStore):
     def _detectors_for(self, conn: Connection, run_id: str) -> list[Detector]:
         dets = self._detectors.get(run_id)
         if dets is None:
-            dets = self._new_detectors()
+            # the run's config declares its LR schedule and planned data changes
+            config = conn.execute(select(runs.c.config).where(runs.c.id == run_id)).scalar()
+            dets = self._new_detectors(config if isinstance(config, dict) else {})
             firing = conn.execute(select(alerts.c.rule, alerts.c.rank, alerts.c.series)
                                   .where(alerts.c.run_id == run_id, alerts.c.state == "firing")).all()
             for d in dets:

@@ -1,8 +1,8 @@
 """The detector protocol and the alert event every detector returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -17,6 +17,8 @@ class AlertEvent:
     rank: int
     value: float         # the triggering value (may be NaN or +-Inf)
     message: str         # one human sentence
+    #: what triggered it: the window of steps, the values and thresholds compared, the baseline
+    evidence: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 #: One batch, column by column, as the collector feeds it: the steps of the batch's records (in

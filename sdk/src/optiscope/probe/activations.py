@@ -4,7 +4,11 @@ Forward hooks on the watched modules record max |output| during the forward pass
 optimizer step (a running max over micro-batches under gradient accumulation), as device tensors.
 Headroom in bits is log2(finfo(dtype).max / max|output|): 0 means the output reached the ceiling,
 -inf that it overflowed to inf, NaN that it held NaN. Forward passes without autograd
-(evaluation) and steps that are not sampled cost one Python call per module and nothing else.
+(evaluation) and steps that are not sampled cost one Python call per module and nothing else,
+except for outputs of a narrow-range dtype (float16, the float8 types: a ceiling below 1e10),
+where overflow is a live risk: with ``vitals`` those are measured on every step, and the step's
+tightest headroom among them is the every-step ``act_headroom_bits`` that an overflow forecast
+needs (a sampled step's value covers every module).
 A float32 CPU output is read by the native kernel when it is built (one pass while the output is
 still in cache, about twice as fast as ``aminmax``); any other by ``torch.aminmax``.
 """
@@ -19,6 +23,9 @@ import torch
 from .native import Native
 
 _BAD = re.compile(r"[^A-Za-z0-9_.:/\-]")
+#: Floating dtypes whose largest value is below 1e10, where activations do overflow in practice.
+NARROW = frozenset(d for d in (torch.float16, *(getattr(torch, n, None) for n in (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"))) if d is not None)
 
 
 def default_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -29,7 +36,7 @@ def default_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 
 class ActivationProbe:
     def __init__(self, model: torch.nn.Module, is_sampling: Callable[[], bool],
-                 modules: Iterable[str] | None = None, native: Native | None = None):
+                 modules: Iterable[str] | None = None, native: Native | None = None, vitals: bool = True):
         named = dict(model.named_modules())
         if modules is None:
             chosen = default_modules(model)
@@ -40,6 +47,9 @@ class ActivationProbe:
             chosen = [(n, named[n]) for n in modules]
         self.is_sampling = is_sampling
         self.native = native
+        self.vitals = vitals
+        # narrow-range outputs seen on a step that is not sampled: (dtype, (min, max) device tensors)
+        self._vital: list[tuple[torch.dtype, tuple]] = []
         # per output seen on the sampled step: (module name, dtype, (min, max) device tensors, or
         # max |t| as a number from the native kernel); everything else waits for collect(), so
         # that a hook costs one reduction and no other operator
@@ -53,9 +63,16 @@ class ActivationProbe:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled() or not self.is_sampling():
+            if not torch.is_grad_enabled():
+                return
+            sampling = self.is_sampling()
+            if not sampling and not self.vitals:
                 return
             for t in (output if isinstance(output, (tuple, list)) else (output,)):
+                if not sampling:
+                    if isinstance(t, torch.Tensor) and t.dtype in NARROW and t.numel():
+                        self._vital.append((t.dtype, torch.aminmax(t.detach())))
+                    continue
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                     # usable first: an accelerator's outputs never start a build that cannot serve
                     # them; and never while torch.compile traces the hook (no real buffer to read)
@@ -67,6 +84,18 @@ class ActivationProbe:
                     # as with t.abs() (about 3x faster on CPU), and both propagate NaN
                     self._seen.append((name, t.dtype, torch.aminmax(t.detach())))
         return hook
+
+    def host_values(self) -> dict:
+        """Every step that is not sampled: the tightest headroom among narrow-range outputs, as a
+        0-d device tensor (read on the exporter thread)."""
+        vital, self._vital = self._vital, []
+        if not vital:
+            return {}
+        device = vital[0][1][0].device
+        lo = torch.stack([mm[0].to(device, torch.float64) for _, mm in vital])
+        hi = torch.stack([mm[1].to(device, torch.float64) for _, mm in vital])
+        ceiling = torch.tensor([torch.finfo(d).max for d, _ in vital], dtype=torch.float64, device=device)
+        return {"act_headroom_bits": torch.log2(ceiling / torch.maximum(hi, -lo)).min()}
 
     def collect(self) -> list[tuple[str | list[str], torch.Tensor]]:
         """The sampled step's values (then forgets them): per module (a list of names with a

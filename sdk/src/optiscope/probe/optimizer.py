@@ -3,7 +3,10 @@
 The probe attaches to any ``torch.optim.Optimizer`` through its step hooks; it never calls
 ``optimizer.step`` itself and never changes the model, the optimizer or the RNG state.
 
-- Every step: the learning rate of each param group and the host-side step time. No kernel runs.
+- Every step: the learning rate of each param group and the host-side step time (no kernel), and,
+  unless ``vitals`` is off, the gradient norm before clipping: one reduction per parameter in
+  backward and one stack, left on the device (divergence detection needs it on every step, where
+  the full statistics are sampled).
 - Sampled steps (one in ``every``): the full statistics (global, per param group, per tensor),
   all kept as device tensors and stacked into one vector. The exporter thread copies that vector
   to the host: the only sync, and off the training thread.
@@ -40,12 +43,14 @@ class OptimizerProbe:
     tensor (``native``, built with the C compiler), elsewhere and for other dtypes one
     ``torch.compile``d kernel per large tensor; False keeps to the eager blocks.
     ``native=False`` leaves the CPU to the ``torch.compile``d kernels too.
+    ``vitals``: measure ``grad_norm`` on every step, not only sampled ones.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, emit: Emit, every: int = 1,
                  names: dict[int, str] | None = None, per_tensor: bool = True, start_step: int | None = None,
-                 fused: bool = True, native: bool = True):
+                 fused: bool = True, native: bool = True, vitals: bool = True):
         self.optimizer = optimizer
+        self.vitals = vitals
         self.emit = emit
         self.every = max(1, int(every))
         self.per_tensor = per_tensor
@@ -64,7 +69,7 @@ class OptimizerProbe:
         # out) and, once the gradients were seen to change before a step, on every sampled step
         # after that one (whose grad_norm is then unknown and not reported).
         self._grad_versions: dict[int, tuple[torch.Tensor, int]] = {}
-        self._measure_in_backward = True
+        self._measure_in_backward = True  # with vitals: always (the norms are there anyway)
         self._grads_change = False
         self._grad_hooks: dict[int, object] = {}
         self._n_params = -1
@@ -94,6 +99,9 @@ class OptimizerProbe:
         """True while the forward/backward passes of a step that will be sampled run."""
         return self.steps % self.every == 0 and not self._failed
 
+    def _measuring_grads(self) -> bool:
+        return (self.vitals or self.steps % self.every == 0) and not self._failed
+
     def _groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
@@ -110,12 +118,13 @@ class OptimizerProbe:
                     self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(self._on_grad)
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        # After every backward that accumulates into p.grad; only a step about to be sampled pays
-        # for a reduction, and the last backward before the step leaves the final value.
-        if self.steps % self.every == 0 and p.grad is not None and not self._failed:
+        # After every backward that accumulates into p.grad; only a step about to be sampled (or
+        # every step, with vitals) pays for a reduction, and the last backward leaves the final value.
+        if p.grad is not None and self._measuring_grads():
             try:  # runs inside the user's backward(): never let it raise there
-                self._grad_versions[id(p)] = (p.grad, p.grad._version)
-                if self._measure_in_backward:
+                if self.steps % self.every == 0:
+                    self._grad_versions[id(p)] = (p.grad, p.grad._version)
+                if self._measure_in_backward or self.vitals:
                     self._backward_norms[id(p)] = S.sq_sum(p.grad)
             except Exception:
                 self._fail("gradient")
@@ -123,7 +132,7 @@ class OptimizerProbe:
     def record_gradients(self) -> None:
         """Measure the gradients again as they are now: GradScaler.unscale_ calls this, so that
         grad_norm is the norm of the unscaled gradients, before any clipping that follows."""
-        if self.steps % self.every == 0 and not self._failed:
+        if self._measuring_grads():
             for g in self._groups():
                 for p in g["params"]:
                     if p.grad is not None:
@@ -153,6 +162,15 @@ class OptimizerProbe:
         now = time.perf_counter()
         host = self._host_values(now)
         vector = None
+        if self.vitals and not self._sampled and self._backward_norms and not self._failed:
+            try:
+                norms = list(self._backward_norms.values())
+                device = norms[0].device
+                # a 0-d device tensor: the exporter thread reads it (no sync here)
+                host["grad_norm"] = torch.stack([n.to(device) for n in norms]).sum().sqrt()
+            except Exception:
+                self._fail("post-step")
+            self._backward_norms.clear()
         if self._sampled and self._pre is not None:
             try:
                 with torch.no_grad():
@@ -216,12 +234,12 @@ class OptimizerProbe:
             if seen is not None and (seen[0] is not p.grad or seen[0]._version != seen[1]):
                 changed = True
                 break
-        known = not changed or self._measure_in_backward
-        if changed and not self._measure_in_backward:
+        known = not changed or self._measure_in_backward or self.vitals
+        if changed and not known:
             log.info("optiscope: gradients changed between backward and step (clipping?); grad_norm is "
                      "measured in backward from the next sampled step (this step's is not reported)")
         self._grads_change = self._grads_change or changed
-        self._measure_in_backward = self._grads_change
+        self._measure_in_backward = self._grads_change or self.vitals
         return known
 
     def _measure_after(self, pre: dict) -> tuple[tuple[str, ...], torch.Tensor]:

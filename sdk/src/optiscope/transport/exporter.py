@@ -62,8 +62,12 @@ class Exporter:
     def __init__(self, client: HttpClient, run_id: str, run_doc: dict, rank: int = 0,
                  max_queue: int = 100_000, max_batch_records: int = 1_000, flush_interval: float = 0.5,
                  max_pending_batches: int = 1_000, backoff_max: float = 10.0, spool=None,
-                 replay_root=None, heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL):
+                 replay_root=None, heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL,
+                 observe=None):
+        # client None: offline, nothing is sent; batches go to the spool (if any) for `optiscope sync`
         self.client = client
+        # observe(records): sees every record as sent, on this thread (in-process detectors)
+        self.observe = observe
         self.run_id, self.run_doc, self.rank = run_id, run_doc, rank
         self.max_queue, self.max_batch_records = max_queue, max_batch_records
         self.flush_interval, self.max_pending, self.backoff_max = flush_interval, max_pending_batches, backoff_max
@@ -126,7 +130,7 @@ class Exporter:
         if spooled:
             log.warning("optiscope: %d points are kept in the spool at %s; they are sent by the next run "
                         "or by `optiscope sync`", spooled, self.spool.dir)
-        delivered = lost == 0 and not spooled and self._finish_acked
+        delivered = lost == 0 and not spooled and (self._finish_acked or self.client is None)
         if self.spool is not None:
             try:
                 self.spool.close(status, delivered)
@@ -165,6 +169,10 @@ class Exporter:
                 self._take_doc(new_doc)
             if records:
                 self._enqueue_batch(records)
+            if self.client is None:  # offline: nothing to send, nothing to wait for
+                if closing and not self._queue:
+                    return
+                continue
             if now < send_at:
                 if closing:  # wait out the backoff, but no longer than finish() allows
                     with self._cv:
@@ -197,6 +205,11 @@ class Exporter:
                 self._warn_once("bad_value", "dropped a record whose values could not be read as numbers")
         if not out:
             return
+        if self.observe is not None:
+            try:
+                self.observe(out)
+            except Exception:
+                self._warn_once("observe", "in-process detection failed; records are still sent")
         # Names from log() are checked there; a probe's names (from model.named_parameters()) could
         # still be too long. One check per distinct name, not per point: drop those series, never the batch.
         bad = {n for n in set().union(*(v for _, _, v in out)) if not wire.valid_name(n)}
@@ -212,6 +225,8 @@ class Exporter:
         self._seq += 1
         body = wire.encode_batch(batch)
         spooled = self._spool(batch.seq, body)
+        if self.client is None:
+            return  # offline: the spool holds it (for `optiscope sync`), or nothing does
         if len(self._pending) >= self.max_pending:
             _, _, n, was_spooled = self._pending.popleft()
             if not was_spooled:  # a spooled batch is not lost: the next run or `optiscope sync` sends it

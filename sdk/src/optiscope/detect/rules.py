@@ -1,0 +1,295 @@
+"""The paging rules that watch the loss, the learning rate and activation headroom.
+
+Each is a ``StreamDetector`` (per rank, one alert per incident); thresholds are class attributes
+so a collector or a user can tune them, and every firing event carries its evidence.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from statistics import median
+from typing import Any, Mapping
+
+from .base import AlertEvent
+from .schedule import declared_schedule, declared_steps
+from .stream import DECLARE_DATA, DECLARE_SCHEDULE, Progress, StreamDetector, rounded
+
+#: Steps at the start of a run (and after a declared data change) in which no loss baseline
+#: exists yet, so no loss rule can fire: the warmup grace period.
+GRACE_STEPS = 30
+
+
+class _Switches:
+    """Declared data changes: the config's ``data_mixture_switch_steps`` and ``declare/data_change``
+    points. ``due(step, values)`` is True once per change, on the first record at or after it."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.pending = deque(declared_steps(config, "data_mixture_switch_steps"))
+
+    def due(self, step: int, values: Mapping[str, float]) -> bool:
+        hit = DECLARE_DATA in values
+        while self.pending and self.pending[0] <= step:
+            self.pending.popleft()
+            hit = True
+        return hit
+
+
+class LossRegression(StreamDetector):
+    """The loss has given back ``FIRE`` of the progress it had made (``Progress``: a running
+    median, in linear scale) for ``SUSTAIN`` steps in a row *and is not recovering*: the median of
+    the last ``TREND`` losses is no lower than that of the ``TREND`` before (after a shock, judged
+    on the losses since it only, so given 2 x ``TREND`` steps to heal). A run knocked back by one bad batch, that is
+    already learning its way back, is not paged; one that keeps losing ground is. Resolves below
+    ``RESOLVE``."""
+
+    rule, severity = "loss_regression", "page"
+    needs = ("loss", DECLARE_DATA)
+    FIRE, RESOLVE, SUSTAIN, TREND = 0.4, 0.2, 10, 20
+
+    def _new_state(self, rank: int) -> Any:
+        return {"p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config), "above": 0,
+                "raw": deque(maxlen=2 * self.TREND)}
+
+    def _record(self, st, step, values, rank):
+        p: Progress = st["p"]
+        if st["switches"].due(step, values):
+            p.reset(step)
+        if "loss" not in values:
+            return []
+        p.add(step, values["loss"])
+        if p.shock_step == step:
+            st["raw"].clear()  # judge the healing on what follows the shock only
+        elif math.isfinite(values["loss"]):
+            st["raw"].append(values["loss"])
+        g = p.gave_back() if p.ready(step) else None
+        if g is None:
+            return []
+        st["above"] = st["above"] + 1 if g >= self.FIRE else 0
+        raw = list(st["raw"])  # recovering: the last TREND losses are lower than the TREND before
+        recovering = len(raw) < 2 * self.TREND and p.shock_step >= 0 or \
+            len(raw) == 2 * self.TREND and median(raw[self.TREND:]) < median(raw[:self.TREND])
+        if st["above"] >= self.SUSTAIN and not recovering:
+            return self._set(True, rank, "loss", step, values["loss"],
+                             f"the loss has given back {g:.0%} of its progress (smoothed {p.S:.4g}, best "
+                             f"{p.m:.4g}, baseline {p.L0:.4g}) for {st['above']} steps at step {step} on rank {rank}",
+                             {"window": [step - st["above"] + 1, step], "gave_back": rounded(g),
+                              "fire_at": self.FIRE, **p.evidence()})
+        if g < self.RESOLVE:
+            return self._set(False, rank, "loss", step, values["loss"],
+                             f"the loss recovered (smoothed {p.S:.4g}, best {p.m:.4g}) at step {step} on rank {rank}")
+        return []
+
+
+class _Schedule:
+    """The declared LR envelope, rescaled when the run declares a schedule change."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.ref = declared_schedule(config)
+        self.scale = 1.0
+        self.pending = False
+
+    def ratio(self, step: int, values: Mapping[str, float]) -> float | None:
+        if DECLARE_SCHEDULE in values:
+            self.pending = True  # Run.declare sends it as a record of its own: the next LR is the reference
+        lr = values.get("lr")
+        if self.ref is None or lr is None or not math.isfinite(lr):
+            return None
+        ref = self.ref(step) * self.scale
+        if self.pending and ref > 0 and lr > 0:
+            self.scale *= lr / ref  # the LR now in use is the new declared reference
+            self.pending = False
+            return 1.0
+        return lr / ref if ref > 0 else None
+
+
+class LrOffSchedule(StreamDetector):
+    """Warning: the LR of param group 0 has been above the declared schedule by a factor of
+    ``FIRE`` or more for ``SUSTAIN`` steps (a lost scheduler state, a unit error, a broken
+    scheduler). Never pages on its own: ``LrAboveSchedule`` pages once the loss suffers."""
+
+    rule, severity = "lr_off_schedule", "warning"
+    needs = ("lr", DECLARE_SCHEDULE)
+    FIRE, RESOLVE, SUSTAIN = 1.5, 1.2, 3
+
+    def _new_state(self, rank):
+        return {"s": _Schedule(self.config), "above": 0, "below": 0}
+
+    def _record(self, st, step, values, rank):
+        r = st["s"].ratio(step, values)
+        if r is None:
+            return []
+        st["above"] = st["above"] + 1 if r >= self.FIRE else 0
+        st["below"] = st["below"] + 1 if r <= self.RESOLVE else 0
+        lr = values["lr"]
+        if st["above"] >= self.SUSTAIN:
+            return self._set(True, rank, "lr", step, lr,
+                             f"the learning rate {lr:.3g} is {r:.3g}x the declared schedule at step {step} on rank {rank}",
+                             {"window": [step - st["above"] + 1, step], "ratio": rounded(r),
+                              "declared": rounded(lr / r), "fire_at": self.FIRE})
+        if st["below"] >= self.SUSTAIN:
+            return self._set(False, rank, "lr", step, lr, f"the learning rate is back on the declared schedule "
+                             f"at step {step} on rank {rank}")
+        return []
+
+
+class LrAboveSchedule(StreamDetector):
+    """Page: the LR is above the declared schedule (``RATIO`` or more) *and* the loss has started
+    to give back its progress: ``SLOW`` of it on the running median for ``SUSTAIN`` steps, or
+    ``SHORT_BAR`` of it on the median of the last ``SHORT`` steps, higher than the ``SHORT`` before,
+    for ``SUSTAIN`` steps (``EarlyDivergence``'s test, with the LR as the corroborating signal in
+    place of the gradient norm), or ``FAST`` of it on each of the last two steps. A known cause lowers the bar the loss must
+    clear: with the LR on schedule only ``LossRegression`` pages."""
+
+    rule, severity = "lr_above_schedule", "page"
+    needs = ("lr", "loss", DECLARE_DATA, DECLARE_SCHEDULE)
+    RATIO, SLOW, FAST, SUSTAIN, RESOLVE, SHORT, SHORT_BAR = 2.0, 0.2, 0.5, 3, 0.1, 8, 0.2
+
+    def _new_state(self, rank):
+        return {"s": _Schedule(self.config), "p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config),
+                "slow": 0, "short": 0, "last": deque(maxlen=2 * self.SHORT), "ratio": None}
+
+    def _record(self, st, step, values, rank):
+        p: Progress = st["p"]
+        if st["switches"].due(step, values):
+            p.reset(step)
+        r = st["s"].ratio(step, values)
+        if r is not None:
+            st["ratio"] = r
+        if "loss" not in values:
+            return []
+        loss = values["loss"]
+        p.add(step, loss)
+        if math.isfinite(loss):
+            st["last"].append(loss)
+        g = p.gave_back() if p.ready(step) else None
+        r = st["ratio"]
+        if g is None or r is None:
+            return []
+        st["slow"] = st["slow"] + 1 if g >= self.SLOW else 0
+        last = list(st["last"])
+        fast = (min(last[-2:]) - p.m) / p.progress if len(last) >= 2 else -math.inf
+        rising = -math.inf
+        if len(last) == 2 * self.SHORT and median(last[self.SHORT:]) > median(last[:self.SHORT]):
+            rising = (median(last[self.SHORT:]) - p.m) / p.progress
+        st["short"] = st["short"] + 1 if rising >= self.SHORT_BAR else 0
+        if r >= self.RATIO and (st["slow"] >= self.SUSTAIN or st["short"] >= self.SUSTAIN or fast >= self.FAST):
+            why = f"{g:.0%} given back (smoothed)" if st["slow"] >= self.SUSTAIN else \
+                f"{rising:.0%} given back over the last {self.SHORT} steps, and rising" if st["short"] >= self.SUSTAIN \
+                else f"{fast:.0%} given back on each of the last two steps"
+            return self._set(True, rank, "lr", step, values.get("lr", math.nan),
+                             f"the learning rate is {r:.3g}x the declared schedule and the loss is regressing "
+                             f"({why}) at step {step} on rank {rank}",
+                             {"ratio": rounded(r), "ratio_at": self.RATIO, "gave_back": rounded(g),
+                              "gave_back_last_two": rounded(fast), "window": [step - max(st["slow"], 2) + 1, step],
+                              **p.evidence()})
+        if r < self.RATIO and g < self.RESOLVE:
+            return self._set(False, rank, "lr", step, values.get("lr", math.nan),
+                             f"the learning rate is back on schedule and the loss recovered at step {step} on rank {rank}")
+        return []
+
+
+class OverflowForecast(StreamDetector):
+    """Page: the activation headroom (``act_headroom_bits``: log2 of the dtype's ceiling over the
+    largest output) trends to zero within ``HORIZON`` steps: a least-squares line through the
+    last ``WINDOW`` points, fitted in bits, i.e. in log scale, where exponential growth is a
+    straight line. An output that reached the ceiling (0 bits or an overflow, -inf) pages at
+    once. Resolves when the forecast is beyond twice the horizon."""
+
+    rule, severity = "activation_overflow", "page"
+    needs = ("act_headroom_bits",)
+    HORIZON, WINDOW = 50, 50
+
+    def _new_state(self, rank):
+        return deque(maxlen=self.WINDOW)
+
+    def _record(self, pts, step, values, rank):
+        h = values["act_headroom_bits"]
+        if math.isnan(h):
+            return []  # a NaN output: the loss goes NaN with it, and non_finite pages for that
+        if h <= 0:
+            return self._set(True, rank, "act_headroom_bits", step, h,
+                             f"an activation reached its dtype's largest value (headroom {h:.3g} bits) at step "
+                             f"{step} on rank {rank}", {"headroom_bits": rounded(h), "window": [step, step]})
+        pts.append((step, h))
+        if len(pts) < self.WINDOW or step < GRACE_STEPS:
+            return []
+        n = len(pts)
+        xs = [s for s, _ in pts]
+        ys = [v for _, v in pts]
+        mx, my = sum(xs) / n, sum(ys) / n
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+        now = my + slope * (step - mx)
+        eta = now / -slope if slope < 0 else math.inf
+        if eta <= self.HORIZON:
+            return self._set(True, rank, "act_headroom_bits", step, h,
+                             f"activation headroom is {now:.2f} bits and falling {-slope * 100:.2f} bits per 100 "
+                             f"steps: the dtype's ceiling in about {eta:.0f} steps (step {step}, rank {rank})",
+                             {"window": [xs[0], step], "headroom_bits": rounded(now), "bits_per_step": rounded(slope),
+                              "steps_to_ceiling": rounded(eta), "horizon_steps": self.HORIZON})
+        if eta > 2 * self.HORIZON:
+            return self._set(False, rank, "act_headroom_bits", step, h,
+                             f"activation headroom is stable at {now:.2f} bits (step {step}, rank {rank})")
+        return []
+
+
+class EarlyDivergence(StreamDetector):
+    """Page: the loss and the gradient norm agree that training is coming apart, before the
+    smoothed loss shows it. Over the last ``SHORT`` steps the median loss has given back ``LOSS``
+    of the progress and is higher than over the ``SHORT`` steps before, and the median gradient
+    norm is ``GRAD`` times its own median over the ``LONG`` steps before that, for ``SUSTAIN``
+    steps. Either signal alone is common in healthy training; together they are not. After a
+    shock (one step's loss ``SHOCK`` times the smoothed loss: an outlier batch), both are expected
+    to be high while the run heals, so the rule holds off for ``HOLD`` steps and then until the
+    short median is back under half the bar, and leaves a run that does not heal to ``LossRegression``."""
+
+    rule, severity = "early_divergence", "page"
+    needs = ("loss", "grad_norm", DECLARE_DATA)
+    SHORT, LONG, LOSS, GRAD, SUSTAIN, HOLD = 8, 200, 0.2, 1.5, 3, 50
+
+    def _new_state(self, rank):
+        return {"p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config),
+                "loss": deque(maxlen=2 * self.SHORT), "gn": deque(maxlen=self.LONG + self.SHORT),
+                "hold_until": -1, "healing": False, "on": 0}
+
+    def _record(self, st, step, values, rank):
+        p: Progress = st["p"]
+        if st["switches"].due(step, values):
+            p.reset(step)
+            st["hold_until"] = step + GRACE_STEPS
+        gn = values.get("grad_norm")
+        if gn is not None and math.isfinite(gn):
+            st["gn"].append(gn)
+        loss = values.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return []
+        p.add(step, loss)
+        if p.shock_step == step:
+            st["healing"], st["hold_until"] = True, step + self.HOLD
+        st["loss"].append(loss)
+        if not p.ready(step) or step < st["hold_until"] or p.gave_back() is None:
+            return []
+        ls, gs = list(st["loss"]), list(st["gn"])
+        if len(ls) < 2 * self.SHORT or len(gs) < self.LONG // 2 + self.SHORT:
+            return []
+        now, before = median(ls[self.SHORT:]), median(ls[:self.SHORT])
+        g = (now - p.m) / p.progress
+        if st["healing"]:
+            st["healing"] = g >= self.LOSS / 2
+            return []
+        gn_now, gn_base = median(gs[-self.SHORT:]), median(gs[:-self.SHORT])
+        agree = g >= self.LOSS and now > before and gn_now >= self.GRAD * gn_base
+        st["on"] = st["on"] + 1 if agree else 0
+        if st["on"] >= self.SUSTAIN:
+            return self._set(True, rank, "loss", step, loss,
+                             f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and "
+                             f"rising) and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree that "
+                             f"training is diverging at step {step} on rank {rank}",
+                             {"window": [step - self.SHORT + 1, step], "gave_back": rounded(g),
+                              "loss_median": rounded(now), "loss_median_before": rounded(before),
+                              "grad_norm_median": rounded(gn_now), "grad_norm_baseline": rounded(gn_base),
+                              "grad_norm_ratio_at": self.GRAD, **p.evidence()})
+        if g < self.LOSS / 2 and gn_now < self.GRAD * gn_base:
+            return self._set(False, rank, "loss", step, loss, f"loss and gradient norm are back to their baselines at "
+                             f"step {step} on rank {rank}")
+        return []

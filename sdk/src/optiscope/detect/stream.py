@@ -1,0 +1,154 @@
+"""What the stateful detectors share: per-rank state, the columnar entry point, one alert per
+incident, and a robust measure of training progress.
+
+A ``StreamDetector`` reads a handful of series (``needs``); the collector hands it whole batches,
+of which only those series' points reach Python, record by record, so the rule is written once,
+as a streaming function of one record, and both entry points give the same transitions.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from statistics import median
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .base import AlertEvent, SeriesColumns
+
+#: Series through which a run declares a planned change at a step (``Run.declare``): the value is
+#: the step's marker (1.0). The detectors treat what follows as expected, not as an incident.
+DECLARE_DATA = "declare/data_change"
+DECLARE_SCHEDULE = "declare/schedule_change"
+
+
+def finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def rounded(x: float, digits: int = 6) -> float | str:
+    """A value for the evidence: JSON-safe (non-finite values spelled as the wire spells them)."""
+    if not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    return float(f"{x:.{digits}g}")
+
+
+class StreamDetector:
+    """Base of the stateful rules. Subclasses set ``rule``, ``severity``, ``needs`` and implement
+    ``_record(state, step, values, rank) -> list[AlertEvent]``; ``_new_state(rank)`` makes a rank's
+    state. ``firing`` holds the (rank, series) of open incidents (restored by the collector)."""
+
+    rule = ""
+    severity = "page"
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, config: Mapping[str, Any] | None = None, firing: Iterable[tuple[int, str]] = ()):
+        self.config = dict(config or {})
+        self.firing: set[tuple[int, str]] = set(firing)
+        self._states: dict[int, Any] = {}
+
+    def _new_state(self, rank: int) -> Any:
+        raise NotImplementedError
+
+    def _record(self, state: Any, step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
+        raise NotImplementedError
+
+    def _state(self, rank: int) -> Any:
+        st = self._states.get(rank)
+        if st is None:
+            st = self._states[rank] = self._new_state(rank)
+        return st
+
+    def update(self, step: int, values: Mapping[str, float], rank: int = 0) -> list[AlertEvent]:
+        mine = {k: values[k] for k in self.needs if k in values}
+        return self._record(self._state(rank), step, mine, rank) if mine else []
+
+    def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0) -> list[AlertEvent]:
+        rows: dict[int, dict[str, float]] = {}
+        for name in self.needs:
+            if name in series:
+                idx, values = series[name]
+                for i, v in zip(np.asarray(idx).tolist(), np.asarray(values, dtype=np.float64).tolist()):
+                    rows.setdefault(i, {})[name] = v
+        if not rows:
+            return []
+        st = self._state(rank)
+        out: list[AlertEvent] = []
+        for i in sorted(rows):
+            out.extend(self._record(st, int(steps[i]), rows[i], rank))
+        return out
+
+    def _set(self, on: bool, rank: int, series: str, step: int, value: float, message: str,
+             evidence: Mapping[str, Any] | None = None) -> list[AlertEvent]:
+        """The transition, if ``on`` differs from the incident's state: one alert per incident."""
+        key = (rank, series)
+        if on == (key in self.firing):
+            return []
+        (self.firing.add if on else self.firing.discard)(key)
+        return [AlertEvent(self.rule, self.severity, "firing" if on else "resolved", series, step, rank,
+                           float(value), message, dict(evidence or {}))]
+
+
+class Progress:
+    """How much of its progress a run has given back, robustly, in linear scale.
+
+    The loss is smoothed with a running median over ``window`` steps (one outlier batch moves a
+    median by one rank, not by its size). ``L0`` is the first smoothed loss since the start (or
+    since a declared data change, which starts a new baseline), ``m`` the lowest since; rules read
+    it only ``grace`` steps after the start. ``gave_back() = (S - m) / (L0 - m)``: 0 at the best point, 1
+    when every bit of progress is lost. It is defined only once the progress ``L0 - m`` stands out
+    of the loss's own step-to-step noise, and is a difference of losses, so a loss near zero that
+    doubles gives back almost nothing."""
+
+    #: a loss this many times the smoothed loss is a shock (an outlier batch, a corrupted input):
+    #: what follows is the run healing from it, and rules give it time
+    SHOCK = 20.0
+
+    def __init__(self, window: int = 25, grace: int = 30):
+        self.window, self.grace = window, grace
+        self.shock_step = -1
+        self.reset(0)
+
+    def reset(self, step: int) -> None:
+        self.start = step
+        self.recent: deque[float] = deque(maxlen=self.window)
+        self.S = math.nan
+        self.L0: float | None = None
+        self.m = math.inf
+        self.noise = math.nan
+
+    def add(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            return
+        if self.L0 is not None and self.S > 0 and loss > self.SHOCK * self.S:
+            self.shock_step = step
+        self.recent.append(loss)
+        if len(self.recent) <= self.window // 2:
+            return
+        self.S = median(self.recent)
+        spread = median(abs(x - self.S) for x in self.recent)
+        if self.L0 is None:  # the loss when watching began (or the data changed): the baseline
+            self.L0 = self.m = self.S
+            self.noise = spread
+        elif self.S < self.m:
+            # the spread at the best point: what the progress must stand out of (a diverging
+            # loss's own spread is no measure of the noise of the run it came from)
+            self.m, self.noise = self.S, spread
+
+    def ready(self, step: int) -> bool:
+        """Past the grace period: the baseline has had ``grace`` steps to form."""
+        return self.L0 is not None and step - self.start >= self.grace
+
+    @property
+    def progress(self) -> float:
+        return self.L0 - self.m if self.L0 is not None else math.nan
+
+    def gave_back(self) -> float | None:
+        if self.L0 is None or not self.progress > 3 * self.noise:
+            return None
+        return (self.S - self.m) / self.progress
+
+    def evidence(self) -> dict:
+        return {"smoothed_loss": rounded(self.S), "best_smoothed_loss": rounded(self.m),
+                "baseline_loss": rounded(self.L0 if self.L0 is not None else math.nan),
+                "median_window_steps": self.window, "baseline_from_step": self.start}
