@@ -85,7 +85,7 @@ class _Sampled(StreamDetector):
         return {"tracks": {}, "switches": _Switches(self.config)}
 
     def _record(self, st, step, values, rank):
-        data = DECLARE_DATA in values
+        data = DECLARE_DATA in self.resets and st["switches"].due(step, values)
         if data or any(d in values for d in self.resets if d != DECLARE_DATA):
             for tr in st["tracks"].values():  # what follows a declared change is its new normal
                 tr.base.clear()
