@@ -158,3 +158,38 @@ def test_float64_outputs_beyond_float32_range_keep_their_headroom():
     opt.step()
     assert 20 < seen["act_headroom_bits"] < 40  # about 1e300 of 1.8e308: some 27 bits (float32: -inf)
     assert seen["act_absmax/module/0"] > 1e299
+
+
+def test_vitals_give_the_headroom_of_half_precision_outputs_on_every_step():
+    """On steps that are not sampled, only float16/float8 outputs are measured (their ceiling is in
+    reach; float32's is not), and the step's record carries their tightest headroom: log2 of the
+    ceiling over max |output| over the step's forward passes, -inf once one overflowed."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    hosts = {}
+    probe = OptimizerProbe(opt, lambda step, host, vector: hosts.__setitem__(step, host), every=100)
+    act = ActivationProbe(model, probe.sampling_next, vitals=True)
+    probe.contributors.append(act)
+    for step in range(3):
+        x = torch.randn(2, 4)
+        out = (model.lin(x) * 50).detach().to(torch.float16)
+        model(x, scale=50).backward()
+        opt.step()
+        opt.zero_grad()
+        if step:
+            want = math.log2(65504 / float(out.float().abs().max()))
+            assert float(hosts[step]["act_headroom_bits"]) == pytest.approx(want, rel=1e-6)
+    model(torch.randn(2, 4), scale=1e6).backward()  # overflows to inf
+    opt.step()
+    assert float(hosts[3]["act_headroom_bits"]) == -math.inf
+    probe.close()
+    act.close()
+    # vitals off: an unsampled step measures nothing
+    probe = OptimizerProbe(opt, lambda step, host, vector: hosts.__setitem__(step, host), every=100, vitals=False)
+    act = ActivationProbe(model, probe.sampling_next, vitals=False)
+    probe.contributors.append(act)
+    probe.steps = 5
+    model(torch.randn(2, 4)).backward()
+    opt.step()
+    assert "act_headroom_bits" not in hosts[5] and "grad_norm" not in hosts[5]

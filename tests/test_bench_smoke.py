@@ -92,3 +92,15 @@ def test_detection_benchmark_smoke():
             if line.startswith("| mlp_")}
     assert int(rows["mlp_lr_ramp"]) >= 1, rows  # a lead of at least one step: paged before the failure
     assert rows["mlp_corrupt_batch_recovers"] == "0", rows  # no alarm event on the benign run
+
+
+def test_vitals_benchmark_smoke():
+    """The per-step vitals on a tiny model: the table comes out whole and the per-step gradient norm
+    equals the float64 norm before clipping (the script exits 1 otherwise; on CUDA it also exits 1
+    on a host-device sync)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "vitals.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for row in ("| bare |", "| vitals off |", "| vitals on |"):
+        assert row in r.stdout, row
+    assert "per-step grad_norm equals the float64 pre-clip norm: yes" in r.stdout

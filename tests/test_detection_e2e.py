@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 import optiscope
 from conftest import ROOT, Collector, wait_until
@@ -21,6 +22,10 @@ from test_webhooks import verify
 sys.path.insert(0, str(ROOT / "bench" / "detection_kit"))
 import kit  # noqa: E402
 import scenarios  # noqa: E402
+
+# The kit turns on flush-to-zero for its own processes when imported; this one goes on to run other
+# tests (hypothesis checks that subnormal floats exist), so put IEEE behaviour back.
+torch.set_flush_denormal(False)
 
 
 def _train(collector, name: str, seed: int = 0):

@@ -703,3 +703,17 @@ def test_vitals_measure_the_pre_clip_gradient_norm_on_every_step_without_a_sync(
         opt.step()
         got = cap.steps[step]["grad_norm"] if step in cap.steps else float(cap.every_step[step]["grad_norm"])
         assert got == pytest.approx(true, rel=1e-6), step
+    probe.close()
+    # every step sampled, clipping first appearing at step 2 after sampled steps without it: the
+    # per-tensor norms of that step are unknown, but the vitals measured the global one in backward
+    cap = Capture()
+    OptimizerProbe(opt, cap, every=1, start_step=0)
+    for step in range(4):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 2)).backward()
+        true = n64(p.grad for p in model.parameters())
+        if step >= 2:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        assert cap.steps[step]["grad_norm"] == pytest.approx(true, rel=1e-6), step
+    assert not any(k.startswith("grad_norm/param/") for k in cap.steps[2])

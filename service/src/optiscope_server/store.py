@@ -20,6 +20,7 @@ from optiscope.detect import Detector, default_detectors
 from .access import ensure_project, write_audit
 from .alertstore import AlertStore
 from .chunks import BatchColumns, merge
+from .detection import Detection
 from .db import Checkpointer, alerts, batches, chunks, make_engine, projects, run_ranks, run_tags, runs, series
 from .errors import NotFound, Rejected
 from .lifecycle import Lifecycle, environment_differences
@@ -48,7 +49,7 @@ def _finite_json(x):
     return x
 
 
-class Store(Lifecycle, AlertStore):
+class Store(Lifecycle, AlertStore, Detection):
     """Runs, series and points; alerts (AlertStore) and rank liveness (Lifecycle) are mixed in."""
 
     def __init__(self, url: str, max_series_per_run: int = 10_000,
@@ -58,8 +59,8 @@ class Store(Lifecycle, AlertStore):
         self.max_series_per_run = max_series_per_run
         self._new_detectors = detectors or default_detectors
         self._insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)
-        # Detector state per run, restored from the firing alerts the first time a run is seen.
-        self._detectors: dict[str, list[Detector]] = {}
+        # Detector state per run (detection.Detection), caught up from the store before each batch.
+        self._detectors: dict = {}
         # Batches of one run are ingested one at a time (detector order); striped locks keep that
         # bounded in memory however many runs a collector sees.
         self._run_locks = [threading.Lock() for _ in range(64)]
@@ -278,20 +279,6 @@ class Store(Lifecycle, AlertStore):
     def _run_lock(self, run_id: str) -> threading.Lock:
         return self._run_locks[hash(run_id) % len(self._run_locks)]
 
-    def _detectors_for(self, conn: Connection, run_id: str) -> list[Detector]:
-        dets = self._detectors.get(run_id)
-        if dets is None:
-            # the run's config declares its LR schedule and planned data changes
-            config = conn.execute(select(runs.c.config).where(runs.c.id == run_id)).scalar()
-            dets = self._new_detectors(config if isinstance(config, dict) else {})
-            firing = conn.execute(select(alerts.c.rule, alerts.c.rank, alerts.c.series)
-                                  .where(alerts.c.run_id == run_id, alerts.c.state == "firing")).all()
-            for d in dets:
-                if hasattr(d, "firing"):
-                    d.firing.update((rk, s) for rule, rk, s in firing if rule == getattr(d, "rule", None))
-            self._detectors[run_id] = dets
-        return dets
-
     def ingest(self, batch: wire.Columns, run_url: str = "") -> IngestResult:
         """Store one batch atomically: its chunks, new series, detector alerts and their outbox rows."""
         cols = BatchColumns(batch)
@@ -340,11 +327,14 @@ class Store(Lifecycle, AlertStore):
                                       for c in prepared])
         conn.execute(update(runs).where(runs.c.id == batch.run).values(updated_at=now))
         result = IngestResult(duplicate=False, points=sum(c.n for c in prepared))
-        for det in self._detectors_for(conn, batch.run):
-            for ev in det.update_columns(cols.steps, cols, batch.rank):
-                result.alerts.append(self._record_alert(conn, run, ev, run_url, now))
-                if ev.state == "firing":
-                    result.fired.append(ev.rule)
+        steps = cols.steps
+        if len(steps):
+            for det in self._detectors_for(conn, batch.run, batch.rank, int(steps.min()), batch.seq):
+                for ev in det.update_columns(steps, cols, batch.rank):
+                    result.alerts.append(self._record_alert(conn, run, ev, run_url, now))
+                    if ev.state == "firing":
+                        result.fired.append(ev.rule)
+            self._fed(batch.run, batch.rank, int(steps.max()), batch.seq)
         return result, ids, seen
 
     def _write_chunks(self, conn: Connection, rows: list[tuple]) -> None:
@@ -393,9 +383,13 @@ class Store(Lifecycle, AlertStore):
             return [{**dict(r), "runs": r.runs or 0, "running": r.running or 0} for r in conn.execute(q).mappings()]
 
     # -- metrics -----------------------------------------------------------------------------
-    def active_runs_latest(self, since: float, max_runs: int, names: Iterable[str]) -> list[dict]:
+    def active_runs_latest(self, since: float, max_runs: int, names: Iterable[str],
+                           per_rank: Iterable[str] = ()) -> list[dict]:
         """Runs still running or updated since ``since`` (newest first, at most ``max_runs``),
-        with the last value of each of ``names`` and the number of firing alerts."""
+        with the last value of each of ``names``, the number of firing alerts, and for each of
+        ``per_rank`` the last value of each rank (``ranks``: {name: {rank: value}}, see
+        ``_latest_per_rank``)."""
+        per_rank = list(per_rank)
         with self.engine.connect() as conn:
             rows = conn.execute(select(runs.c.id, runs.c.project, runs.c.name, runs.c.updated_at)
                                 .where(or_(runs.c.status == "running", runs.c.updated_at >= since))
@@ -407,13 +401,56 @@ class Store(Lifecycle, AlertStore):
             firing = dict(conn.execute(select(alerts.c.run_id, func.count())
                                        .where(alerts.c.run_id.in_(ids), alerts.c.state == "firing")
                                        .group_by(alerts.c.run_id)).all())
+            ranked = self._latest_per_rank(conn, ids, per_rank) if per_rank else []
         out = {r.id: {"run_id": r.id, "project": r.project, "name": r.name, "updated_at": r.updated_at,
-                      "values": {}, "step": None, "firing": firing.get(r.id, 0)} for r in rows}
+                      "values": {}, "step": None, "firing": firing.get(r.id, 0), "ranks": {}} for r in rows}
         for run_id, name, step, value in last:
             o = out[run_id]
             o["values"][name] = value
             o["step"] = step if o["step"] is None else max(o["step"], step)
+        for run_id, name, rank, value in ranked:
+            out[run_id]["ranks"].setdefault(name, {})[rank] = value
         return list(out.values())
+
+    #: ``_latest_per_rank`` reads this many chunks per rank of the run, and never more than the cap.
+    RANK_WINDOW, RANK_WINDOW_MAX = 4, 64
+
+    def _latest_per_rank(self, conn: Connection, ids: list[str], names: list[str]) -> list[tuple]:
+        """(run_id, name, rank, value): the newest point of each rank in the series ``names`` of the
+        runs ``ids``, for the ranks found among the newest RANK_WINDOW x (ranks of the run) chunks of
+        the series, at most RANK_WINDOW_MAX. The chunk index is by step, not by rank, so a fixed
+        window read through it keeps a scrape's cost bounded however long the run (a rank's newest
+        chunk could otherwise lie anywhere); a rank left out is one that has not reported while the
+        others filled the window (a rank that stopped early, or one that reports far less often).
+        One query per window size: LATERAL on PostgreSQL, a correlated IN on SQLite (which has no
+        LATERAL); both read each series' window backwards through ix_chunks_series_step."""
+        from sqlalchemy import true
+
+        counts = dict(conn.execute(select(run_ranks.c.run_id, func.count()).where(run_ranks.c.run_id.in_(ids))
+                                   .group_by(run_ranks.c.run_id)).all())
+        by_window: dict[int, list[str]] = collections.defaultdict(list)
+        for rid in ids:
+            by_window[min(self.RANK_WINDOW_MAX, self.RANK_WINDOW * max(1, counts.get(rid, 0)))].append(rid)
+        newest: dict[tuple, tuple] = {}
+        for window, group in by_window.items():
+            where = (series.c.run_id.in_(group), series.c.name.in_(names))
+            if self.engine.dialect.name == "postgresql":
+                top = (select(chunks.c.rank, chunks.c.step_max, chunks.c.id, chunks.c.last_value)
+                       .where(chunks.c.series_id == series.c.id)
+                       .order_by(chunks.c.step_max.desc(), chunks.c.id.desc()).limit(window).lateral("top"))
+                q = select(series.c.run_id, series.c.name, top.c.rank, top.c.step_max, top.c.id, top.c.last_value) \
+                    .select_from(series.join(top, true())).where(*where)
+            else:
+                w = chunks.alias("w")
+                top = (select(w.c.id).where(w.c.series_id == series.c.id)
+                       .order_by(w.c.step_max.desc(), w.c.id.desc()).limit(window))
+                q = select(series.c.run_id, series.c.name, chunks.c.rank, chunks.c.step_max, chunks.c.id,
+                           chunks.c.last_value).select_from(series.join(chunks, chunks.c.id.in_(top))).where(*where)
+            for run_id, name, rank, step, cid, value in conn.execute(q):
+                key = (run_id, name, rank)
+                if key not in newest or (step, cid) > newest[key][0]:
+                    newest[key] = ((step, cid), value)
+        return [(*key, value) for key, (_, value) in newest.items()]
 
 
 def _latest(*where, outer: bool = False):

@@ -44,7 +44,7 @@ class LossRegression(StreamDetector):
 
     rule, severity = "loss_regression", "page"
     needs = ("loss", DECLARE_DATA)
-    FIRE, RESOLVE, SUSTAIN, TREND = 0.4, 0.2, 10, 20
+    FIRE, RESOLVE, SUSTAIN, TREND, HEALING = 0.4, 0.2, 10, 20, 0.0
 
     def _new_state(self, rank: int) -> Any:
         return {"p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config), "above": 0,
@@ -53,7 +53,9 @@ class LossRegression(StreamDetector):
     def _record(self, st, step, values, rank):
         p: Progress = st["p"]
         if st["switches"].due(step, values):
-            p.reset(step)
+            p.reset(step)  # a new baseline, and nothing from before the change counts towards a page
+            st["above"] = 0
+            st["raw"].clear()
         if "loss" not in values:
             return []
         p.add(step, values["loss"])
@@ -67,7 +69,7 @@ class LossRegression(StreamDetector):
         st["above"] = st["above"] + 1 if g >= self.FIRE else 0
         raw = list(st["raw"])  # recovering: the last TREND losses are lower than the TREND before
         recovering = len(raw) < 2 * self.TREND and p.shock_step >= 0 or \
-            len(raw) == 2 * self.TREND and median(raw[self.TREND:]) < median(raw[:self.TREND])
+            len(raw) == 2 * self.TREND and median(raw[self.TREND:]) < median(raw[:self.TREND]) - self.HEALING * p.progress
         if st["above"] >= self.SUSTAIN and not recovering:
             return self._set(True, rank, "loss", step, values["loss"],
                              f"the loss has given back {g:.0%} of its progress (smoothed {p.S:.4g}, best "
@@ -134,24 +136,31 @@ class LrOffSchedule(StreamDetector):
 
 class LrAboveSchedule(StreamDetector):
     """Page: the LR is above the declared schedule (``RATIO`` or more) *and* the loss has started
-    to give back its progress: ``SLOW`` of it on the running median for ``SUSTAIN`` steps, or
-    ``SHORT_BAR`` of it on the median of the last ``SHORT`` steps, higher than the ``SHORT`` before,
-    for ``SUSTAIN`` steps (``EarlyDivergence``'s test, with the LR as the corroborating signal in
-    place of the gradient norm), or ``FAST`` of it on each of the last two steps. A known cause lowers the bar the loss must
-    clear: with the LR on schedule only ``LossRegression`` pages."""
+    to suffer: the running median ``NOISE_K`` noise spreads (MADs at the best point) above its best,
+    or ``SLOW`` of the progress given back, for ``SUSTAIN`` steps; or ``SHORT_BAR`` of it on the
+    median of the last ``SHORT`` steps, higher than the ``SHORT`` before, for ``SUSTAIN`` steps
+    (``EarlyDivergence``'s test, with the LR as the corroborating signal in place of the gradient
+    norm); or ``FAST`` of it on each of the last two steps, both beyond every loss of the ``LONG``
+    steps before. A known cause lowers the bar the loss
+    must clear: with the LR on schedule, the other rules need more evidence."""
 
     rule, severity = "lr_above_schedule", "page"
     needs = ("lr", "loss", DECLARE_DATA, DECLARE_SCHEDULE)
     RATIO, SLOW, FAST, SUSTAIN, RESOLVE, SHORT, SHORT_BAR = 2.0, 0.2, 0.5, 3, 0.1, 8, 0.2
+    NOISE_K, LONG = 6.0, 200
 
     def _new_state(self, rank):
         return {"s": _Schedule(self.config), "p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config),
-                "slow": 0, "short": 0, "last": deque(maxlen=2 * self.SHORT), "ratio": None}
+                "slow": 0, "short": 0, "last": deque(maxlen=2 * self.SHORT), "long": deque(maxlen=self.LONG + 2),
+                "ratio": None}
 
     def _record(self, st, step, values, rank):
         p: Progress = st["p"]
         if st["switches"].due(step, values):
             p.reset(step)
+            st["slow"] = st["short"] = 0
+            st["last"].clear()
+            st["long"].clear()
         r = st["s"].ratio(step, values)
         if r is not None:
             st["ratio"] = r
@@ -161,19 +170,26 @@ class LrAboveSchedule(StreamDetector):
         p.add(step, loss)
         if math.isfinite(loss):
             st["last"].append(loss)
+            if p.shock_step != step:
+                st["long"].append(loss)
         g = p.gave_back() if p.ready(step) else None
         r = st["ratio"]
         if g is None or r is None:
             return []
-        st["slow"] = st["slow"] + 1 if g >= self.SLOW else 0
+        st["slow"] = st["slow"] + 1 if g >= self.SLOW or (self.NOISE_K and p.S - p.m >= self.NOISE_K * p.noise) else 0
         last = list(st["last"])
-        fast = (min(last[-2:]) - p.m) / p.progress if len(last) >= 2 else -math.inf
+        # two losses in a row beyond every loss of the LONG steps before: not a heavy tail's bad batch
+        long = list(st["long"])
+        fast = (min(last[-2:]) - p.m) / p.progress \
+            if len(last) >= 2 and len(long) > 2 and min(last[-2:]) > max(long[:-2]) else -math.inf
         rising = -math.inf
         if len(last) == 2 * self.SHORT and median(last[self.SHORT:]) > median(last[:self.SHORT]):
             rising = (median(last[self.SHORT:]) - p.m) / p.progress
         st["short"] = st["short"] + 1 if rising >= self.SHORT_BAR else 0
         if r >= self.RATIO and (st["slow"] >= self.SUSTAIN or st["short"] >= self.SUSTAIN or fast >= self.FAST):
-            why = f"{g:.0%} given back (smoothed)" if st["slow"] >= self.SUSTAIN else \
+            spreads = (p.S - p.m) / p.noise if p.noise > 0 else math.inf
+            why = f"smoothed, {g:.0%} of its progress given back, {spreads:.3g} noise spreads above its best" \
+                if st["slow"] >= self.SUSTAIN else \
                 f"{rising:.0%} given back over the last {self.SHORT} steps, and rising" if st["short"] >= self.SUSTAIN \
                 else f"{fast:.0%} given back on each of the last two steps"
             return self._set(True, rank, "lr", step, values.get("lr", math.nan),
@@ -192,12 +208,14 @@ class OverflowForecast(StreamDetector):
     """Page: the activation headroom (``act_headroom_bits``: log2 of the dtype's ceiling over the
     largest output) trends to zero within ``HORIZON`` steps: a least-squares line through the
     last ``WINDOW`` points, fitted in bits, i.e. in log scale, where exponential growth is a
-    straight line. An output that reached the ceiling (0 bits or an overflow, -inf) pages at
-    once. Resolves when the forecast is beyond twice the horizon."""
+    straight line; and the headroom is already ``MARGIN`` bits or less (an output within 2^MARGIN
+    of the ceiling): early in training attention sharpens fast and then levels off, so a trend
+    far from the ceiling is no forecast. An output that reached the ceiling (0 bits or an
+    overflow, -inf) pages at once. Resolves when the forecast is beyond twice the horizon."""
 
     rule, severity = "activation_overflow", "page"
     needs = ("act_headroom_bits",)
-    HORIZON, WINDOW = 50, 50
+    HORIZON, WINDOW, MARGIN = 50, 50, 3.0
 
     def _new_state(self, rank):
         return deque(maxlen=self.WINDOW)
@@ -221,7 +239,7 @@ class OverflowForecast(StreamDetector):
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
         now = my + slope * (step - mx)
         eta = now / -slope if slope < 0 else math.inf
-        if eta <= self.HORIZON:
+        if eta <= self.HORIZON and now <= self.MARGIN:
             return self._set(True, rank, "act_headroom_bits", step, h,
                              f"activation headroom is {now:.2f} bits and falling {-slope * 100:.2f} bits per 100 "
                              f"steps: the dtype's ceiling in about {eta:.0f} steps (step {step}, rank {rank})",
@@ -246,17 +264,21 @@ class EarlyDivergence(StreamDetector):
     rule, severity = "early_divergence", "page"
     needs = ("loss", "grad_norm", DECLARE_DATA)
     SHORT, LONG, LOSS, GRAD, SUSTAIN, HOLD = 8, 200, 0.2, 1.5, 3, 50
+    FAST = 0.5  # a sudden collapse: each of the last two losses gave back FAST, each grad norm GRAD x its baseline
 
     def _new_state(self, rank):
         return {"p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config),
                 "loss": deque(maxlen=2 * self.SHORT), "gn": deque(maxlen=self.LONG + self.SHORT),
-                "hold_until": -1, "healing": False, "on": 0}
+                "long": deque(maxlen=self.LONG + 2), "loss_long": [], "hold_until": -1, "healing": False, "on": 0}
 
     def _record(self, st, step, values, rank):
         p: Progress = st["p"]
         if st["switches"].due(step, values):
             p.reset(step)
             st["hold_until"] = step + GRACE_STEPS
+            st["loss"].clear()
+            st["long"].clear()
+            st["on"] = 0
         gn = values.get("grad_norm")
         if gn is not None and math.isfinite(gn):
             st["gn"].append(gn)
@@ -266,10 +288,15 @@ class EarlyDivergence(StreamDetector):
         p.add(step, loss)
         if p.shock_step == step:
             st["healing"], st["hold_until"] = True, step + self.HOLD
+        elif p.repeat_step == step:
+            st["healing"], st["hold_until"] = False, -1
         st["loss"].append(loss)
+        if p.shock_step != step:
+            st["long"].append(loss)
         if not p.ready(step) or step < st["hold_until"] or p.gave_back() is None:
             return []
         ls, gs = list(st["loss"]), list(st["gn"])
+        st["loss_long"] = list(st["long"])
         if len(ls) < 2 * self.SHORT or len(gs) < self.LONG // 2 + self.SHORT:
             return []
         now, before = median(ls[self.SHORT:]), median(ls[:self.SHORT])
@@ -280,11 +307,21 @@ class EarlyDivergence(StreamDetector):
         gn_now, gn_base = median(gs[-self.SHORT:]), median(gs[:-self.SHORT])
         agree = g >= self.LOSS and now > before and gn_now >= self.GRAD * gn_base
         st["on"] = st["on"] + 1 if agree else 0
-        if st["on"] >= self.SUSTAIN:
+        # a sudden collapse: the last two losses are each beyond every loss of the LONG steps before
+        # (a heavy-tailed loss has bad batches, rarely two unprecedented ones in a row), FAST of the
+        # progress given back, and both gradient norms GRAD x their baseline
+        last2, g2 = st["loss_long"][-2:], gs[-2:]
+        prior = st["loss_long"][:-2]
+        fast = self.FAST > 0 and len(prior) >= self.LONG // 2 and min(last2) > max(prior) and \
+            min(last2) - p.m >= self.FAST * p.progress and min(g2) >= self.GRAD * gn_base
+        if st["on"] >= self.SUSTAIN or fast:
+            what = (f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and rising) "
+                    f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree") if st["on"] >= self.SUSTAIN \
+                else (f"the last two losses (each above every loss of the {len(prior)} steps before, "
+                      f"{(min(last2) - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
+                      f"({min(g2) / gn_base:.2g}x their baseline) agree")
             return self._set(True, rank, "loss", step, loss,
-                             f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and "
-                             f"rising) and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree that "
-                             f"training is diverging at step {step} on rank {rank}",
+                             f"{what} that training is diverging at step {step} on rank {rank}",
                              {"window": [step - self.SHORT + 1, step], "gave_back": rounded(g),
                               "loss_median": rounded(now), "loss_median_before": rounded(before),
                               "grad_norm_median": rounded(gn_now), "grad_norm_baseline": rounded(gn_base),

@@ -103,10 +103,18 @@ class Progress:
     #: a loss this many times the smoothed loss is a shock (an outlier batch, a corrupted input):
     #: what follows is the run healing from it, and rules give it time
     SHOCK = 20.0
+    #: a spike more than AFTERMATH steps (the same event's next losses) but fewer than SHOCK_GAP
+    #: after the last makes both instability, not shocks
+    AFTERMATH, SHOCK_GAP = 10, 100
+    #: progress must be this many times the loss's spread (MAD) at its best point before any part of
+    #: it can be "given back": the best running median is itself a noise excursion, biased low by
+    #: about one MAD over a long run, so a smaller margin reads the median's wobble as regression
+    MIN_PROGRESS = 10.0
 
     def __init__(self, window: int = 25, grace: int = 30):
         self.window, self.grace = window, grace
-        self.shock_step = -1
+        self.shock_step = self.repeat_step = -1
+        self.last_spike = -math.inf
         self.reset(0)
 
     def reset(self, step: int) -> None:
@@ -121,7 +129,15 @@ class Progress:
         if not math.isfinite(loss):
             return
         if self.L0 is not None and self.S > 0 and loss > self.SHOCK * self.S:
-            self.shock_step = step
+            since = step - self.last_spike
+            if since <= self.AFTERMATH:
+                pass  # the same event: a damaged model's next few losses
+            elif since < self.SHOCK_GAP:
+                # spikes that come back are instability, not an outlier batch: no healing time
+                self.shock_step, self.repeat_step = -1, step
+            else:
+                self.shock_step = step
+            self.last_spike = step
         self.recent.append(loss)
         if len(self.recent) <= self.window // 2:
             return
@@ -144,11 +160,12 @@ class Progress:
         return self.L0 - self.m if self.L0 is not None else math.nan
 
     def gave_back(self) -> float | None:
-        if self.L0 is None or not self.progress > 3 * self.noise:
+        if self.L0 is None or not self.progress > self.MIN_PROGRESS * self.noise:
             return None
         return (self.S - self.m) / self.progress
 
     def evidence(self) -> dict:
         return {"smoothed_loss": rounded(self.S), "best_smoothed_loss": rounded(self.m),
                 "baseline_loss": rounded(self.L0 if self.L0 is not None else math.nan),
-                "median_window_steps": self.window, "baseline_from_step": self.start}
+                "loss_noise_mad": rounded(self.noise), "median_window_steps": self.window,
+                "baseline_from_step": self.start}

@@ -218,7 +218,9 @@ class EpsHeadroomCollapse(_Sampled):
     not normalized by v: the tensor is learning at a fraction of its LR (tiny gradients, a
     loss scale gone wrong, eps set for another dtype). Fires below ``FIRE`` on ``SUSTAIN``
     samples when the tensor's gradient norm (``grad_norm/param/{name}``, of the same record or
-    the last one seen) is finite and nonzero: a tensor without gradient decays its v by design.
+    the last one seen) is finite and at least ``REL_GRAD`` of the model's ``grad_norm``: a tensor
+    without gradient (or with rounding noise for one, as a bias ahead of a normalization layer)
+    decays its v by design.
     Resolves at ``RESOLVE`` (1 decade: eps under 10% of the denominator). Also reads the global
     ``eps_headroom`` (a sample over all tensors) with the global ``grad_norm``. A median of 0
     (-inf decades: most coordinates never had a gradient, a sparsely used tensor) is no reading."""
@@ -226,7 +228,7 @@ class EpsHeadroomCollapse(_Sampled):
     rule = "eps_headroom_collapse"
     needs = ("eps_headroom", "grad_norm")
     prefixes = ("eps_headroom/param/", "grad_norm/param/")
-    FIRE, RESOLVE = 0.5, 1.0
+    FIRE, RESOLVE, REL_GRAD = 0.5, 1.0, 1e-5
     BASELINE = 16
 
     def _point(self, st, name, step, h, values, rank):
@@ -240,7 +242,13 @@ class EpsHeadroomCollapse(_Sampled):
             return []
         g = values.get("grad_norm" + name[len("eps_headroom"):], tr.grad)
         tr.grad = g
-        low = h < self.FIRE and math.isfinite(g) and g > 0
+        if "grad_norm" in values:
+            st["global_grad"] = values["grad_norm"]
+        whole = st.get("global_grad", math.nan)
+        # "has a gradient": not merely nonzero, but within REL_GRAD of the model's; a bias ahead of
+        # a normalization layer gets ~1e-8 of rounding noise, and its v rightly sits at eps
+        has_grad = math.isfinite(g) and g > 0 and not (math.isfinite(whole) and g < self.REL_GRAD * whole)
+        low = h < self.FIRE and has_grad
         if low:
             tr.since = step if tr.above == 0 else tr.since
             tr.above += 1

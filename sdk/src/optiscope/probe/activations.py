@@ -48,8 +48,8 @@ class ActivationProbe:
         self.is_sampling = is_sampling
         self.native = native
         self.vitals = vitals
-        # narrow-range outputs seen on a step that is not sampled: (dtype, (min, max) device tensors)
-        self._vital: list[tuple[torch.dtype, tuple]] = []
+        # narrow-range outputs seen on a step that is not sampled: (dtype, max |output| on the device)
+        self._vital: list[tuple[torch.dtype, torch.Tensor]] = []
         # per output seen on the sampled step: (module name, dtype, (min, max) device tensors, or
         # max |t| as a number from the native kernel); everything else waits for collect(), so
         # that a hook costs one reduction and no other operator
@@ -71,7 +71,8 @@ class ActivationProbe:
             for t in (output if isinstance(output, (tuple, list)) else (output,)):
                 if not sampling:
                     if isinstance(t, torch.Tensor) and t.dtype in NARROW and t.numel():
-                        self._vital.append((t.dtype, torch.aminmax(t.detach())))
+                        # max |t| in one reduction, in the output's own dtype (inf stays inf, NaN NaN)
+                        self._vital.append((t.dtype, torch.linalg.vector_norm(t.detach(), ord=math.inf)))
                     continue
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                     # usable first: an accelerator's outputs never start a build that cannot serve
@@ -87,15 +88,22 @@ class ActivationProbe:
 
     def host_values(self) -> dict:
         """Every step that is not sampled: the tightest headroom among narrow-range outputs, as a
-        0-d device tensor (read on the exporter thread)."""
+        0-d device tensor (read on the exporter thread). The ceilings enter as Python numbers,
+        never as a tensor built from a list: that would be a host-to-device copy, a sync."""
         vital, self._vital = self._vital, []
         if not vital:
             return {}
-        device = vital[0][1][0].device
-        lo = torch.stack([mm[0].to(device, torch.float64) for _, mm in vital])
-        hi = torch.stack([mm[1].to(device, torch.float64) for _, mm in vital])
-        ceiling = torch.tensor([torch.finfo(d).max for d, _ in vital], dtype=torch.float64, device=device)
-        return {"act_headroom_bits": torch.log2(ceiling / torch.maximum(hi, -lo)).min()}
+        device = vital[0][1].device
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for dtype, m in vital:
+            by_dtype.setdefault(dtype, []).append(m.to(device))
+        bits = []
+        for dtype, maxima in by_dtype.items():
+            # stacked in their own dtype, then one conversion: a kernel per output would cost more
+            # than the reductions themselves
+            absmax = torch.stack(maxima).max().to(torch.float64)  # max propagates NaN
+            bits.append(math.log2(torch.finfo(dtype).max) - torch.log2(absmax))
+        return {"act_headroom_bits": bits[0] if len(bits) == 1 else torch.stack(bits).min()}
 
     def collect(self) -> list[tuple[str | list[str], torch.Tensor]]:
         """The sampled step's values (then forgets them): per module (a list of names with a

@@ -4,9 +4,9 @@ The probe attaches to any ``torch.optim.Optimizer`` through its step hooks; it n
 ``optimizer.step`` itself and never changes the model, the optimizer or the RNG state.
 
 - Every step: the learning rate of each param group and the host-side step time (no kernel), and,
-  unless ``vitals`` is off, the gradient norm before clipping: one reduction per parameter in
-  backward and one stack, left on the device (divergence detection needs it on every step, where
-  the full statistics are sampled).
+  unless ``vitals`` is off, the gradient norm before clipping: one fused multi-tensor norm when
+  backward ends, left on the device (divergence detection needs it on every step, where the full
+  statistics are sampled).
 - Sampled steps (one in ``every``): the full statistics (global, per param group, per tensor),
   all kept as device tensors and stacked into one vector. The exporter thread copies that vector
   to the host: the only sync, and off the training thread.
@@ -69,9 +69,15 @@ class OptimizerProbe:
         # out) and, once the gradients were seen to change before a step, on every sampled step
         # after that one (whose grad_norm is then unknown and not reported).
         self._grad_versions: dict[int, tuple[torch.Tensor, int]] = {}
-        self._measure_in_backward = True  # with vitals: always (the norms are there anyway)
+        self._measure_in_backward = True
         self._grads_change = False
         self._grad_hooks: dict[int, object] = {}
+        # vitals on steps that are not sampled: the parameters whose gradients backward produced,
+        # and their squared total norm once backward ended (a device tensor)
+        self._vital_params: dict[int, torch.Tensor] = {}
+        self._vital_queued = False
+        self._vital_sq: torch.Tensor | None = None
+        self._vital_cpu: dict[int, torch.Tensor] = {}  # float32 CPU gradients, reduced in their hook
         self._n_params = -1
         self._failed = False
         self._last_step_end: float | None = None
@@ -118,25 +124,80 @@ class OptimizerProbe:
                     self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(self._on_grad)
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        # After every backward that accumulates into p.grad; only a step about to be sampled (or
-        # every step, with vitals) pays for a reduction, and the last backward leaves the final value.
-        if p.grad is not None and self._measuring_grads():
-            try:  # runs inside the user's backward(): never let it raise there
-                if self.steps % self.every == 0:
-                    self._grad_versions[id(p)] = (p.grad, p.grad._version)
-                if self._measure_in_backward or self.vitals:
+        # After every backward that accumulates into p.grad. A step about to be sampled pays for a
+        # reduction per tensor here (the last backward leaves the final value); any other step,
+        # with vitals, only notes the parameter and, once per backward, queues _vital_norm to run
+        # when backward ends: one fused multi-tensor norm over every gradient, before any clipping.
+        if p.grad is None or not self._measuring_grads():
+            return
+        try:  # runs inside the user's backward(): never let it raise there
+            if self.steps % self.every == 0:
+                self._grad_versions[id(p)] = (p.grad, p.grad._version)
+                if self._measure_in_backward:
                     self._backward_norms[id(p)] = S.sq_sum(p.grad)
-            except Exception:
-                self._fail("gradient")
+            if not self.vitals:
+                return
+            self._vital_params[id(p)] = p
+            g = p.grad
+            if g.device.type == "cpu" and g.is_contiguous() and g.dtype == torch.float32 and not g.is_sparse:
+                # on CPU, reduce now, while backward has just written it (often still in cache):
+                # about half the cost of a separate pass at the end (no launch cost to save on CPU)
+                self._vital_cpu[id(p)] = torch.dot(g.view(-1), g.view(-1))
+            if not self._vital_queued:
+                self._vital_queued = True
+                try:
+                    torch.autograd.Variable._execution_engine.queue_callback(self._vital_norm)
+                except RuntimeError:  # not inside a backward (a hook called by hand): the step measures
+                    self._vital_queued = False
+        except Exception:
+            self._fail("gradient")
+
+    def _vital_norm(self) -> None:
+        """At the end of a backward (or at GradScaler.unscale_): the squared norm of every noted
+        gradient as it is now, as one device tensor: one ``_foreach_norm`` per device and dtype (a
+        handful of kernels whatever the number of tensors), no sync. Under gradient accumulation
+        each backward recomputes it over the gradients accumulated so far; the last one stands."""
+        self._vital_queued = False
+        try:
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            parts = []
+            done = [sq for k, sq in self._vital_cpu.items() if k in self._vital_params]
+            if done:
+                parts.append(torch.stack(done).to(F64).sum())
+            for k, p in self._vital_params.items():
+                g = p.grad
+                if g is not None and k not in self._vital_cpu:
+                    groups.setdefault((g.device, g.dtype, g.is_sparse), []).append(g)
+            for (device, dtype, sparse), grads in groups.items():
+                if sparse or not dtype.is_floating_point:
+                    parts.extend(S.sq_sum(g).to(F64) for g in grads)
+                else:  # float32 accumulation for half-precision gradients, whose norm may not fit
+                    norms = torch._foreach_norm(grads, 2, dtype=torch.float32 if dtype.itemsize < 4 else None)
+                    parts.append(torch.stack(norms).to(F64).square().sum())
+            if parts:
+                device = parts[0].device
+                self._vital_sq = torch.stack([x.to(device) for x in parts]).sum()
+        except Exception:
+            self._fail("gradient")
 
     def record_gradients(self) -> None:
         """Measure the gradients again as they are now: GradScaler.unscale_ calls this, so that
         grad_norm is the norm of the unscaled gradients, before any clipping that follows."""
-        if self._measuring_grads():
-            for g in self._groups():
-                for p in g["params"]:
-                    if p.grad is not None:
-                        self._on_grad(p)
+        if not self._measuring_grads():
+            return
+        if self.steps % self.every == 0:
+            vitals, self.vitals = self.vitals, False  # the per-tensor path only; the vital norm follows
+            try:
+                for g in self._groups():
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            self._on_grad(p)
+            finally:
+                self.vitals = vitals
+        if self.vitals:  # not inside a backward: no callback to queue, measure now
+            self._vital_cpu.clear()  # unscaled since: the reductions made in backward are stale
+            self._vital_params.update((id(p), p) for g in self._groups() for p in g["params"] if p.grad is not None)
+            self._vital_norm()
 
     def _fail(self, where: str) -> None:
         self._failed = True
@@ -147,6 +208,8 @@ class OptimizerProbe:
     def _on_pre(self, optimizer, args, kwargs):
         replaced = _closure_first(optimizer, args, kwargs)
         self._sampled = self.steps % self.every == 0 and not self._failed
+        if self._vital_params and self._vital_sq is None and not self._vital_queued:
+            self._vital_norm()  # only when no backward ran the hooks (they were called by hand)
         if self._sampled:
             try:
                 self._hook_new_params()
@@ -162,15 +225,11 @@ class OptimizerProbe:
         now = time.perf_counter()
         host = self._host_values(now)
         vector = None
-        if self.vitals and not self._sampled and self._backward_norms and not self._failed:
-            try:
-                norms = list(self._backward_norms.values())
-                device = norms[0].device
-                # a 0-d device tensor: the exporter thread reads it (no sync here)
-                host["grad_norm"] = torch.stack([n.to(device) for n in norms]).sum().sqrt()
+        if self._vital_sq is not None and not self._sampled and not self._failed:
+            try:  # a 0-d device tensor: the exporter thread reads it (no sync here)
+                host["grad_norm"] = self._vital_sq.sqrt()
             except Exception:
                 self._fail("post-step")
-            self._backward_norms.clear()
         if self._sampled and self._pre is not None:
             try:
                 with torch.no_grad():
@@ -181,6 +240,9 @@ class OptimizerProbe:
                 self._pre = None
                 self._backward_norms.clear()
                 self._grad_versions.clear()
+        self._vital_sq = None
+        self._vital_params.clear()
+        self._vital_cpu.clear()
         try:
             self.emit(index, host, vector)
         except Exception:
@@ -234,12 +296,13 @@ class OptimizerProbe:
             if seen is not None and (seen[0] is not p.grad or seen[0]._version != seen[1]):
                 changed = True
                 break
-        known = not changed or self._measure_in_backward or self.vitals
+        known = not changed or self._measure_in_backward
         if changed and not known:
             log.info("optiscope: gradients changed between backward and step (clipping?); grad_norm is "
-                     "measured in backward from the next sampled step (this step's is not reported)")
+                     "measured in backward from the next sampled step (this step's per-tensor norms are not reported; its "
+                     "global grad_norm is, with vitals)")
         self._grads_change = self._grads_change or changed
-        self._measure_in_backward = self._grads_change or self.vitals
+        self._measure_in_backward = self._grads_change
         return known
 
     def _measure_after(self, pre: dict) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -262,6 +325,8 @@ class OptimizerProbe:
         update_norm = upd_sq.sum().sqrt()
         if pre["grad_norm_known"]:
             out.add("grad_norm", grad_norm)
+        elif self._vital_sq is not None:  # clipping just appeared: the vitals measured before it
+            out.add("grad_norm", self._vital_sq.sqrt())
         out.add("grad_norm_clipped", pre["post_sq"].sum().sqrt())
         out.add("grad_nonfinite_tensors", (~torch.isfinite(pre["pre_sq"])).sum())
         out.add("param_norm", (after_sq.sum() + pre["still_sq"]).sqrt())
