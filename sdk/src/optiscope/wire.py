@@ -48,6 +48,8 @@ MAX_RANK = 2**31 - 1  # ranks are signed 32-bit integers in the store
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/=+\-]{0,99}")
 MAX_TAGS = 50
 MAX_ENVIRONMENT_BYTES = 16 * 1024
+#: The exporter counters every batch carries as the series sdk/<counter> (see the catalog).
+SDK_COUNTERS = ("sent_points", "dropped", "retries", "spooled_batches", "spool_full", "rejected_batches")
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,8 @@ CATALOG: dict[str, SeriesSpec] = {
         SeriesSpec("act_headroom_bits/module/{name}", "one watched module",
                    "log2(finfo(output dtype).max / act_absmax)", "bits", _S),
         SeriesSpec("sdk/{counter}", "the run's SDK process (one per rank)",
-                   "the exporter's cumulative counters when the batch was made: sent_points, dropped, retries, "
-                   "spooled_batches, spool_full, rejected_batches", "count", "every batch"),
+                   "the exporter's cumulative counters when the batch was made: " + ", ".join(SDK_COUNTERS),
+                   "count", "every batch"),
         SeriesSpec("declare/{change}_change", "global (Run.declare)",
                    "1 at the step where the run declared a planned change: data (a data-mixture switch) or "
                    "schedule (an intended LR change); the detectors read what follows as expected", "1",

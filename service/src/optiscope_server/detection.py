@@ -6,7 +6,8 @@ behind one Service each receive only some of a run's batches. So before a batch 
 to its run's detectors, they are first fed, silently, the points of their series that the store
 holds for rank r and that they have not seen: after a restart, the run's first ``REPLAY_HEAD``
 steps (where the loss baselines form) and its last ``REPLAY_TAIL`` (every window a rule keeps);
-on a replica that missed batches, exactly the steps it missed. Then the open incidents of that
+on a replica that missed batches, the steps it missed (at most the last ``REPLAY_TAIL``). Each is
+a bounded read through the chunk index, whatever the length of the run. Then the open incidents of that
 rank are taken from the alerts table, so no replica fires again what another already fired.
 
 Mixed into ``Store``: it uses the store's engine and ``_read_chunks``. On PostgreSQL a batch's
@@ -25,7 +26,7 @@ from sqlalchemy.engine import Connection
 from optiscope.detect import Detector
 
 from .chunks import per_rank
-from .db import alerts, runs, series
+from .db import alerts, chunks, runs, series
 
 REPLAY_HEAD, REPLAY_TAIL = 100, 2000
 
@@ -74,18 +75,25 @@ class Detection:
             return 0
         sids = conn.execute(select(series.c.name, series.c.id).where(
             series.c.run_id == run_id, series.c.name.in_(entry.names))).all()
-        start = None if fed is None else fed + 1
+        end = first_step - 1
         records: dict[int, dict[str, float]] = {}
         for name, sid in sids:
-            got = per_rank(self._read_chunks(conn, sid, rank, start, first_step - 1), start, first_step - 1).get(rank)
-            if got is None:
-                continue
-            steps, values = got
-            if fed is None and len(steps):  # after a restart: where baselines form, and every recent window
-                keep = (steps < steps[0] + REPLAY_HEAD) | (steps >= first_step - REPLAY_TAIL)
-                steps, values = steps[keep], values[keep]
-            for s, v in zip(steps.tolist(), np.asarray(values, dtype=np.float64).tolist()):
-                records.setdefault(s, {})[name] = v
+            if fed is None:  # after a restart: where the baselines formed, and every recent window
+                s0 = conn.execute(select(chunks.c.step_min).where(chunks.c.series_id == sid, chunks.c.rank == rank)
+                                  .order_by(chunks.c.step_max).limit(1)).scalar()
+                if s0 is None:
+                    continue
+                ranges = [(s0, min(s0 + REPLAY_HEAD - 1, end)), (max(first_step - REPLAY_TAIL, s0 + REPLAY_HEAD), end)]
+            else:  # a replica that missed batches: what it missed, as far back as a rule looks
+                ranges = [(max(fed + 1, first_step - REPLAY_TAIL), end)]
+            for lo, hi in ranges:  # bounded reads: a long run's history is never decoded whole
+                if lo > hi:
+                    continue
+                got = per_rank(self._read_chunks(conn, sid, rank, lo, hi), lo, hi).get(rank)
+                if got is None:
+                    continue
+                for s, v in zip(got[0].tolist(), np.asarray(got[1], dtype=np.float64).tolist()):
+                    records.setdefault(s, {})[name] = v
         for step in sorted(records):
             for d in entry.dets:
                 d.update(step, records[step], rank)

@@ -9,15 +9,14 @@ import time
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 
-from optiscope.transport.exporter import SERIES_COUNTERS
-from optiscope.wire import CATALOG, EXPORTED_SERIES
+from optiscope.wire import CATALOG, EXPORTED_SERIES, SDK_COUNTERS
 
 from .store import Store
 
 RUN_LABELS = ("project", "run_id", "run_name")
 RANK_LABELS = (*RUN_LABELS, "rank")
 #: The series sdk/<counter> each batch carries, exported as optiscope_run_sdk_<counter>.
-SDK_SERIES = {f"sdk/{c}": f"optiscope_run_sdk_{c}" for c in SERIES_COUNTERS}
+SDK_SERIES = {f"sdk/{c}": f"optiscope_run_sdk_{c}" for c in SDK_COUNTERS}
 
 # The *_created samples double every counter in the exposition and no dashboard or rule uses them.
 disable_created_metrics()

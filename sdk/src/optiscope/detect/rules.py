@@ -10,7 +10,6 @@ from collections import deque
 from statistics import median
 from typing import Any, Mapping
 
-from .base import AlertEvent
 from .schedule import declared_schedule, declared_steps
 from .stream import DECLARE_DATA, DECLARE_SCHEDULE, Progress, StreamDetector, rounded
 
@@ -150,9 +149,8 @@ class LrAboveSchedule(StreamDetector):
     NOISE_K, LONG = 6.0, 200
 
     def _new_state(self, rank):
-        return {"s": _Schedule(self.config), "p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config),
-                "slow": 0, "short": 0, "last": deque(maxlen=2 * self.SHORT), "long": deque(maxlen=self.LONG + 2),
-                "ratio": None}
+        return {"s": _Schedule(self.config), "p": Progress(grace=GRACE_STEPS, long=self.LONG),
+                "switches": _Switches(self.config), "slow": 0, "short": 0, "last": deque(maxlen=2 * self.SHORT), "ratio": None}
 
     def _record(self, st, step, values, rank):
         p: Progress = st["p"]
@@ -160,7 +158,6 @@ class LrAboveSchedule(StreamDetector):
             p.reset(step)
             st["slow"] = st["short"] = 0
             st["last"].clear()
-            st["long"].clear()
         r = st["s"].ratio(step, values)
         if r is not None:
             st["ratio"] = r
@@ -170,8 +167,6 @@ class LrAboveSchedule(StreamDetector):
         p.add(step, loss)
         if math.isfinite(loss):
             st["last"].append(loss)
-            if p.shock_step != step:
-                st["long"].append(loss)
         g = p.gave_back() if p.ready(step) else None
         r = st["ratio"]
         if g is None or r is None:
@@ -179,9 +174,8 @@ class LrAboveSchedule(StreamDetector):
         st["slow"] = st["slow"] + 1 if g >= self.SLOW or (self.NOISE_K and p.S - p.m >= self.NOISE_K * p.noise) else 0
         last = list(st["last"])
         # two losses in a row beyond every loss of the LONG steps before: not a heavy tail's bad batch
-        long = list(st["long"])
-        fast = (min(last[-2:]) - p.m) / p.progress \
-            if len(last) >= 2 and len(long) > 2 and min(last[-2:]) > max(long[:-2]) else -math.inf
+        low = p.unprecedented()
+        fast = (low - p.m) / p.progress if low is not None else -math.inf
         rising = -math.inf
         if len(last) == 2 * self.SHORT and median(last[self.SHORT:]) > median(last[:self.SHORT]):
             rising = (median(last[self.SHORT:]) - p.m) / p.progress
@@ -267,9 +261,9 @@ class EarlyDivergence(StreamDetector):
     FAST = 0.5  # a sudden collapse: each of the last two losses gave back FAST, each grad norm GRAD x its baseline
 
     def _new_state(self, rank):
-        return {"p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config),
+        return {"p": Progress(grace=GRACE_STEPS, long=self.LONG), "switches": _Switches(self.config),
                 "loss": deque(maxlen=2 * self.SHORT), "gn": deque(maxlen=self.LONG + self.SHORT),
-                "long": deque(maxlen=self.LONG + 2), "loss_long": [], "hold_until": -1, "healing": False, "on": 0}
+                "hold_until": -1, "healing": False, "on": 0}
 
     def _record(self, st, step, values, rank):
         p: Progress = st["p"]
@@ -277,7 +271,6 @@ class EarlyDivergence(StreamDetector):
             p.reset(step)
             st["hold_until"] = step + GRACE_STEPS
             st["loss"].clear()
-            st["long"].clear()
             st["on"] = 0
         gn = values.get("grad_norm")
         if gn is not None and math.isfinite(gn):
@@ -291,12 +284,9 @@ class EarlyDivergence(StreamDetector):
         elif p.repeat_step == step:
             st["healing"], st["hold_until"] = False, -1
         st["loss"].append(loss)
-        if p.shock_step != step:
-            st["long"].append(loss)
         if not p.ready(step) or step < st["hold_until"] or p.gave_back() is None:
             return []
         ls, gs = list(st["loss"]), list(st["gn"])
-        st["loss_long"] = list(st["long"])
         if len(ls) < 2 * self.SHORT or len(gs) < self.LONG // 2 + self.SHORT:
             return []
         now, before = median(ls[self.SHORT:]), median(ls[:self.SHORT])
@@ -310,16 +300,15 @@ class EarlyDivergence(StreamDetector):
         # a sudden collapse: the last two losses are each beyond every loss of the LONG steps before
         # (a heavy-tailed loss has bad batches, rarely two unprecedented ones in a row), FAST of the
         # progress given back, and both gradient norms GRAD x their baseline
-        last2, g2 = st["loss_long"][-2:], gs[-2:]
-        prior = st["loss_long"][:-2]
-        fast = self.FAST > 0 and len(prior) >= self.LONG // 2 and min(last2) > max(prior) and \
-            min(last2) - p.m >= self.FAST * p.progress and min(g2) >= self.GRAD * gn_base
+        low = p.unprecedented(self.LONG // 2)
+        fast = self.FAST > 0 and low is not None and low - p.m >= self.FAST * p.progress and \
+            min(gs[-2:]) >= self.GRAD * gn_base
         if st["on"] >= self.SUSTAIN or fast:
             what = (f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and rising) "
                     f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree") if st["on"] >= self.SUSTAIN \
-                else (f"the last two losses (each above every loss of the {len(prior)} steps before, "
-                      f"{(min(last2) - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
-                      f"({min(g2) / gn_base:.2g}x their baseline) agree")
+                else (f"the last two losses (each above every loss of the {len(p.long) - 2} steps before, "
+                      f"{(low - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
+                      f"({min(gs[-2:]) / gn_base:.2g}x their baseline) agree")
             return self._set(True, rank, "loss", step, loss,
                              f"{what} that training is diverging at step {step} on rank {rank}",
                              {"window": [step - self.SHORT + 1, step], "gave_back": rounded(g),

@@ -59,24 +59,24 @@ class StreamDetector:
             st = self._states[rank] = self._new_state(rank)
         return st
 
+    def _wanted(self, names) -> Iterable[str]:
+        """The names, among those present, that this rule reads (a rule matching by prefix overrides it)."""
+        return [n for n in self.needs if n in names]
+
     def update(self, step: int, values: Mapping[str, float], rank: int = 0) -> list[AlertEvent]:
-        mine = {k: values[k] for k in self.needs if k in values}
+        mine = {k: values[k] for k in self._wanted(values)}
         return self._record(self._state(rank), step, mine, rank) if mine else []
 
     def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0) -> list[AlertEvent]:
         rows: dict[int, dict[str, float]] = {}
-        for name in self.needs:
-            if name in series:
-                idx, values = series[name]
-                for i, v in zip(np.asarray(idx).tolist(), np.asarray(values, dtype=np.float64).tolist()):
-                    rows.setdefault(i, {})[name] = v
+        for name in self._wanted(series):  # names only: a batch's other series are never decoded
+            idx, values = series[name]
+            for i, v in zip(np.asarray(idx).tolist(), np.asarray(values, dtype=np.float64).tolist()):
+                rows.setdefault(i, {})[name] = v
         if not rows:
             return []
         st = self._state(rank)
-        out: list[AlertEvent] = []
-        for i in sorted(rows):
-            out.extend(self._record(st, int(steps[i]), rows[i], rank))
-        return out
+        return [ev for i in sorted(rows) for ev in self._record(st, int(steps[i]), rows[i], rank)]
 
     def _set(self, on: bool, rank: int, series: str, step: int, value: float, message: str,
              evidence: Mapping[str, Any] | None = None) -> list[AlertEvent]:
@@ -111,8 +111,8 @@ class Progress:
     #: about one MAD over a long run, so a smaller margin reads the median's wobble as regression
     MIN_PROGRESS = 10.0
 
-    def __init__(self, window: int = 25, grace: int = 30):
-        self.window, self.grace = window, grace
+    def __init__(self, window: int = 25, grace: int = 30, long: int = 200):
+        self.window, self.grace, self.long_window = window, grace, long
         self.shock_step = self.repeat_step = -1
         self.last_spike = -math.inf
         self.reset(0)
@@ -120,6 +120,8 @@ class Progress:
     def reset(self, step: int) -> None:
         self.start = step
         self.recent: deque[float] = deque(maxlen=self.window)
+        # the last long_window + 2 losses that were not shocks: what "unprecedented" is judged against
+        self.long: deque[float] = deque(maxlen=self.long_window + 2)
         self.S = math.nan
         self.L0: float | None = None
         self.m = math.inf
@@ -138,6 +140,8 @@ class Progress:
             else:
                 self.shock_step = step
             self.last_spike = step
+        if self.shock_step != step:
+            self.long.append(loss)
         self.recent.append(loss)
         if len(self.recent) <= self.window // 2:
             return
@@ -150,6 +154,16 @@ class Progress:
             # the spread at the best point: what the progress must stand out of (a diverging
             # loss's own spread is no measure of the noise of the run it came from)
             self.m, self.noise = self.S, spread
+
+    def unprecedented(self, min_prior: int = 1) -> float | None:
+        """The lower of the last two losses when both are above every loss of the (up to
+        ``long_window``, at least ``min_prior``) steps before them, else None: a heavy-tailed loss
+        has bad batches, rarely two unprecedented ones in a row."""
+        if len(self.long) < 2 + max(1, min_prior):
+            return None
+        *prior, a, b = self.long
+        low = min(a, b)
+        return low if low > max(prior) else None
 
     def ready(self, step: int) -> bool:
         """Past the grace period: the baseline has had ``grace`` steps to form."""

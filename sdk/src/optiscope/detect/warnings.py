@@ -20,9 +20,7 @@ from collections import deque
 from statistics import median
 from typing import Any, Mapping
 
-import numpy as np
-
-from .base import AlertEvent, SeriesColumns
+from .base import AlertEvent
 from .rules import _Switches
 from .stream import DECLARE_DATA, DECLARE_SCHEDULE, StreamDetector, rounded
 
@@ -65,21 +63,8 @@ class _Sampled(StreamDetector):
     def _mine(self, name: str) -> bool:
         return name in self.needs or name.startswith(self.prefixes)
 
-    def update(self, step: int, values: Mapping[str, float], rank: int = 0) -> list[AlertEvent]:
-        mine = {k: v for k, v in values.items() if self._mine(k)}
-        return self._record(self._state(rank), step, mine, rank) if mine else []
-
-    def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0) -> list[AlertEvent]:
-        rows: dict[int, dict[str, float]] = {}
-        for name in series:  # names only: a batch's other series are never decoded
-            if self._mine(name):
-                idx, values = series[name]
-                for i, v in zip(np.asarray(idx).tolist(), np.asarray(values, dtype=np.float64).tolist()):
-                    rows.setdefault(i, {})[name] = v
-        if not rows:
-            return []
-        st = self._state(rank)
-        return [ev for i in sorted(rows) for ev in self._record(st, int(steps[i]), rows[i], rank)]
+    def _wanted(self, names) -> list[str]:
+        return [n for n in names if self._mine(n)]
 
     def _new_state(self, rank: int) -> Any:
         return {"tracks": {}, "switches": _Switches(self.config)}

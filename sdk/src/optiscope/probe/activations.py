@@ -14,6 +14,7 @@ still in cache, about twice as fast as ``aminmax``); any other by ``torch.aminma
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Callable, Iterable
@@ -22,6 +23,7 @@ import torch
 
 from .native import Native
 
+log = logging.getLogger("optiscope")
 _BAD = re.compile(r"[^A-Za-z0-9_.:/\-]")
 #: Floating dtypes whose largest value is below 1e10, where activations do overflow in practice.
 NARROW = frozenset(d for d in (torch.float16, *(getattr(torch, n, None) for n in (
@@ -48,6 +50,7 @@ class ActivationProbe:
         self.is_sampling = is_sampling
         self.native = native
         self.vitals = vitals
+        self._broken = False
         # narrow-range outputs seen on a step that is not sampled: (dtype, max |output| on the device)
         self._vital: list[tuple[torch.dtype, torch.Tensor]] = []
         # per output seen on the sampled step: (module name, dtype, (min, max) device tensors, or
@@ -63,28 +66,38 @@ class ActivationProbe:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or self._broken:
                 return
             sampling = self.is_sampling()
             if not sampling and not self.vitals:
                 return
-            for t in (output if isinstance(output, (tuple, list)) else (output,)):
-                if not sampling:
-                    if isinstance(t, torch.Tensor) and t.dtype in NARROW and t.numel():
-                        # max |t| in one reduction, in the output's own dtype (inf stays inf, NaN NaN)
-                        self._vital.append((t.dtype, torch.linalg.vector_norm(t.detach(), ord=math.inf)))
-                    continue
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-                    # usable first: an accelerator's outputs never start a build that cannot serve
-                    # them; and never while torch.compile traces the hook (no real buffer to read)
-                    if self.native is not None and Native.usable([t]) and not torch.compiler.is_compiling() \
-                            and self.native.ready():  # a CPU buffer: a host number, no sync
-                        self._seen.append((name, t.dtype, Native.absmax(t)))
-                        continue
-                    # max |t| as min and max in one fused reduction: no tensor-sized temporary
-                    # as with t.abs() (about 3x faster on CPU), and both propagate NaN
-                    self._seen.append((name, t.dtype, torch.aminmax(t.detach())))
+            try:  # inside the user's forward(): never let it raise there
+                self._measure(name, output, sampling)
+            except Exception:
+                self._broken = True
+                log.warning("optiscope: activation headroom disabled after an error in its forward hook; "
+                            "training continues", exc_info=True)
         return hook
+
+    def _measure(self, name: str, output, sampling: bool) -> None:
+        """One forward pass's outputs: every floating output on a sampled step, the narrow-range
+        ones on other steps (vitals)."""
+        for t in (output if isinstance(output, (tuple, list)) else (output,)):
+            if not sampling:
+                if isinstance(t, torch.Tensor) and t.dtype in NARROW and t.numel():
+                    # max |t| in one reduction, in the output's own dtype (inf stays inf, NaN NaN)
+                    self._vital.append((t.dtype, torch.linalg.vector_norm(t.detach(), ord=math.inf)))
+                continue
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                # usable first: an accelerator's outputs never start a build that cannot serve
+                # them; and never while torch.compile traces the hook (no real buffer to read)
+                if self.native is not None and Native.usable([t]) and not torch.compiler.is_compiling() \
+                        and self.native.ready():  # a CPU buffer: a host number, no sync
+                    self._seen.append((name, t.dtype, Native.absmax(t)))
+                    continue
+                # max |t| as min and max in one fused reduction: no tensor-sized temporary
+                # as with t.abs() (about 3x faster on CPU), and both propagate NaN
+                self._seen.append((name, t.dtype, torch.aminmax(t.detach())))
 
     def host_values(self) -> dict:
         """Every step that is not sampled: the tightest headroom among narrow-range outputs, as a

@@ -260,7 +260,10 @@ class OptimizerProbe:
         self._last_step_end = now
         for c in self.contributors:
             if hasattr(c, "host_values"):
-                out.update(c.host_values())
+                try:  # inside optimizer.step(): never raise into the training loop
+                    out.update(c.host_values())
+                except Exception:
+                    self._fail("post-step")
         return out
 
     # -- measurement -------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .http import RETRYABLE, HttpClient
 log = logging.getLogger("optiscope")
 
 #: Counters sent with every batch as the series sdk/<name>.
-SERIES_COUNTERS = ("sent_points", "dropped", "retries", "spooled_batches", "spool_full", "rejected_batches")
+SERIES_COUNTERS = wire.SDK_COUNTERS
 
 # A record as the training thread hands it over: (step, unix time, {name: float | 0-d tensor},
 # optional (names, 1-d device tensor)). Tensors are copied to the host here, off the training thread.
