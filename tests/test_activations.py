@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import optiscope
-from conftest import free_port, missing
 from optiscope.probe import OptimizerProbe
 from optiscope.probe.activations import ActivationProbe
 from optiscope.probe.native import Native
+
+from conftest import free_port, missing
 
 
 class Half(torch.nn.Module):

@@ -10,18 +10,18 @@ rule's behaviour is also a test of that equivalence on a stream where the rule d
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optiscope.detect import NonFiniteDetector
+from optiscope.detect import NonFiniteDetector, default_detectors
 from optiscope.detect.rules import EarlyDivergence, LossRegression, LrAboveSchedule, LrOffSchedule, OverflowForecast
 from optiscope.detect.schedule import declared_schedule
-from optiscope.detect.stream import DECLARE_DATA, DECLARE_SCHEDULE
 from optiscope.detect.warnings import EpsHeadroomCollapse, UpdateBimodality, UpdateRatioOutlier, VUnderestimationBurst
+from optiscope.wire import DECLARE_DATA, DECLARE_SCHEDULE
 
 Record = tuple  # (step, {series: value}, rank)
 
@@ -277,6 +277,60 @@ def test_restored_incident_does_not_fire_again():
     """The collector restores open incidents; the rule then resolves them, never fires twice."""
     ev = feed(lambda: VUnderestimationBurst(firing=[(0, "v_underestimation")]), v_under(burst=()))
     assert [e.state for e in ev] == ["resolved"] and ev[0].step == 600  # 5 samples of baseline, then 2 below
+
+
+def _incident(name: str) -> tuple[list[Record], int, list]:
+    """A scenario's stream and recovery on rank 0, the index of the record that fires, and the
+    events of the whole stream (firing, then resolved)."""
+    make, stream, *_ = SCENARIOS[name]
+    rows = stream()
+    rows += [(s, v, 0) for s, v in _recovery(name, rows)]
+    det, cut = make(), None
+    for i, (s, v, r) in enumerate(rows):
+        if any(e.state == "firing" for e in det.update(s, v, r)):
+            cut = i
+            break
+    events = by_record(make(), rows)
+    assert cut is not None and [e.state for e in events] == ["firing", "resolved"], transitions(events)
+    return rows, cut, events
+
+
+@pytest.mark.parametrize("entry", [by_record, columnar])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_restore_firing_replaces_the_open_incidents_of_a_rank(name, entry):
+    """As the collector does after catching a detector up: fed the records before the incident
+    silently, then told by ``restore_firing`` what the alerts table has. Restored as firing, the
+    incident does not fire again and resolves where it would have; restored as not firing (over a
+    stale belief that it was), it fires where it would have. Other ranks' incidents are kept."""
+    make, _, _, series, *_ = SCENARIOS[name]
+    rows, cut, events = _incident(name)
+
+    another_replica_fired = make()
+    by_record(another_replica_fired, rows[:cut])
+    another_replica_fired.restore_firing(1, ["other"])
+    another_replica_fired.restore_firing(0, [series])
+    after = entry(another_replica_fired, rows[cut:])
+    assert [key(e) for e in after] == [key(e) for e in events[1:]]  # the resolution only
+    assert another_replica_fired.firing == {(1, "other")}
+
+    stale = make()
+    stale.restore_firing(0, [series, "other"])  # believed open, but the alerts table has it resolved
+    by_record(stale, rows[:cut])
+    stale.restore_firing(0, [])
+    assert [key(e) for e in entry(stale, rows[cut:])] == [key(e) for e in events]
+
+
+def test_needs_are_the_replayed_series_and_prefix_rules_keep_per_tensor_series_out():
+    """The collector replays the union of ``needs`` after a restart: the per-tensor series that
+    prefix rules read (``needs_prefixes``) are not in it."""
+    dets = default_detectors({"lr": 1e-3})
+    assert {n for d in dets for n in d.needs} == {"loss", "grad_norm", "lr", "act_headroom_bits", DECLARE_DATA,
+                                                  DECLARE_SCHEDULE, "v_underestimation", "update_bimodality",
+                                                  "eps_headroom"}
+    prefixed = {type(d).__name__: d.needs_prefixes for d in dets if d.needs_prefixes}
+    assert prefixed == {"UpdateRatioOutlier": ("update_ratio/param/",),
+                        "EpsHeadroomCollapse": ("eps_headroom/param/", "grad_norm/param/")}
+    assert all(d.rule and d.severity in ("page", "warning") for d in dets)
 
 
 # -- the loss rules ---------------------------------------------------------------------------------
@@ -576,9 +630,15 @@ def test_eps_headroom_collapse_needs_a_gradient_and_resolves_with_hysteresis():
 # -- every detector: the columnar entry point is the record-by-record one ----------------------------
 
 _CFG = {"lr": 1.0, "warmup_steps": 3, "data_mixture_switch_steps": [120, 125]}
+
+
+def _with_config(cls) -> Callable:
+    return lambda firing: cls(_CFG, firing)
+
+
 DETECTORS = {  # every detector class, made with a config and the incidents the collector restored
     "NonFiniteDetector": lambda firing: NonFiniteDetector(firing=firing),
-    **{cls.__name__: (lambda cls: lambda firing: cls(_CFG, firing))(cls) for cls in (
+    **{cls.__name__: _with_config(cls) for cls in (
         OverflowForecast, LrAboveSchedule, EarlyDivergence, LossRegression, LrOffSchedule,
         VUnderestimationBurst, UpdateBimodality, UpdateRatioOutlier, EpsHeadroomCollapse)},
 }
@@ -624,7 +684,7 @@ def test_columns_equal_records_on_scenarios_with_non_finite_points(name, twin, s
 def test_spikes_that_come_back_are_instability_not_shocks():
     """One spike is an outlier batch and the run gets time to heal; a second one 30 steps later
     means the run is unstable: the damage that follows pages without waiting out the healing time."""
-    loss, gn = loss_curve(), grad_curve()
+    loss = loss_curve()
     loss[500] *= 100
     loss[501:] += 2.5  # knocked back for good
     one = [e for e in feed(LossRegression, losses(loss)) if e.state == "firing"]

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import optiscope
+
 from conftest import missing, wait_until
 
 try:
@@ -165,7 +166,7 @@ def _reference(rec: _Recorder, x, y, bs: int, *, accumulate: int = 1, beta1=0.9,
                         "update": stepped and (before["raw"] + 1) % accumulate == 0,
                         "before": before, "after": after})
     ref: dict[int, dict] = {}
-    for j, b in enumerate(batches):
+    for b in batches:
         step = b["raw"] // accumulate
         if accumulate > 1:
             window = [c for c in batches if c["raw"] // accumulate == step]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import optiscope
+
 from conftest import missing
 
 CANONICAL = ("lr", "grad_norm", "param_norm", "update_norm", "update_ratio", "exp_avg_norm", "exp_avg_sq_norm")

@@ -12,9 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import missing
 from optiscope.probe import OptimizerProbe, blocks, stats
 from optiscope.probe.native import Native
+
+from conftest import missing
 from probe_reference import Reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -415,7 +416,7 @@ def test_step_with_a_closure_is_measured_after_the_closure(as_keyword):
         x = torch.randn(8, 5, generator=g)
         grads = {}
 
-        def closure():
+        def closure(step=step, x=x, grads=grads):  # bound: called within this iteration
             calls.append(step)
             opt.zero_grad(set_to_none=True)
             loss = model(x).pow(2).mean()

@@ -85,6 +85,29 @@ def test_non_finite_spelling_and_bare_tokens():
     assert math.isnan(rec["a"]) and rec["b"] == -math.inf
 
 
+def test_one_spelling_for_documents_and_text():
+    """``json_safe`` and ``value_text`` spell non-finite values as ``encode_value`` does, and
+    ``decode_value`` reads every spelling back."""
+    doc = {"a": [1.5, math.nan, {"b": (math.inf, -math.inf)}], "c": "NaN", "d": 2, "e": None, "f": True}
+    safe = wire.json_safe(doc)
+    assert safe == {"a": [1.5, "NaN", {"b": ["Infinity", "-Infinity"]}], "c": "NaN", "d": 2, "e": None, "f": True}
+    json.dumps(safe, allow_nan=False)  # strict JSON
+    assert [wire.value_text(x) for x in (0.1, 2.0, math.nan, math.inf, -math.inf)] == \
+        ["0.1", "2.0", "NaN", "Infinity", "-Infinity"]
+    for x in (math.inf, -math.inf, 0.25):
+        assert wire.decode_value(wire.encode_value(x)) == x
+    assert math.isnan(wire.decode_value(wire.encode_value(math.nan)))
+
+
+def test_sdk_and_declare_series_names_are_defined_once():
+    assert wire.SDK_SERIES == tuple(f"sdk/{c}" for c in wire.SDK_COUNTERS)
+    assert wire.sdk_series("dropped") == "sdk/dropped"
+    assert (wire.DECLARE_DATA, wire.DECLARE_SCHEDULE) == tuple(wire.declare_series(k) for k in wire.DECLARE_KINDS)
+    assert wire.DECLARE_DATA == "declare/data_change" and wire.DECLARE_SCHEDULE == "declare/schedule_change"
+    assert all(wire.valid_name(n) for n in wire.SDK_SERIES + (wire.DECLARE_DATA, wire.DECLARE_SCHEDULE))
+    assert {"sdk/{counter}", "declare/{change}_change"} <= set(wire.CATALOG)
+
+
 def test_json_is_decoded_into_columns_too():
     body = wire.encode_batch(wire.Batch("r1", 2, 3, [(5, 1.0, {"a": 1.0}), (6, 2.0, {"a": math.inf, "b": 2.0})]), 1)
     cols = wire.decode_columns(body)

@@ -6,8 +6,8 @@
     run.log({"loss": loss})
     run.finish()
 """
+from .__about__ import __version__
 from .run import Run, init
 from .wire import CATALOG
 
-__version__ = "0.1.0"
 __all__ = ["CATALOG", "Run", "init", "__version__"]

@@ -29,8 +29,9 @@ import re
 import struct
 import sys
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, TypeGuard, TypeVar
 
 WIRE_VERSION = 2  # what encode_batch writes; decode_batch reads versions 1 and 2
 
@@ -50,6 +51,25 @@ MAX_TAGS = 50
 MAX_ENVIRONMENT_BYTES = 16 * 1024
 #: The exporter counters every batch carries as the series sdk/<counter> (see the catalog).
 SDK_COUNTERS = ("sent_points", "dropped", "retries", "spooled_batches", "spool_full", "rejected_batches")
+#: The planned changes a run can declare (``Run.declare``), each sent as the series declare/<kind>_change.
+DECLARE_KINDS = ("data", "schedule")
+
+
+def sdk_series(counter: str) -> str:
+    """The series an exporter counter travels as: ``sdk/<counter>``."""
+    return f"sdk/{counter}"
+
+
+def declare_series(kind: str) -> str:
+    """The series a declared change travels as: ``declare/<kind>_change`` (value 1 at its step)."""
+    return f"declare/{kind}_change"
+
+
+#: The series of every SDK counter, in SDK_COUNTERS order.
+SDK_SERIES = tuple(sdk_series(c) for c in SDK_COUNTERS)
+#: A declared data-mixture switch and a declared (intended) learning-rate change.
+DECLARE_DATA = declare_series("data")
+DECLARE_SCHEDULE = declare_series("schedule")
 
 
 @dataclass(frozen=True)
@@ -118,10 +138,10 @@ CATALOG: dict[str, SeriesSpec] = {
                    "max |output| over the forward passes of the step (every leaf module by default)", "as output", _S),
         SeriesSpec("act_headroom_bits/module/{name}", "one watched module",
                    "log2(finfo(output dtype).max / act_absmax)", "bits", _S),
-        SeriesSpec("sdk/{counter}", "the run's SDK process (one per rank)",
+        SeriesSpec(sdk_series("{counter}"), "the run's SDK process (one per rank)",
                    "the exporter's cumulative counters when the batch was made: " + ", ".join(SDK_COUNTERS),
                    "count", "every batch"),
-        SeriesSpec("declare/{change}_change", "global (Run.declare)",
+        SeriesSpec(declare_series("{change}"), "global (Run.declare)",
                    "1 at the step where the run declared a planned change: data (a data-mixture switch) or "
                    "schedule (an intended LR change); the detectors read what follows as expected", "1",
                    "when declared"),
@@ -145,7 +165,7 @@ EXPORTED_SERIES = tuple(n for n, s in CATALOG.items() if s.exported)
 class WireError(ValueError):
     """A batch that cannot be accepted. ``reason`` is machine-readable, ``str(err)`` is for people."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -168,11 +188,34 @@ _NONFINITE_IN = {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "+Infin
 
 
 def encode_value(x: float) -> float | str:
+    """A value for a JSON document: the float itself, or the wire's spelling of a non-finite one
+    (``"NaN"``, ``"Infinity"``, ``"-Infinity"``). The one place these spellings are written."""
     x = float(x)
     return x if math.isfinite(x) else _NONFINITE_OUT[repr(x)]
 
 
+def value_text(x: float) -> str:
+    """A value as text (CSV, a message's field): its shortest round-trip form, non-finite values
+    spelled as ``encode_value`` spells them."""
+    v = encode_value(x)
+    return v if isinstance(v, str) else repr(v)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float, at any depth of its dicts, lists and tuples (tuples
+    become lists), spelled as ``encode_value`` spells it: strict JSON without losing NaN or +-Inf."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else encode_value(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def decode_value(x: Any) -> float:
+    """The inverse of ``encode_value``: a JSON number, or one of the spellings of a non-finite
+    value (also ``nan``, ``inf``, ``Inf`` and their signed forms); raises WireError for anything else."""
     if isinstance(x, bool):  # bool is an int subclass; a True loss is a sender bug
         raise WireError("bad_value", f"boolean is not a metric value: {x!r}")
     if isinstance(x, (int, float)):
@@ -217,7 +260,7 @@ def encode_batch(batch: Batch, version: int = WIRE_VERSION) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _int(doc: Mapping, key: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+def _int(doc: Mapping[str, Any], key: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
     v = doc.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise WireError("bad_field", f"'{key}' must be an integer from {lo} to {hi}, got {v!r}")
@@ -256,7 +299,7 @@ def _decode_json(body: bytes | str) -> Batch:
         raise WireError("bad_field", "'records' must be a list")
     if len(records_in) > MAX_RECORDS_PER_BATCH:
         raise WireError("too_many_records", f"{len(records_in)} records > {MAX_RECORDS_PER_BATCH}")
-    records = []
+    records: list[tuple[int, float, dict[str, float]]] = []
     for i, rec in enumerate(records_in):
         if not (isinstance(rec, list) and len(rec) == 3 and isinstance(rec[2], dict)):
             raise WireError("malformed_record", f"record {i} must be [step, time, {{name: value}}]")
@@ -292,9 +335,10 @@ CONTENT_TYPE = "application/vnd.optiscope.batch"
 _HEAD = struct.Struct("<4sBBHIQII")
 _SERIES = struct.Struct("<BB")
 _LE = sys.byteorder == "little"
+_N = TypeVar("_N", int, float)
 
 
-def _le(a: array) -> array:
+def _le(a: array[_N]) -> array[_N]:
     """``a`` with little-endian items (a no-op everywhere but on big-endian hosts)."""
     if not _LE:
         a = array(a.typecode, a)
@@ -307,7 +351,7 @@ class Column:
     """One series of a batch: its values for the records the mask marks (every record when None)."""
 
     name: str
-    values: array                 # typecode "d", one per present record, in record order
+    values: array[float]          # typecode "d", one per present record, in record order
     mask: bytes | None = None     # ceil(n/8) bytes, bit i (LSB first) set = record i has a value
 
     def indices(self, n_records: int) -> list[int]:
@@ -324,21 +368,21 @@ class Columns:
     run: str
     rank: int
     seq: int
-    steps: array                  # typecode "q", one per record
-    times: array                  # typecode "d", one per record
+    steps: array[int]             # typecode "q", one per record
+    times: array[float]           # typecode "d", one per record
     series: list[Column] = field(default_factory=list)
 
     def n_points(self) -> int:
         return sum(len(c.values) for c in self.series)
 
 
-def is_binary(body: bytes | str) -> bool:
+def is_binary(body: bytes | str) -> TypeGuard[bytes]:
     return isinstance(body, (bytes, bytearray, memoryview)) and bytes(body[:4]) == MAGIC
 
 
 def to_columns(batch: Batch) -> Columns:
     n = len(batch.records)
-    cols: dict[str, tuple[list[int], array]] = {}
+    cols: dict[str, tuple[list[int], array[float]]] = {}
     for i, (_, _, values) in enumerate(batch.records):
         for name, v in values.items():
             c = cols.get(name)
@@ -360,7 +404,7 @@ def to_columns(batch: Batch) -> Columns:
 
 
 def from_columns(cols: Columns) -> Batch:
-    records = [(s, t, {}) for s, t in zip(cols.steps, cols.times)]
+    records: list[tuple[int, float, dict[str, float]]] = [(s, t, {}) for s, t in zip(cols.steps, cols.times)]
     for c in cols.series:
         for i, v in zip(c.indices(len(records)), c.values):
             records[i][2][c.name] = v
@@ -388,7 +432,7 @@ def _take(body: memoryview, pos: int, n: int, what: str) -> tuple[memoryview, in
     return body[pos:pos + n], pos + n
 
 
-def _floats(raw: memoryview) -> array:
+def _floats(raw: memoryview) -> array[float]:
     a = array("d")
     a.frombytes(raw)
     return _le(a)
@@ -400,6 +444,16 @@ def decode_columns(body: bytes | str) -> Columns:
     if not is_binary(body):
         return to_columns(_decode_json(body))
     view = memoryview(body).cast("B")
+    run, rank, seq, n, n_series, pos = _decode_header(view)
+    steps, times, pos = _decode_steps_and_times(view, pos, n)
+    series, pos = _decode_series(view, pos, n, n_series)
+    if pos != len(view):
+        raise WireError("trailing_bytes", f"{len(view) - pos} bytes after the last series")
+    return Columns(run, rank, seq, steps, times, series)
+
+
+def _decode_header(view: memoryview) -> tuple[str, int, int, int, int, int]:
+    """The header and the run id, checked: (run, rank, seq, records, series, position after them)."""
     head, pos = _take(view, 0, _HEAD.size, "the header")
     _, version, flags, run_len, rank, seq, n, n_series = _HEAD.unpack(head)
     if version != 2:
@@ -416,6 +470,11 @@ def decode_columns(body: bytes | str) -> Columns:
     run = bytes(raw).decode("latin-1")
     if not RUN_ID_RE.fullmatch(run):
         raise WireError("bad_field", f"'run' must be a run id, got {run[:80]!r}")
+    return run, rank, seq, n, n_series, pos
+
+
+def _decode_steps_and_times(view: memoryview, pos: int, n: int) -> tuple[array[int], array[float], int]:
+    """The batch's ``n`` steps (each >= 0) and times (each finite), and the position after them."""
     raw, pos = _take(view, pos, 8 * n, "the steps")
     steps = array("q")
     steps.frombytes(raw)
@@ -426,8 +485,14 @@ def decode_columns(body: bytes | str) -> Columns:
     times = _floats(raw)
     if not all(map(math.isfinite, times)):
         raise WireError("bad_time", "times must be finite numbers")
+    return steps, times, pos
+
+
+def _decode_series(view: memoryview, pos: int, n: int, n_series: int) -> tuple[list[Column], int]:
+    """The ``n_series`` series of a batch of ``n`` records, checked, and the position after them."""
     mask_len, tail, end = (n + 7) // 8, n % 8, len(view)
-    series, seen = [], set()
+    series: list[Column] = []
+    seen: set[str] = set()
     # The loop runs once per series; each step is a C call on a slice (no work per point).
     for k in range(n_series):
         if pos + 2 > end:
@@ -463,6 +528,4 @@ def decode_columns(body: bytes | str) -> Columns:
         values.frombytes(view[pos:pos + 8 * count])
         pos += 8 * count
         series.append(Column(name, values if _LE else _le(values), mask))
-    if pos != len(view):
-        raise WireError("trailing_bytes", f"{len(view) - pos} bytes after the last series")
-    return Columns(run, rank, seq, steps, times, series)
+    return series, pos

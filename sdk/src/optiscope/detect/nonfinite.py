@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .base import AlertEvent, SeriesColumns
+from .base import AlertEvent, OpenIncidents, SeriesColumns
 
 
-class NonFiniteDetector:
+class NonFiniteDetector(OpenIncidents):
     """Fires once when a watched series becomes NaN or +-Inf, resolves when it is finite again.
 
     One alert per incident: while a series stays non-finite, further points do not fire again.
@@ -18,20 +18,22 @@ class NonFiniteDetector:
 
     rule = "non_finite"
     severity = "page"
+    needs_prefixes: tuple[str, ...] = ()
 
-    def __init__(self, watched: Iterable[str] = ("loss", "grad_norm"), firing: Iterable[tuple[int, str]] = ()):
+    def __init__(self, watched: Iterable[str] = ("loss", "grad_norm"), firing: Iterable[tuple[int, str]] = ()) -> None:
+        super().__init__(firing)
         self.watched = tuple(watched)
-        self.firing: set[tuple[int, str]] = set(firing)
+        self.needs: tuple[str, ...] = self.watched
 
     def _event(self, name: str, step: int, rank: int, v: float) -> AlertEvent:
         if math.isfinite(v):
             return AlertEvent(self.rule, self.severity, "resolved", name, step, rank, v,
                               f"{name} is finite again ({v:.6g}) at step {step} on rank {rank}")
-        spelled = "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")
+        spelled = "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")  # for people, not the wire
         return AlertEvent(self.rule, self.severity, "firing", name, step, rank, v,
                           f"{name} is {spelled} at step {step} on rank {rank}")
 
-    def update(self, step: int, values: Mapping[str, float], rank: int = 0):
+    def update(self, step: int, values: Mapping[str, float], rank: int = 0) -> list[AlertEvent]:
         events = []
         for name in self.watched:
             if name not in values:
@@ -43,8 +45,8 @@ class NonFiniteDetector:
                 events.append(self._event(name, step, rank, v))
         return events
 
-    def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0):
-        found = []  # (record index, watched position, event): sorted into the order update() gives
+    def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0) -> list[AlertEvent]:
+        found: list[tuple[int, int, AlertEvent]] = []  # (record index, watched position, event): sorted into the order update() gives
         for pos, name in enumerate(self.watched):
             if name not in series:
                 continue

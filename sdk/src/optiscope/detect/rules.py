@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from statistics import median
-from typing import Any, Mapping
+from typing import Any
 
+from ..wire import DECLARE_DATA, DECLARE_SCHEDULE
+from .base import AlertEvent
 from .schedule import declared_schedule, declared_steps
-from .stream import DECLARE_DATA, DECLARE_SCHEDULE, Progress, StreamDetector, rounded
+from .stream import Progress, StreamDetector, rounded
 
 #: Steps at the start of a run (and after a declared data change) in which no loss baseline
 #: exists yet, so no loss rule can fire: the warmup grace period.
@@ -22,7 +25,7 @@ class _Switches:
     """Declared data changes: the config's ``data_mixture_switch_steps`` and ``declare/data_change``
     points. ``due(step, values)`` is True once per change, on the first record at or after it."""
 
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         self.pending = deque(declared_steps(config, "data_mixture_switch_steps"))
 
     def due(self, step: int, values: Mapping[str, float]) -> bool:
@@ -45,11 +48,11 @@ class LossRegression(StreamDetector):
     needs = ("loss", DECLARE_DATA)
     FIRE, RESOLVE, SUSTAIN, TREND, HEALING = 0.4, 0.2, 10, 20, 0.0
 
-    def _new_state(self, rank: int) -> Any:
+    def _new_state(self, rank: int) -> dict[str, Any]:
         return {"p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config), "above": 0,
                 "raw": deque(maxlen=2 * self.TREND)}
 
-    def _record(self, st, step, values, rank):
+    def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
         p: Progress = st["p"]
         if st["switches"].due(step, values):
             p.reset(step)  # a new baseline, and nothing from before the change counts towards a page
@@ -84,7 +87,7 @@ class LossRegression(StreamDetector):
 class _Schedule:
     """The declared LR envelope, rescaled when the run declares a schedule change."""
 
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         self.ref = declared_schedule(config)
         self.scale = 1.0
         self.pending = False
@@ -112,10 +115,10 @@ class LrOffSchedule(StreamDetector):
     needs = ("lr", DECLARE_SCHEDULE)
     FIRE, RESOLVE, SUSTAIN = 1.5, 1.2, 3
 
-    def _new_state(self, rank):
+    def _new_state(self, rank: int) -> dict[str, Any]:
         return {"s": _Schedule(self.config), "above": 0, "below": 0}
 
-    def _record(self, st, step, values, rank):
+    def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
         r = st["s"].ratio(step, values)
         if r is None:
             return []
@@ -148,11 +151,11 @@ class LrAboveSchedule(StreamDetector):
     RATIO, SLOW, FAST, SUSTAIN, RESOLVE, SHORT, SHORT_BAR = 2.0, 0.2, 0.5, 3, 0.1, 8, 0.2
     NOISE_K, LONG = 6.0, 200
 
-    def _new_state(self, rank):
+    def _new_state(self, rank: int) -> dict[str, Any]:
         return {"s": _Schedule(self.config), "p": Progress(grace=GRACE_STEPS, long=self.LONG),
                 "switches": _Switches(self.config), "slow": 0, "short": 0, "last": deque(maxlen=2 * self.SHORT), "ratio": None}
 
-    def _record(self, st, step, values, rank):
+    def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
         p: Progress = st["p"]
         if st["switches"].due(step, values):
             p.reset(step)
@@ -211,10 +214,11 @@ class OverflowForecast(StreamDetector):
     needs = ("act_headroom_bits",)
     HORIZON, WINDOW, MARGIN = 50, 50, 3.0
 
-    def _new_state(self, rank):
+    def _new_state(self, rank: int) -> deque[tuple[int, float]]:
         return deque(maxlen=self.WINDOW)
 
-    def _record(self, pts, step, values, rank):
+    def _record(self, pts: deque[tuple[int, float]], step: int, values: Mapping[str, float],
+                rank: int) -> list[AlertEvent]:
         h = values["act_headroom_bits"]
         if math.isnan(h):
             return []  # a NaN output: the loss goes NaN with it, and non_finite pages for that
@@ -260,12 +264,12 @@ class EarlyDivergence(StreamDetector):
     SHORT, LONG, LOSS, GRAD, SUSTAIN, HOLD = 8, 200, 0.2, 1.5, 3, 50
     FAST = 0.5  # a sudden collapse: each of the last two losses gave back FAST, each grad norm GRAD x its baseline
 
-    def _new_state(self, rank):
+    def _new_state(self, rank: int) -> dict[str, Any]:
         return {"p": Progress(grace=GRACE_STEPS, long=self.LONG), "switches": _Switches(self.config),
                 "loss": deque(maxlen=2 * self.SHORT), "gn": deque(maxlen=self.LONG + self.SHORT),
                 "hold_until": -1, "healing": False, "on": 0}
 
-    def _record(self, st, step, values, rank):
+    def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
         p: Progress = st["p"]
         if st["switches"].due(step, values):
             p.reset(step)
@@ -303,12 +307,15 @@ class EarlyDivergence(StreamDetector):
         low = p.unprecedented(self.LONG // 2)
         fast = self.FAST > 0 and low is not None and low - p.m >= self.FAST * p.progress and \
             min(gs[-2:]) >= self.GRAD * gn_base
-        if st["on"] >= self.SUSTAIN or fast:
+        what = None
+        if st["on"] >= self.SUSTAIN:
             what = (f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and rising) "
-                    f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree") if st["on"] >= self.SUSTAIN \
-                else (f"the last two losses (each above every loss of the {len(p.long) - 2} steps before, "
-                      f"{(low - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
-                      f"({min(gs[-2:]) / gn_base:.2g}x their baseline) agree")
+                    f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree")
+        elif fast and low is not None:
+            what = (f"the last two losses (each above every loss of the {len(p.long) - 2} steps before, "
+                    f"{(low - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
+                    f"({min(gs[-2:]) / gn_base:.2g}x their baseline) agree")
+        if what is not None:
             return self._set(True, rank, "loss", step, loss,
                              f"{what} that training is diverging at step {step} on rank {rank}",
                              {"window": [step - self.SHORT + 1, step], "gave_back": rounded(g),

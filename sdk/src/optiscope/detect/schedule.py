@@ -9,7 +9,8 @@ every schedule family stays under.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 PEAK_KEYS = ("lr_peak", "peak_lr", "max_lr", "lr", "learning_rate")
 WARMUP_KEYS = ("warmup_steps", "num_warmup_steps", "warmup")

@@ -4,22 +4,24 @@ incident, and a robust measure of training progress.
 A ``StreamDetector`` reads a handful of series (``needs``); the collector hands it whole batches,
 of which only those series' points reach Python, record by record, so the rule is written once,
 as a streaming function of one record, and both entry points give the same transitions.
+
+The series through which a run declares a planned change (``Run.declare``) are defined in
+``optiscope.wire`` (``DECLARE_DATA``, ``DECLARE_SCHEDULE``) and re-exported here.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Collection, Iterable, Mapping
 from statistics import median
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-from .base import AlertEvent, SeriesColumns
-
-#: Series through which a run declares a planned change at a step (``Run.declare``): the value is
-#: the step's marker (1.0). The detectors treat what follows as expected, not as an incident.
-DECLARE_DATA = "declare/data_change"
-DECLARE_SCHEDULE = "declare/schedule_change"
+from ..wire import DECLARE_DATA as DECLARE_DATA
+from ..wire import DECLARE_SCHEDULE as DECLARE_SCHEDULE
+from ..wire import encode_value
+from .base import AlertEvent, OpenIncidents, SeriesColumns
 
 
 def finite(x: Any) -> float | None:
@@ -29,22 +31,24 @@ def finite(x: Any) -> float | None:
 def rounded(x: float, digits: int = 6) -> float | str:
     """A value for the evidence: JSON-safe (non-finite values spelled as the wire spells them)."""
     if not math.isfinite(x):
-        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+        return encode_value(x)
     return float(f"{x:.{digits}g}")
 
 
-class StreamDetector:
-    """Base of the stateful rules. Subclasses set ``rule``, ``severity``, ``needs`` and implement
+class StreamDetector(OpenIncidents):
+    """Base of the stateful rules. Subclasses set ``rule``, ``severity``, ``needs`` (and
+    ``needs_prefixes`` for series they read by prefix; see ``Detector``) and implement
     ``_record(state, step, values, rank) -> list[AlertEvent]``; ``_new_state(rank)`` makes a rank's
     state. ``firing`` holds the (rank, series) of open incidents (restored by the collector)."""
 
     rule = ""
     severity = "page"
     needs: tuple[str, ...] = ()
+    needs_prefixes: tuple[str, ...] = ()
 
-    def __init__(self, config: Mapping[str, Any] | None = None, firing: Iterable[tuple[int, str]] = ()):
+    def __init__(self, config: Mapping[str, Any] | None = None, firing: Iterable[tuple[int, str]] = ()) -> None:
+        super().__init__(firing)
         self.config = dict(config or {})
-        self.firing: set[tuple[int, str]] = set(firing)
         self._states: dict[int, Any] = {}
 
     def _new_state(self, rank: int) -> Any:
@@ -59,9 +63,12 @@ class StreamDetector:
             st = self._states[rank] = self._new_state(rank)
         return st
 
-    def _wanted(self, names) -> Iterable[str]:
-        """The names, among those present, that this rule reads (a rule matching by prefix overrides it)."""
-        return [n for n in self.needs if n in names]
+    def _wanted(self, names: Collection[str]) -> list[str]:
+        """The names, among those present, that this rule reads: its ``needs``, and those that start
+        with one of its ``needs_prefixes``."""
+        if not self.needs_prefixes:
+            return [n for n in self.needs if n in names]  # a few lookups, whatever the batch holds
+        return [n for n in names if n in self.needs or n.startswith(self.needs_prefixes)]
 
     def update(self, step: int, values: Mapping[str, float], rank: int = 0) -> list[AlertEvent]:
         mine = {k: values[k] for k in self._wanted(values)}
@@ -178,7 +185,7 @@ class Progress:
             return None
         return (self.S - self.m) / self.progress
 
-    def evidence(self) -> dict:
+    def evidence(self) -> dict[str, Any]:
         return {"smoothed_loss": rounded(self.S), "best_smoothed_loss": rounded(self.m),
                 "baseline_loss": rounded(self.L0 if self.L0 is not None else math.nan),
                 "loss_noise_mad": rounded(self.noise), "median_window_steps": self.window,

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable, Mapping
 from statistics import median
-from typing import Any, Mapping
+from typing import Any
 
+from ..wire import DECLARE_DATA, DECLARE_SCHEDULE
 from .base import AlertEvent
 from .rules import _Switches
-from .stream import DECLARE_DATA, DECLARE_SCHEDULE, StreamDetector, rounded
+from .stream import StreamDetector, rounded
 
 _DECLARES = (DECLARE_DATA, DECLARE_SCHEDULE)
 
@@ -33,7 +35,7 @@ class _Track:
 
     __slots__ = ("base", "above", "below", "since", "recent", "grad")
 
-    def __init__(self, window: int, sustain: int):
+    def __init__(self, window: int, sustain: int) -> None:
         self.base: deque[float] = deque(maxlen=window)
         self.above = self.below = 0
         self.since = -1
@@ -41,38 +43,43 @@ class _Track:
         self.grad = math.nan
 
 
+class _RankState:
+    """One rank's state in a sampled-series rule: a ``_Track`` per series, the declared data
+    changes still to come, the last global gradient norm seen (``EpsHeadroomCollapse``)."""
+
+    __slots__ = ("tracks", "switches", "global_grad")
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.tracks: dict[str, _Track] = {}
+        self.switches = _Switches(config)
+        self.global_grad = math.nan
+
+
 class _Sampled(StreamDetector):
     """What the sampled-series rules share: series matched by exact name (``needs``) or by prefix
-    (``prefixes``, one series per parameter tensor), a ``_Track`` per series, at most
+    (``needs_prefixes``, one series per parameter tensor), a ``_Track`` per series, at most
     ``MAX_TRACKED`` of them per detector (ranks together: a run's state stays bounded however
     many tensors and ranks it has), and baselines restarted by the declared changes in
     ``resets``. The series of a record are handled in name order, so ``update`` and
     ``update_columns`` give the same events whatever order the series come in."""
 
     severity = "warning"
-    prefixes: tuple[str, ...] = ()
     resets: tuple[str, ...] = ()
     #: fire at ``max(RATIO x baseline, ABS)``, resolve below ``max(RESOLVE_RATIO x baseline, RESOLVE_ABS)``
     RATIO, ABS, RESOLVE_RATIO, RESOLVE_ABS = 4.0, 0.0, 2.0, 0.0
     SUSTAIN, BASELINE, MIN_BASELINE, MAX_TRACKED = 2, 32, 5, 4096
 
-    def __init__(self, config: Mapping[str, Any] | None = None, firing=()):
+    def __init__(self, config: Mapping[str, Any] | None = None, firing: Iterable[tuple[int, str]] = ()) -> None:
         super().__init__(config, firing)
         self._tracked = 0
 
-    def _mine(self, name: str) -> bool:
-        return name in self.needs or name.startswith(self.prefixes)
+    def _new_state(self, rank: int) -> _RankState:
+        return _RankState(self.config)
 
-    def _wanted(self, names) -> list[str]:
-        return [n for n in names if self._mine(n)]
-
-    def _new_state(self, rank: int) -> Any:
-        return {"tracks": {}, "switches": _Switches(self.config)}
-
-    def _record(self, st, step, values, rank):
-        data = DECLARE_DATA in self.resets and st["switches"].due(step, values)
+    def _record(self, st: _RankState, step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
+        data = DECLARE_DATA in self.resets and st.switches.due(step, values)
         if data or any(d in values for d in self.resets if d != DECLARE_DATA):
-            for tr in st["tracks"].values():  # what follows a declared change is its new normal
+            for tr in st.tracks.values():  # what follows a declared change is its new normal
                 tr.base.clear()
                 tr.above = tr.below = 0
         out: list[AlertEvent] = []
@@ -81,14 +88,15 @@ class _Sampled(StreamDetector):
                 out += self._point(st, name, step, values[name], values, rank)
         return out
 
-    def _track(self, st, name: str) -> _Track | None:
-        tr = st["tracks"].get(name)
+    def _track(self, st: _RankState, name: str) -> _Track | None:
+        tr = st.tracks.get(name)
         if tr is None and self._tracked < self.MAX_TRACKED:
-            tr = st["tracks"][name] = _Track(self.BASELINE, self.SUSTAIN)
+            tr = st.tracks[name] = _Track(self.BASELINE, self.SUSTAIN)
             self._tracked += 1
         return tr
 
-    def _point(self, st, name, step, v, values, rank) -> list[AlertEvent]:
+    def _point(self, st: _RankState, name: str, step: int, v: float, values: Mapping[str, float],
+               rank: int) -> list[AlertEvent]:
         tr = self._track(st, name)
         if tr is None or not math.isfinite(v):
             return []  # non-finite: non_finite pages for the loss and gradient; no baseline, no streak
@@ -142,7 +150,7 @@ class VUnderestimationBurst(_Sampled):
     resets = (DECLARE_DATA,)
     RATIO, ABS, RESOLVE_RATIO, RESOLVE_ABS = 4.0, 3.0, 2.0, 2.0
 
-    def _message(self, name, v, b, step, rank):
+    def _message(self, name: str, v: float, b: float, step: int, rank: int) -> str:
         return (f"Adam's second moment lags the gradient (v_underestimation {v:.3g} against a running median of "
                 f"{b:.3g}) at step {step} on rank {rank}")
 
@@ -166,7 +174,7 @@ class UpdateBimodality(_Sampled):
     resets = (DECLARE_DATA,)
     RATIO, ABS, RESOLVE_RATIO, RESOLVE_ABS = 4.0, 0.1, 2.0, 0.05
 
-    def _message(self, name, v, b, step, rank):
+    def _message(self, name: str, v: float, b: float, step: int, rank: int) -> str:
         return (f"{v:.1%} of Adam's update coordinates are sign-like (|u| > 0.9; running median {b:.1%}) at step "
                 f"{step} on rank {rank}")
 
@@ -185,13 +193,13 @@ class UpdateRatioOutlier(_Sampled):
 
     rule = "update_ratio_outlier"
     needs = (DECLARE_DATA, DECLARE_SCHEDULE)
-    prefixes = ("update_ratio/param/",)
+    needs_prefixes = ("update_ratio/param/",)
     resets = (DECLARE_DATA, DECLARE_SCHEDULE)
     RATIO, ABS, RESOLVE_RATIO, RESOLVE_ABS = 10.0, 1e-3, 3.0, 5e-4
     BASELINE = 16  # per tensor: MAX_TRACKED tracks of 16 floats
 
-    def _message(self, name, v, b, step, rank):
-        return (f"tensor {name[len(self.prefixes[0]):]} was updated by {v:.3g} of its norm, against a running "
+    def _message(self, name: str, v: float, b: float, step: int, rank: int) -> str:
+        return (f"tensor {name[len(self.needs_prefixes[0]):]} was updated by {v:.3g} of its norm, against a running "
                 f"median of {b:.3g}, at step {step} on rank {rank}")
 
 
@@ -212,13 +220,14 @@ class EpsHeadroomCollapse(_Sampled):
 
     rule = "eps_headroom_collapse"
     needs = ("eps_headroom", "grad_norm")
-    prefixes = ("eps_headroom/param/", "grad_norm/param/")
+    needs_prefixes = ("eps_headroom/param/", "grad_norm/param/")
     FIRE, RESOLVE, REL_GRAD = 0.5, 1.0, 1e-5
     BASELINE = 16
 
-    def _point(self, st, name, step, h, values, rank):
+    def _point(self, st: _RankState, name: str, step: int, h: float, values: Mapping[str, float],
+               rank: int) -> list[AlertEvent]:
         if name.startswith("grad_norm"):  # the gradient a headroom is judged with, for later records
-            tr = st["tracks"].get("eps_headroom" + name[len("grad_norm"):])
+            tr = st.tracks.get("eps_headroom" + name[len("grad_norm"):])
             if tr is not None:
                 tr.grad = h
             return []
@@ -228,8 +237,8 @@ class EpsHeadroomCollapse(_Sampled):
         g = values.get("grad_norm" + name[len("eps_headroom"):], tr.grad)
         tr.grad = g
         if "grad_norm" in values:
-            st["global_grad"] = values["grad_norm"]
-        whole = st.get("global_grad", math.nan)
+            st.global_grad = values["grad_norm"]
+        whole = st.global_grad
         # "has a gradient": not merely nonzero, but within REL_GRAD of the model's; a bias ahead of
         # a normalization layer gets ~1e-8 of rounding noise, and its v rightly sits at eps
         has_grad = math.isfinite(g) and g > 0 and not (math.isfinite(whole) and g < self.REL_GRAD * whole)
@@ -246,7 +255,7 @@ class EpsHeadroomCollapse(_Sampled):
         tr.below = tr.below + 1 if h >= self.RESOLVE else 0
         b = median(tr.base) if tr.base else math.nan
         if tr.above >= self.SUSTAIN:
-            what = "the model's" if name == "eps_headroom" else f"tensor {name[len(self.prefixes[0]):]}'s"
+            what = "the model's" if name == "eps_headroom" else f"tensor {name[len(self.needs_prefixes[0]):]}'s"
             return self._set(True, rank, name, step, h,
                              f"{what} second moment is at epsilon's scale ({h:.2f} decades of headroom, gradient "
                              f"norm {g:.3g}): Adam's update is eps-dominated at step {step} on rank {rank}",

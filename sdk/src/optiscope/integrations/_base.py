@@ -3,7 +3,8 @@ any error of ours out of training."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optiscope
 
@@ -46,6 +47,6 @@ class RunOwner:
         return {} if self.every is None else {"every": self.every}
 
     def _end_run(self, status: str = "finished") -> None:
-        if self._owned and not self._done:
+        if self._owned and not self._done and self.run is not None:
             self._done = True
             self.run.finish(status=status)

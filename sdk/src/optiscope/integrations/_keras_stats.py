@@ -4,6 +4,7 @@ when work may run without stalling Keras; this is about what is computed.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -12,12 +13,12 @@ import torch
 from optiscope.probe.stats import sq_norms
 
 
-def _sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor squared L2 norms, float32 per tensor and float64 across, as the torch probe."""
-    return sq_norms(tensors, tensors[0].device if tensors else torch.device("cpu"))
+    return sq_norms(list(tensors), tensors[0].device if tensors else torch.device("cpu"))
 
 
-def _hyper(x):
+def _hyper(x: Any) -> Any:
     """A Keras optimizer hyperparameter: a number, a 0-d tensor, or a callable returning one."""
     if callable(x) and not isinstance(x, torch.Tensor):
         x = x()
@@ -26,13 +27,26 @@ def _hyper(x):
     return x
 
 
+#: Keras Adam's state of one variable: (momentum, velocity, velocity_hat or None), Keras variables.
+Slots = tuple[Any, Any, Any]
+
 
 class KerasStatistics:
-    """Mixed into the callback: needs ``self.model``, ``self._inner`` (the Keras optimizer),
-    ``self._adam_off`` and ``self._warn``."""
+    """Mixed into the callback, which provides what is declared here: ``model``, ``_inner`` (the
+    Keras optimizer that owns the state), ``_adam_off`` and ``_warn``."""
+
+    model: Any
+    _adam_off: bool
+
+    @property
+    def _inner(self) -> Any:
+        raise NotImplementedError
+
+    def _warn(self, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
+        raise NotImplementedError
 
     # -- statistics ---------------------------------------------------------------------------
-    def _adam_slots(self, variables: list) -> list:
+    def _adam_slots(self, variables: list[Any]) -> list[Slots | None]:
         """Keras Adam's per-variable state: (momentum, velocity, velocity_hat or None) for each
         variable that has Adam state, None for a variable without (overwrite_with_gradient).
 
@@ -45,7 +59,7 @@ class KerasStatistics:
         slots = _slots_from_lists(opt, variables)
         return slots if slots is not None else _slots_by_name(opt, variables)
 
-    def _snapshot(self, step: int) -> dict | None:
+    def _snapshot(self, step: int) -> dict[str, Any] | None:
         variables = list(self.model.trainable_weights)
         if not variables:
             return None
@@ -61,18 +75,17 @@ class KerasStatistics:
         opt = self._inner
         if isinstance(opt, keras.optimizers.Adam) and not self._adam_off and getattr(opt, "built", False):
             try:
-                slots = self._adam_slots(variables)
-                keep = [i for i, s in enumerate(slots) if s is not None]
-                if keep:
-                    snap["adam"] = {"slots": [slots[i] for i in keep], "index": keep,
-                                    "m_prev": list(torch._foreach_mul([slots[i][0].value.detach() for i in keep], 1.0))}
+                kept = [(i, s) for i, s in enumerate(self._adam_slots(variables)) if s is not None]
+                if kept:
+                    snap["adam"] = {"slots": [s for _, s in kept], "index": [i for i, _ in kept],
+                                    "m_prev": list(torch._foreach_mul([s[0].value.detach() for _, s in kept], 1.0))}
             except Exception:
                 self._adam_off = True
                 self._warn("adam_state", "cannot find Keras Adam's moments; only the generic statistics are "
                                          "recorded", exc_info=True)
         return snap
 
-    def _statistics(self, snap: dict | None) -> dict[str, torch.Tensor]:
+    def _statistics(self, snap: dict[str, Any] | None) -> dict[str, torch.Tensor]:
         if snap is None:
             return {}
         variables = snap["variables"]
@@ -100,7 +113,7 @@ class KerasStatistics:
                                          "still recorded", exc_info=True)
         return out
 
-    def _adam_statistics(self, adam: dict, step: int, seen: list[bool] | None) -> dict[str, torch.Tensor]:
+    def _adam_statistics(self, adam: dict[str, Any], step: int, seen: list[bool] | None) -> dict[str, torch.Tensor]:
         """Adam's series from its state after the step and the first moments before it.
 
         grad_norm: Keras callbacks are not handed the gradients, but Adam's first moment is an exact
@@ -157,26 +170,27 @@ class KerasStatistics:
             out["grad_norm"] = grad_norm
         return out
 
-def _slots_from_lists(opt, variables: list) -> list | None:
+
+def _slots_from_lists(opt: Any, variables: list[Any]) -> list[Slots | None] | None:
     """Adam's state through Keras 3's lists; None when this optimizer does not have them."""
     amsgrad = bool(getattr(opt, "amsgrad", False))
     moms, vels = getattr(opt, "_momentums", None), getattr(opt, "_velocities", None)
     hats = getattr(opt, "_velocity_hats", None) if amsgrad else None
     if moms is None or vels is None or not hasattr(opt, "_get_variable_index") or (amsgrad and hats is None):
         return None
-    out = []
+    out: list[Slots | None] = []
     for v in variables:
         i = opt._get_variable_index(v)
         m, s = moms[i], vels[i]
-        out.append(None if m is None or s is None else (m, s, hats[i] if amsgrad else None))
+        out.append(None if m is None or s is None else (m, s, hats[i] if hats is not None else None))
     return out
 
 
-def _slots_by_name(opt, variables: list) -> list:
+def _slots_by_name(opt: Any, variables: list[Any]) -> list[Slots | None]:
     """Adam's state by the names Keras gives optimizer variables (the path without the scope)."""
     amsgrad = bool(getattr(opt, "amsgrad", False))
     by_name = {ov.name: ov for ov in opt.variables}
-    out = []
+    out: list[Slots | None] = []
     for v in variables:
         key = v.path.replace("/", "_")
         m, s = by_name.get(f"{key}_momentum"), by_name.get(f"{key}_velocity")

@@ -355,7 +355,7 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
                     self._stats_off = True
                     self._warn("stats", "optimizer statistics disabled after an error; loss and lr are still "
                                         "recorded", exc_info=True)
-            if values:
+            if values and self.run is not None:  # a batch is pending only while a run records
                 self.run.log(values, step=p.step)
         except Exception:
             self._acc_loss = []

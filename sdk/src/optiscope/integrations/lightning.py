@@ -27,7 +27,7 @@ class OptiscopeCallback(RunOwner, Callback):
 
     def __init__(self, run: optiscope.Run | None = None, every: int | None = None, **init_kwargs: Any):
         super().__init__(run, every, **init_kwargs)
-        self._loss_sum = None
+        self._loss_sum: torch.Tensor | None = None
         self._last_global_step = 0
 
     # -- hooks -------------------------------------------------------------------------------
@@ -47,17 +47,17 @@ class OptiscopeCallback(RunOwner, Callback):
 
     # -- work --------------------------------------------------------------------------------
     def _start(self, trainer, pl_module) -> None:
-        self._start_run(lambda: dict(pl_module.hparams) if getattr(pl_module, "hparams", None) else None)
+        run = self._start_run(lambda: dict(pl_module.hparams) if getattr(pl_module, "hparams", None) else None)
         self._last_global_step, self._loss_sum = trainer.global_step, None
         # The raw torch optimizers, not LightningOptimizer wrappers. Lightning steps them with a
         # closure (forward and backward inside step()); the probe runs it before measuring.
         for opt in trainer.optimizers:
-            self.run.watch(opt, pl_module, **self._watch_kwargs())
+            run.watch(opt, pl_module, **self._watch_kwargs())
 
     def _log_loss(self, trainer, outputs) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor):
-            return  # manual optimization may return nothing
+        if not isinstance(loss, torch.Tensor) or self.run is None:
+            return  # manual optimization may return nothing (and the hook checks the run)
         # Lightning divides the loss of each micro-batch by accumulate_grad_batches, so their sum
         # over one optimizer step is the step's mean loss; log it once, when the step happened.
         # No .item(): run.log reads tensors on its exporter thread.

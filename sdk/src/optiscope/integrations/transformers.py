@@ -34,7 +34,7 @@ class OptiscopeCallback(RunOwner, TrainerCallback):
         self._safely(self._end_run, "finished")
 
     def _start(self, args, model, optimizer) -> None:
-        self._start_run(lambda: {k: v for k, v in args.to_dict().items() if _jsonable(v)})
+        run = self._start_run(lambda: {k: v for k, v in args.to_dict().items() if _jsonable(v)})
         # accelerate's AcceleratedOptimizer is itself a torch.optim.Optimizer subclass whose step
         # forwards to .optimizer without running its own hooks: attach to the innermost one.
         for _ in range(8):
@@ -42,9 +42,11 @@ class OptiscopeCallback(RunOwner, TrainerCallback):
             if not isinstance(inner, torch.optim.Optimizer):
                 break
             optimizer = inner
-        self.run.watch(optimizer, model, **self._watch_kwargs())
+        run.watch(optimizer, model, **self._watch_kwargs())
 
     def _log(self, state, logs: dict) -> None:
+        if self.run is None:  # on_log checks it: the type checker cannot see that
+            return
         # The Trainer logs after global_step += 1, so the step just taken is global_step - 1: the
         # probe's index for it. "loss" is the mean over the last logging_steps steps.
         values = {"loss": logs["loss"]}

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
+from .contributor import Contribution, ContributorBase, HostValue
 from .native import Native
 
 log = logging.getLogger("optiscope")
@@ -36,7 +37,7 @@ def default_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
     return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
 
 
-class ActivationProbe:
+class ActivationProbe(ContributorBase):
     def __init__(self, model: torch.nn.Module, is_sampling: Callable[[], bool],
                  modules: Iterable[str] | None = None, native: Native | None = None, vitals: bool = True):
         named = dict(model.named_modules())
@@ -99,7 +100,7 @@ class ActivationProbe:
                 # as with t.abs() (about 3x faster on CPU), and both propagate NaN
                 self._seen.append((name, t.dtype, torch.aminmax(t.detach())))
 
-    def host_values(self) -> dict:
+    def host_values(self) -> dict[str, HostValue]:
         """Every step that is not sampled: the tightest headroom among narrow-range outputs, as a
         0-d device tensor (read on the exporter thread). The ceilings enter as Python numbers,
         never as a tensor built from a list: that would be a host-to-device copy, a sync."""
@@ -118,7 +119,7 @@ class ActivationProbe:
             bits.append(math.log2(torch.finfo(dtype).max) - torch.log2(absmax))
         return {"act_headroom_bits": bits[0] if len(bits) == 1 else torch.stack(bits).min()}
 
-    def collect(self) -> list[tuple[str | list[str], torch.Tensor]]:
+    def collect(self) -> list[Contribution]:
         """The sampled step's values (then forgets them): per module (a list of names with a
         vector) and the tightest overall, assembled with a handful of operators whatever the
         number of modules."""
@@ -129,10 +130,11 @@ class ActivationProbe:
         # float64: a float64 output's largest value may not fit a float32
         absmax = torch.tensor([math.nan if isinstance(mm, tuple) else mm for _, _, mm in seen],
                               dtype=torch.float64, device=device)
-        pairs = [i for i, (_, _, mm) in enumerate(seen) if isinstance(mm, tuple)]
+        minmax = [(i, mm) for i, (_, _, mm) in enumerate(seen) if isinstance(mm, tuple)]
+        pairs = [i for i, _ in minmax]
         if pairs:
-            lo = torch.stack([seen[i][2][0].to(device, torch.float64) for i in pairs])
-            hi = torch.stack([seen[i][2][1].to(device, torch.float64) for i in pairs])
+            lo = torch.stack([mm[0].to(device, torch.float64) for _, mm in minmax])
+            hi = torch.stack([mm[1].to(device, torch.float64) for _, mm in minmax])
             absmax[pairs] = torch.maximum(hi, -lo)  # maximum propagates NaN
         names: list[str] = []
         first: dict[str, int] = {}

@@ -11,8 +11,12 @@ Backward leaves scaled gradients; ``scaler.unscale_`` (called by the user before
 """
 from __future__ import annotations
 
+from .contributor import ContributorBase, HostValue
 
-class ScalerProbe:
+
+class ScalerProbe(ContributorBase):
+    """A ``Contributor`` of every step's loss scale and skipped-step count (no sampled series)."""
+
     def __init__(self, scaler, optimizer_probe):
         self.scaler = scaler
         self.probe = optimizer_probe
@@ -39,9 +43,9 @@ class ScalerProbe:
             if self.scaler.__dict__.get(name) is not None:
                 delattr(self.scaler, name)
 
-    def host_values(self) -> dict:
+    def host_values(self) -> dict[str, HostValue]:
         """Called from the optimizer's post-step hook, before this iteration's scaler.update()."""
-        out = {"skipped_steps": float(self.updates + 1 - self.probe.steps)}
+        out: dict[str, HostValue] = {"skipped_steps": float(self.updates + 1 - self.probe.steps)}
         scale = getattr(self.scaler, "_scale", None)
         if scale is not None and getattr(self.scaler, "is_enabled", lambda: True)():
             out["loss_scale"] = scale.detach().clone()  # device copy, no sync

@@ -15,6 +15,7 @@ float64 sum; over 3M, 1e-5); packed partials are summed in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,13 @@ class Block:
     def packed(self) -> bool:
         return self.lengths is not None
 
-    def read(self, flats: list[torch.Tensor], scratch: "Scratch", name: str) -> torch.Tensor:
+    def _pack_lengths(self) -> list[int]:
+        """The members' lengths of a pack (a chunk has none: asking is a bug)."""
+        if self.lengths is None:
+            raise TypeError("optiscope: a chunk of one tensor has no member lengths")
+        return self.lengths
+
+    def read(self, flats: list[torch.Tensor], scratch: Scratch, name: str) -> torch.Tensor:
         """This block's coordinates of ``flats`` (one flat tensor per planned tensor): a view of
         a chunk (in the tensor's dtype), or the packed members copied into work buffer ``name``."""
         if self.lengths is None:
@@ -99,9 +106,9 @@ class Block:
         key = ("rows", device)
         got = self._lens.get(key)
         if got is None:
-            w = self.width()
+            w, lengths = self.width(), self._pack_lengths()
             got = self._lens[key] = torch.repeat_interleave(
-                torch.arange(len(self.lengths), device=device), torch.tensor([n // w for n in self.lengths], device=device))
+                torch.arange(len(lengths), device=device), torch.tensor([n // w for n in lengths], device=device))
         return got
 
     def per_row(self, per_member: list) -> torch.Tensor:
@@ -208,7 +215,7 @@ class Scratch:
         self._bufs: dict[tuple, torch.Tensor] = {}
         self._plans: dict[tuple, list[Block]] = {}
 
-    def get(self, name: str, n: int, device: torch.device, dtype: torch.dtype = F32) -> torch.Tensor:
+    def get(self, name: Hashable, n: int, device: torch.device, dtype: torch.dtype = F32) -> torch.Tensor:
         key = (name, device, dtype)
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:

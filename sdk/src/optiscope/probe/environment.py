@@ -23,7 +23,10 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+from ..__about__ import __version__
 
 log = logging.getLogger("optiscope")
 
@@ -60,7 +63,7 @@ def devices_pending(env: dict | None) -> bool:
     """True when ``env`` was taken before CUDA came up and CUDA is up now: the device names (and
     the device count) are worth a new fingerprint."""
     try:
-        return bool(env) and env.get("devices") is None and cuda_initialized()
+        return env is not None and bool(env) and env.get("devices") is None and cuda_initialized()
     except Exception:
         return False
 
@@ -80,7 +83,6 @@ def _guard(key: str, part: Callable[[], Any]) -> Any:
 
 
 def _packages() -> dict[str, str | None]:
-    from .. import __version__
     out: dict[str, str | None] = {"optiscope": __version__}
     try:
         import numpy  # a dependency of the SDK core: cheap to import, and torch has imported it anyway

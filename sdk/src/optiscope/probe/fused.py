@@ -23,6 +23,8 @@ import atexit
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -41,7 +43,7 @@ _threads: list[threading.Thread] = []
 #: This compile's options only (never the process-wide config the user's own compiles read):
 #: fuse the independent reductions over the same coordinates into one loop, so each input is
 #: read once.
-_OPTIONS = {"aggressive_fusion": True}
+_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"aggressive_fusion": True}
 
 
 @atexit.register
@@ -161,7 +163,7 @@ def post_adam_v_rows(snap, theta, g, m, v, eps_d, thr):
     return _row_sums(_adam_terms(*(_up(x) for x in (snap, theta, g, m, v, v)), eps_d[:, None], thr[:, None]))
 
 
-KERNELS = {"pre_v": pre_v, "post_plain": post_plain, "post_adam": post_adam, "post_adam_v": post_adam_v,
+KERNELS: dict[str, Callable[..., Any]] = {"pre_v": pre_v, "post_plain": post_plain, "post_adam": post_adam, "post_adam_v": post_adam_v,
            "pre_v_rows": pre_v_rows, "post_plain_rows": post_plain_rows, "post_adam_rows": post_adam_rows,
            "post_adam_v_rows": post_adam_v_rows}
 # trailing scalar arguments: 0-d float64, or one float32 per row for the *_rows kernels

@@ -50,7 +50,7 @@ _SOURCE = r"""
 #endif
 
 #define ROW 1024
-#define ITEM %(item)d
+#define ITEM @ITEM@
 
 typedef struct { int64_t t, lo, hi; } Item;
 
@@ -192,7 +192,7 @@ float optiscope_absmax(const float *x, int64_t n, int threads) {
     }
     return nan ? NAN : mx;
 }
-""" % {"item": ITEM}
+""".replace("@ITEM@", str(ITEM))
 
 # Tried in order: the first set that builds wins. -fno-math-errno lets sqrtf vectorise; no
 # -ffast-math, which would break NaN and Inf.

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import Block, Scratch, Sums, sq_sum
 from . import fused
+from .blocks import Block, Scratch, Sums, sq_sum
 from .fused import Kernels
 from .native import Native
 from .native import addresses as native_addresses
@@ -46,6 +46,33 @@ def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0, dtype=F64, device=device)
     return torch.stack([sq_sum(t).to(device) for t in tensors])
+
+
+def grad_sq_total(params: dict[int, torch.Tensor], reduced: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """||g||^2 over the gradients of ``params`` (by id) as they are now, as one float64 device
+    tensor (None when none has a gradient). ``reduced``: squared norms already taken (CPU float32
+    gradients reduced in their hook), used for the parameters among ``params``; the rest take one
+    ``_foreach_norm`` per device and dtype, a handful of kernels whatever the number of tensors.
+    No sync."""
+    groups: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
+    parts = []
+    done = [sq for k, sq in reduced.items() if k in params]
+    if done:
+        parts.append(torch.stack(done).to(F64).sum())
+    for k, p in params.items():
+        g = p.grad
+        if g is not None and k not in reduced:
+            groups.setdefault((g.device, g.dtype, g.is_sparse), []).append(g)
+    for (_, dtype, sparse), grads in groups.items():
+        if sparse or not dtype.is_floating_point:
+            parts.extend(sq_sum(g).to(F64) for g in grads)
+        else:  # float32 accumulation for half-precision gradients, whose norm may not fit
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32 if dtype.itemsize < 4 else None)
+            parts.append(torch.stack(norms).to(F64).square().sum())
+    if not parts:
+        return None
+    device = parts[0].device
+    return torch.stack([x.to(device) for x in parts]).sum()
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
@@ -74,7 +101,7 @@ def medians(samples: list[torch.Tensor], device) -> torch.Tensor:
     by_len: dict[tuple, list[int]] = {}
     for i, x in enumerate(samples):
         by_len.setdefault((x.numel(), x.device, x.dtype), []).append(i)
-    for (n, dev, _), idx in by_len.items():
+    for (n, _, _), idx in by_len.items():
         if n == 0:
             out[idx] = math.nan
             continue
@@ -117,12 +144,12 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
             floors.append(1.0)
             bc2s.append(0.0)
     lengths = [p.numel() for p in params]
-    grads = [p.grad for p in params]
+    grads = _grads(params)
     if native is not None and _native_fits(native, params, grads, v_prev, floors):
         if native.ready():
-            snap = native_addresses(scratch.snapshot(("native",), sum(lengths), device, params[0].dtype), lengths)
-            vu = native.pre(params, snap, grads, v_prev, floors, lengths)
-            return _before(Before([], [], {}, None, None, had_v, snap), vu, bc2s, lengths, device)
+            snaps = native_addresses(scratch.snapshot(("native",), sum(lengths), device, params[0].dtype), lengths)
+            vu = native.pre(params, snaps, grads, v_prev, floors, lengths)
+            return _before(Before([], [], {}, None, None, had_v, snaps), vu, bc2s, lengths, device)
         if native.building():
             kernels = None  # eager blocks until it is built, rather than a second compiler meanwhile
     sums = Sums(len(params), device)
@@ -158,6 +185,16 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
                 eager(b, snap)
     return _before(Before(blocks, snapshots, whole, None, None, had_v, None, kernels), sums.total("vu"), bc2s,
                    lengths, device)
+
+
+def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of the walked parameters: those that have one (the probe walks no other)."""
+    out = []
+    for p in params:
+        if p.grad is None:
+            raise ValueError("optiscope: a walked parameter has no gradient")
+        out.append(p.grad)
+    return out
 
 
 def _native_fits(native: Native, params, grads, v_prev, floors) -> bool:
@@ -228,25 +265,24 @@ def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dic
                device: torch.device, scratch: Scratch, adam: bool) -> After:
     lengths = [p.numel() for p in params]
     stride = max(1, math.ceil(sum(lengths) / HEADROOM_SAMPLE_TOTAL))  # one uniform stride over all tensors
-    native = pre.native is not None
-    a = _adam_inputs(params, optimizer, group_of, stride, samples=not native) if adam else None
-    if native:
+    a = _adam_inputs(params, optimizer, group_of, stride, samples=pre.native is None) if adam else None
+    if pre.native is not None:
         if a is not None and not all(Native.usable(a[k]) for k in ("m", "den", "v")):
             # state the native walk cannot read (never seen with torch.optim, whose state is laid
             # out like the parameter): the generic series only, rather than a wrong read
-            a, adam = None, False
+            a = None
         nones, ones = [None] * len(params), [1.0] * len(params)
+        ms, dens, vs = (nones, nones, nones) if a is None else (a["m"], a["den"], a["v"])
         r, per, q, q_lengths = Native.post(
-            pre.native, params, [p.grad for p in params], *((nones,) * 3 if a is None else (a["m"], a["den"], a["v"])),
-            ones if a is None else a["eps_d"], ones if a is None else a["thr"], lengths,
-            HEADROOM_SAMPLE_PER_TENSOR, stride)
+            pre.native, params, _grads(params), ms, dens, vs, ones if a is None else a["eps_d"],
+            ones if a is None else a["thr"], lengths, HEADROOM_SAMPLE_PER_TENSOR, stride)
         totals = dict(zip(fused.PLAIN + fused.ADAM, r))
     else:
         totals = _after_blocks(params, pre, a, device, scratch)
         if a is not None:
             per, q, q_lengths = a["per"], torch.cat(a["q"]), [x.numel() for x in a["q"]]
     out = After(totals["upd"], totals["dot"], totals["after"], totals["before"], totals["post"], None)
-    if adam:
+    if a is not None:  # Adam, and its state readable by the walk that ran
         bc1, bc2, eps_d = (_vector(a[k], device) for k in ("bc1", "bc2", "eps_d"))
         q = q.to(device, F64) * torch.repeat_interleave(
             eps_d.square().reciprocal(), torch.tensor(q_lengths, device=device))
