@@ -15,6 +15,8 @@ import torch
 from optiscope.probe import environment
 from optiscope.probe.environment import devices_pending, fingerprint
 
+from fake_collector import FakeCollector
+
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
 
 
@@ -193,11 +195,16 @@ def test_devices_pending_only_when_cuda_came_up_after(monkeypatch):
 
 def test_init_imports_no_torch(tmp_path):
     """The fingerprint runs inside init(): a script that never imports torch must not get it."""
-    code = ("import sys, optiscope\n"
-            "run = optiscope.init(url='http://127.0.0.1:9', spool=False)\n"
-            "env = run._exporter.run_doc['environment']\n"
-            "assert env['torch'] is None and env['devices'] is None, env\n"
-            "assert 'torch' not in sys.modules\n"
-            "run.finish(timeout=0.1)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    fake = FakeCollector()
+    try:
+        code = ("import sys, optiscope\n"
+                f"run = optiscope.init(url={fake.url!r}, spool=False)\n"
+                "assert run.finish(timeout=30)\n"
+                "assert 'torch' not in sys.modules\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        (put,) = fake.puts()  # what the run registered, as the collector received it
+        env = put.body["environment"]
+        assert env["torch"] is None and env["devices"] is None, env
+    finally:
+        fake.close()

@@ -5,8 +5,24 @@ from __future__ import annotations
 import time
 
 import optiscope
+
 from conftest import wait_until
 from fake_collector import FakeCollector
+
+
+class CountedTransport:
+    """A transport (``optiscope.transport.Transport``) that passes each request on and notes when."""
+
+    def __init__(self, inner):
+        self.inner, self.attempts = inner, []
+        self.base_url = inner.base_url
+
+    def request(self, method, path, body=None):
+        self.attempts.append((time.monotonic(), path))
+        return self.inner.request(method, path, body)
+
+    def close(self):
+        self.inner.close()
 
 
 def test_a_quiet_run_sends_heartbeats():
@@ -59,20 +75,14 @@ def test_heartbeats_to_a_vanished_collector_cost_nothing(spool_dir):
     wait_until(lambda: fake.heartbeats(), 10, what="a first heartbeat")
     fake.close()  # the collector goes away while the run is quiet
     exporter = run._exporter
-    attempts = []
-    request = exporter.client.request
-
-    def counted(method, path, body=None):  # the real client, counted
-        attempts.append((time.monotonic(), path))
-        return request(method, path, body)
-
-    exporter.client.request = counted
+    counted = CountedTransport(exporter.session.transport)  # the real client, its requests counted
+    exporter.session.transport = counted
     time.sleep(1.0)
-    beats = [t for t, p in attempts if p.endswith("/heartbeat")]
+    beats = [t for t, p in counted.attempts if p.endswith("/heartbeat")]
     assert 4 <= len(beats) <= 14  # one attempt an interval, not a retry loop
     c = run.counters
     assert c["dropped"] == 0 and c["retries"] == 0 and c["spooled_batches"] == 0 and c["rejected_batches"] == 0
-    assert not exporter._pending and not list((spool_dir / f"{run.id}-0").glob("*.seg"))
+    assert exporter.pending_batches == 0 and not list((spool_dir / f"{run.id}-0").glob("*.seg"))
     # A batch after the failed heartbeats goes on its own schedule (to the spool, then retried).
     run.log({"loss": 1.0}, step=0)
     wait_until(lambda: run.counters["spooled_batches"] == 1, what="the batch in the spool")

@@ -15,9 +15,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import optiscope
-from conftest import ROOT, free_port, get_json, need_tool, wait_until
 from optiscope import wire
-from optiscope.transport.exporter import SERIES_COUNTERS
+
+from conftest import ROOT, free_port, get_json, need_tool, wait_until
 
 
 def panels(items):
@@ -68,7 +68,7 @@ def test_dashboard_queries_and_alert_rules(sqlite_collector, prometheus, receive
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.Adam(model.parameters())
     run.watch(opt, model, every=1)
-    for step in range(20):
+    for _ in range(20):
         loss = model(torch.randn(4, 3)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -111,7 +111,7 @@ def test_dashboard_queries_and_alert_rules(sqlite_collector, prometheus, receive
 
 def send_sdk_batch(url: str, run_id: str, rank: int, seq: int, step: int, **counters) -> None:
     """A batch as the SDK makes it: the records, then its exporter's counters at the last step."""
-    sdk = {f"sdk/{k}": float(counters.get(k, 0)) for k in SERIES_COUNTERS}
+    sdk = {f"sdk/{k}": float(counters.get(k, 0)) for k in wire.SDK_COUNTERS}
     body = wire.encode_batch(wire.Batch(run_id, rank, seq, [(step, 1.0, {"loss": 0.5}), (step, 1.0, sdk)]))
     r = httpx.post(f"{url}/api/v1/runs/{run_id}/batches", content=body)
     assert r.status_code == 200, r.text

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import optiscope
-from conftest import free_port, wait_until
-from fake_collector import FakeCollector
 from optiscope import wire
 from optiscope.probe import environment
 from optiscope.transport import rundoc
 from optiscope.transport.http import HttpClient
 from optiscope.transport.spool import pending_spools, replay
+
+from conftest import free_port, wait_until
+from fake_collector import FakeCollector
 
 #: The fields the collector's registration model allows (it forbids any other).
 ALLOWED = {"project", "name", "config", "rank", "host", "pid", "tags", "environment"}
@@ -190,9 +191,12 @@ def test_a_replayed_spool_registers_tags_and_environment(spool_dir, refuse):
 def test_framework_callbacks_pass_tags_and_environment_through(fake):
     from optiscope.integrations._base import RunOwner
     owner = RunOwner(project="cb", url=fake.url, tags=["from-callback"], environment={"k": "v"},
-                     heartbeat_interval=5)
+                     heartbeat_interval=0.2)
     run = owner._start_run(lambda: {"lr": 0.1})
     doc = registered(fake, run)
     assert doc["tags"] == ["from-callback"] and doc["environment"]["k"] == "v" and doc["config"] == {"lr": 0.1}
-    assert run._exporter.heartbeat_interval == 5
+    # the exporter option reached the run: a quiet run beats every 0.2 s (the default is 30 s)
+    wait_until(lambda: len(fake.heartbeats()) >= 2, 10, what="heartbeats at the interval the callback passed")
+    beats = fake.heartbeats()
+    assert 0.15 <= beats[1].t - beats[0].t < 2
     owner._end_run()

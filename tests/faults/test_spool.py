@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import BIN, Collector, free_port, wait_until
 from optiscope import wire
 from optiscope.transport import spool as sp
+
+from conftest import BIN, Collector, free_port, wait_until
 
 TRAINER = """
 import os, sys, time, optiscope

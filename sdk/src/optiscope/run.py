@@ -13,12 +13,17 @@ import secrets
 import socket
 import sys
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from . import wire
 from .transport import rundoc
-from .transport.exporter import Exporter
+from .transport.batches import BatchWriter
+from .transport.collector import CollectorExporter
+from .transport.exporters import SpoolExporter
 from .transport.http import HttpClient
+from .transport.processor import BatchProcessor
+from .transport.record import Record
 
 log = logging.getLogger("optiscope")
 
@@ -27,6 +32,9 @@ DEFAULT_PROJECT = "default"
 FINISH_TIMEOUT = 10.0
 #: Default sampling period of the full optimizer statistics (see bench/overhead.py and the README).
 DEFAULT_EVERY = 100
+#: ``init()`` options that bound the processor (queue, batches) and the collector exporter.
+PROCESSOR_OPTIONS = ("max_queue", "max_batch_records", "flush_interval")
+COLLECTOR_OPTIONS = ("max_pending_batches", "backoff_max", "heartbeat_interval")
 
 
 def new_run_id() -> str:
@@ -65,28 +73,41 @@ class Run:
         if self._env_on:
             doc["environment"] = self._environment()
         self._doc = doc
-        spool_opt = exporter_options.pop("spool", True)
-        spool_root = exporter_options.pop("spool_dir", None)
-        spool_max = exporter_options.pop("spool_max_bytes", None)
-        spool = root = None
-        if spool_opt:
-            from .transport.spool import DEFAULT_MAX_BYTES, Spool, default_root
-            root = spool_root or default_root()
-            try:
-                spool = Spool(root, self.id, rank, doc, max_bytes=spool_max or DEFAULT_MAX_BYTES)
-            except OSError:
-                self._warn_once("spool", "cannot create the spool under %s; batches are kept in memory only",
-                                root, exc_info=True)
         #: with ``detect``: every alert transition the in-process detectors saw (firing, resolved)
         self.alerts: list = []
         self._detectors = None
         if detect:
             from .detect import default_detectors  # numpy: only when asked
             self._detectors = default_detectors(self.config)
-        self._exporter = Exporter(None if offline else HttpClient(self.url, token), self.id, doc, rank=rank,
-                                  spool=spool, replay_root=None if offline else root,
-                                  observe=self._detect if detect else None, **exporter_options)
+        self._start_transport(token, offline, detect, exporter_options)
         atexit.register(self._atexit)
+
+    def _start_transport(self, token: str | None, offline: bool, detect: bool, options: dict) -> None:
+        """The spool, the exporter (the collector's, or the spool's alone when offline) and the
+        processor that feeds it; ``options`` are init()'s bounds."""
+        options = dict(options)
+        spool_opt = options.pop("spool", True)
+        spool_root = options.pop("spool_dir", None)
+        spool_max = options.pop("spool_max_bytes", None)
+        unknown = sorted(set(options) - set(PROCESSOR_OPTIONS) - set(COLLECTOR_OPTIONS))
+        if unknown:
+            raise TypeError(f"init() got an unexpected keyword argument {unknown[0]!r}")
+        spool = root = None
+        if spool_opt:
+            from .transport.spool import DEFAULT_MAX_BYTES, Spool, default_root
+            root = spool_root or default_root()
+            try:
+                spool = Spool(root, self.id, self.rank, self._doc, max_bytes=spool_max or DEFAULT_MAX_BYTES)
+            except OSError:
+                self._warn_once("spool", "cannot create the spool under %s; batches are kept in memory only",
+                                root, exc_info=True)
+        writer = BatchWriter(self.id, self.rank, self._doc, spool=spool)
+        collector = {k: options[k] for k in COLLECTOR_OPTIONS if k in options}
+        # offline: the collector's bounds have nothing to bound; they are accepted all the same
+        self._exporter = SpoolExporter(writer) if offline else CollectorExporter(
+            HttpClient(self.url, token), writer, replay_root=root, **collector)
+        self._processor = BatchProcessor(self._exporter, writer.counters, observe=self._detect if detect else None,
+                                         **{k: options[k] for k in PROCESSOR_OPTIONS if k in options})
 
     @property
     def api_url(self) -> str:
@@ -97,7 +118,7 @@ class Run:
     def counters(self) -> dict[str, int]:
         """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values,
         spooled_batches, spool_full, replayed_batches, split_batches, heartbeats."""
-        return dict(self._exporter.counters)
+        return dict(self._processor.counters)
 
     def _warn_once(self, key: str, msg: str, *args, exc_info: bool = False) -> None:
         if key not in self._warned:
@@ -129,10 +150,11 @@ class Run:
         if self._env_on and devices_pending(self._doc.get("environment")):
             self._doc = {**self._doc, "environment": self._environment(self._doc.get("environment"))}
             self._exporter.update_run_doc(self._doc)
+            self._processor.wake()
 
     # -- public ------------------------------------------------------------------------------
     def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True, scaler=None,
-              start_step: int | None = None, vitals: bool = True) -> "Run":
+              start_step: int | None = None, vitals: bool = True) -> Run:
         """Attach to a ``torch.optim.Optimizer`` through its step hooks; full statistics on one
         optimizer step in ``every``.
 
@@ -206,7 +228,7 @@ class Run:
                 else:
                     self._warn_once(f"type:{k}", "%r has type %s, not a number; not recorded", k, type(v).__name__)
             if clean:
-                self._exporter.submit((int(step), time.time(), clean, None))
+                self._processor.submit(Record(int(step), time.time(), clean))
         except Exception:
             self._warn_once("log", "log() failed; the value is not recorded", exc_info=True)
 
@@ -221,12 +243,12 @@ class Run:
                 p.close()
             for close in self._closers:
                 close()
-            return self._exporter.close(timeout, status)
+            return self._processor.close(timeout, status)
         except Exception:
             self._warn_once("finish", "finish() failed", exc_info=True)
             return False
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -238,15 +260,15 @@ class Run:
         a new baseline after a grace period) or ``"schedule"`` (an intended LR change: the LR now in
         use becomes the declared reference). Travels as the series ``declare/<change>_change``, so
         the collector's detectors see it, and it stays in the run's history."""
-        if change not in ("data", "schedule"):
+        if change not in wire.DECLARE_KINDS:
             raise ValueError(f"optiscope: declare() takes 'data' or 'schedule', not {change!r}")
-        self.log({f"declare/{change}_change": 1.0}, step=step)
+        self.log({wire.declare_series(change): 1.0}, step=step)
 
     # -- internal ----------------------------------------------------------------------------
     def _detect(self, records) -> None:
         """On the exporter thread: the same detectors as the collector's, over the same records."""
         for step, _, values in records:
-            for d in self._detectors:
+            for d in self._detectors or ():
                 for ev in d.update(step, values, self.rank):
                     self.alerts.append(ev)
                     if ev.state == "firing" and ev.severity == "page":
@@ -254,7 +276,7 @@ class Run:
 
     def _emit(self, step: int, values: dict, vector) -> None:
         if self._active():
-            self._exporter.submit((step, time.time(), values, vector))
+            self._processor.submit(Record(step, time.time(), values, vector))
 
     def _atexit(self) -> None:
         if self._active():
@@ -282,7 +304,7 @@ def init(project: str | None = None, name: str | None = None, url: str | None = 
     transitions collect in ``run.alerts`` and a page is logged. ``offline``: send nothing (batches
     go to the spool, for ``optiscope sync``, unless ``spool=False``).
     ``heartbeat_interval`` (seconds, default 30, None for none) and the other options are the
-    exporter's bounds (``transport.exporter.Exporter``)."""
+    transport's bounds (``transport.processor.BatchProcessor``, ``transport.collector.CollectorExporter``)."""
     project = project or os.environ.get("OPTISCOPE_PROJECT") or DEFAULT_PROJECT
     run_id = run_id or os.environ.get("OPTISCOPE_RUN_ID") or None
     if run_id is not None and not wire.RUN_ID_RE.fullmatch(run_id):

@@ -9,7 +9,8 @@ over its metadata would be the wrong trade, so a refused registration is sent ag
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .. import wire
 
@@ -37,7 +38,8 @@ def clean_tags(tags: Iterable[Any] | str | None) -> tuple[list[str], list[Any]]:
     return kept, dropped
 
 
-def bound_environment(env: dict[str, Any], limit: int = wire.MAX_ENVIRONMENT_BYTES) -> tuple[dict, list[str]]:
+def bound_environment(env: dict[str, Any],
+                      limit: int = wire.MAX_ENVIRONMENT_BYTES) -> tuple[dict[str, Any], list[str]]:
     """``env`` as JSON values, within ``limit`` bytes of ``json.dumps``: the largest top-level
     entries leave first, and ``"truncated"`` lists their keys (or counts them, if the list is long).
     Returns (the document, the keys that left)."""
@@ -55,14 +57,15 @@ def bound_environment(env: dict[str, Any], limit: int = wire.MAX_ENVIRONMENT_BYT
     return env, dropped
 
 
-def core(doc: dict) -> dict | None:
+def core(doc: dict[str, Any]) -> dict[str, Any] | None:
     """``doc`` without its optional metadata; None when it has none (nothing to fall back to)."""
     if not any(k in doc for k in OPTIONAL_KEYS):
         return None
     return {k: v for k, v in doc.items() if k not in OPTIONAL_KEYS}
 
 
-def put_run(call: Callable[[str, str, Any], int | None], run_id: str, doc: dict) -> tuple[int | None, bool]:
+def put_run(call: Callable[[str, str, Any], int | None], run_id: str,
+            doc: dict[str, Any]) -> tuple[int | None, bool]:
     """Register ``doc`` through ``call(method, path, body) -> status | None``; when the collector
     refuses it (``REFUSED``) and it carries optional metadata, register its core instead.
     Returns (the last status, whether the core was sent): the caller says so in its log."""

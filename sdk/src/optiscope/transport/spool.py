@@ -20,11 +20,12 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from . import rundoc
-from .http import RETRYABLE
+from .http import RETRYABLE, Body, Transport, TransportError
 
 MAGIC = b"OSB1"
 HEADER = struct.Struct(">4sII")
@@ -63,7 +64,7 @@ def read_frames(path: Path) -> Iterator[bytes]:
 class Spool:
     """The spool of one (run, rank). Used by the exporter thread only: no locking."""
 
-    def __init__(self, root: Path, run_id: str, rank: int, run_doc: dict, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, root: Path, run_id: str, rank: int, run_doc: dict[str, Any], max_bytes: int = DEFAULT_MAX_BYTES):
         self.dir = Path(root) / f"{run_id}-{rank}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = Lock(self.dir)
@@ -77,7 +78,7 @@ class Spool:
         self._seg_of: dict[int, Path] = {}
         self.bytes = 0
 
-    def set_doc(self, run_doc: dict) -> None:
+    def set_doc(self, run_doc: dict[str, Any]) -> None:
         """Keep the run's registration document, the one a replay registers. Written to a temporary
         file and renamed: a process killed mid-write leaves the old document, never half of one."""
         tmp = self.dir / "run.json.tmp"
@@ -162,7 +163,7 @@ class Lock:
             self._fd = None
 
 
-def replay(directory: Path, client) -> tuple[str, int]:
+def replay(directory: Path, client: Transport) -> tuple[str, int]:
     """Send what one spool directory holds; returns (outcome, batches sent). Outcomes: "done"
     (delivered and removed), "busy" (its writer is alive), "unreachable" (kept for later)."""
     directory = Path(directory)
@@ -199,9 +200,8 @@ def replay(directory: Path, client) -> tuple[str, int]:
         lock.release()
 
 
-
-def _status(client, method: str, path: str, body) -> int | None:
+def _status(client: Transport, method: str, path: str, body: Body) -> int | None:
     try:
         return client.request(method, path, body)[0]
-    except ConnectionError:
+    except TransportError:
         return None
