@@ -1,6 +1,7 @@
 """Shared fixtures: the real collector under uvicorn, real PostgreSQL, a real webhook receiver."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -8,14 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from http_receiver import HttpReceiver, Request
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -67,6 +68,70 @@ def spool_dir(tmp_path, monkeypatch):
     return d
 
 
+# -- markers: what `make test-fast` leaves out (pytest.ini describes each one) ------------------------
+#: Whole modules, by path under tests/. Everything in them is of that kind, whatever fixtures it uses.
+MODULE_MARKERS = {
+    "test_bench_smoke.py": "bench",  # each bench/ script with --smoke, in a subprocess
+    "test_schema_fuzz.py": "fuzz",  # schemathesis and hypothesis against the collector's API
+    "test_e2e.py": "e2e",  # a training run through the real collector to a webhook
+    "test_detection_e2e.py": "e2e",  # diverging training runs through the real collector
+    "test_demo.py": "e2e",  # `make demo`: a training run and the collector, as the README shows
+    "faults/test_collector_restarts.py": "e2e",  # kills and restarts the real collector under a run
+}
+#: Fixtures that start a real service in a subprocess: the collector (`optiscope serve`), Prometheus,
+#: Alertmanager. A test that uses one of them, directly or through another fixture, is e2e.
+SERVICE_FIXTURES = frozenset({"collector", "sqlite_collector", "prometheus", "alertmanager"})
+
+
+def _functions_starting_the_collector(path: Path) -> frozenset[str]:
+    """The names of the functions (tests, fixtures, helpers) in the module at ``path`` that start the
+    real collector themselves: they call ``Collector(...)`` or build an argv with ``"serve"`` in it
+    (``optiscope serve`` run by hand), or call a function of the module that does."""
+    tree = ast.parse(path.read_text(), str(path))
+    calls: dict[str, set[str]] = {}
+    starts: set[str] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        called = calls.setdefault(node.name, set())
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name):
+                called.add(sub.func.id)
+            elif isinstance(sub, ast.List | ast.Tuple) and any(
+                isinstance(e, ast.Constant) and e.value == "serve" for e in sub.elts
+            ):
+                starts.add(node.name)
+        if "Collector" in called:
+            starts.add(node.name)
+    changed = True
+    while changed:  # through the module's own helpers
+        grown = {name for name, called in calls.items() if called & starts}
+        changed = not grown <= starts
+        starts |= grown
+    return frozenset(starts)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test ``e2e``, ``bench`` or ``fuzz`` (see pytest.ini) so that ``-m "not e2e and not
+    bench and not fuzz"`` is the fast loop. A test is e2e when its module is listed as such in
+    MODULE_MARKERS, when it uses a SERVICE_FIXTURES fixture, or when it or a fixture of its module
+    starts the collector itself (see _functions_starting_the_collector). Tests on PostgreSQL
+    (the ``postgresql`` case of ``db_url``, ``pg_url``) stay in the fast loop: a database is cheap."""
+    tests_dir = Path(__file__).resolve().parent
+    starters: dict[Path, frozenset[str]] = {}
+    for item in items:
+        path = Path(item.path)
+        kind = MODULE_MARKERS.get(path.relative_to(tests_dir).as_posix()) if path.is_relative_to(tests_dir) else None
+        if kind is None:
+            if path not in starters:
+                starters[path] = _functions_starting_the_collector(path)
+            names = set(item.fixturenames) | {getattr(item, "originalname", item.name)}
+            if names & SERVICE_FIXTURES or names & starters[path]:
+                kind = "e2e"
+        if kind is not None:
+            item.add_marker(kind)
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def pg_admin():
@@ -96,39 +161,60 @@ def db_url(request, tmp_path):
     return request.getfixturevalue("pg_url")
 
 
-# -- webhook receiver --------------------------------------------------------------------------
+# -- local HTTP endpoints -----------------------------------------------------------------------
+@pytest.fixture
+def http_receiver():
+    """A factory of :class:`HttpReceiver` (tests/http_receiver.py): ``http_receiver(status=204)``.
+    Every one made is closed after the test, and the test fails if one of their handlers raised."""
+    made: list[HttpReceiver] = []
+
+    def make(*args, **kwargs) -> HttpReceiver:
+        made.append(HttpReceiver(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+    errors = [e for r in made for e in r.errors]
+    assert not errors, f"an HttpReceiver handler raised: {errors!r}"
+
+
 class Receiver:
+    """A webhook endpoint at ``url`` (path /hook) on an :class:`HttpReceiver`. It answers every
+    request ``status`` (200 unless a test changes it; anything but POST is answered 405).
+
+    ``attempts``: every request's headers, whatever was answered. ``events`` (decoded JSON),
+    ``headers`` and ``bodies`` (as received, for signature checks): the POSTs answered 200, in order.
+    """
+
     def __init__(self):
-        self.events: list[dict] = []
+        self.status = 200
+        self.events: list = []
         self.headers: list[dict] = []
-        self.bodies: list[bytes] = []  # as received, for signature checks
-        self.attempts: list[dict] = []  # every request's headers, whatever was answered
-        self.status = 200  # what the receiver answers; tests may change it
-        receiver = self
+        self.bodies: list[bytes] = []
+        self.http = HttpReceiver(handler=self._answer)
+        self.url = self.http.url + "/hook"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                code = receiver.status
-                receiver.attempts.append({k.lower(): v for k, v in self.headers.items()})
-                if code == 200:
-                    receiver.events.append(json.loads(body))
-                    receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
-                    receiver.bodies.append(body)
-                self.send_response(code)
-                self.send_header("content-length", "0")
-                self.end_headers()
+    @property
+    def attempts(self) -> list[dict]:
+        return [r.headers for r in self.http.requests]
 
-            def log_message(self, *args):
-                pass
+    @property
+    def errors(self) -> list[BaseException]:
+        return self.http.errors
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, request: Request):
+        if request.method != "POST":
+            return 405, {}, b""
+        code = self.status
+        if code == 200:
+            self.events.append(request.json())
+            self.headers.append(request.headers)
+            self.bodies.append(request.body)
+        return code, {}, b""
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
@@ -136,6 +222,7 @@ def receiver():
     r = Receiver()
     yield r
     r.close()
+    assert not r.errors, f"the webhook receiver could not take a request: {r.errors!r}"
 
 
 # -- the collector -----------------------------------------------------------------------------
@@ -152,7 +239,7 @@ class Collector:
         self.proc: subprocess.Popen | None = None
         self.log_path = None
 
-    def start(self, timeout: float = 30.0) -> "Collector":
+    def start(self, timeout: float = 30.0) -> Collector:
         args = [str(BIN / "optiscope"), "serve", "--port", str(self.port), "--db", self.db, "--log-level", "warning"]
         for w in self.webhooks:
             args += ["--webhook", w]

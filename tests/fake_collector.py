@@ -1,17 +1,18 @@
 """A stand-in collector that records every request the SDK makes (method, path, decoded body, time),
 for tests of what the SDK sends and when: registrations, batches, heartbeats. The end-to-end tests
-use the real collector (conftest.Collector); this one exists to see the requests themselves."""
+use the real collector (conftest.Collector); this one exists to see the requests themselves. It
+runs on an :class:`http_receiver.HttpReceiver`."""
 from __future__ import annotations
 
-import gzip
 import json
 import threading
-import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from optiscope import wire
+
+from http_receiver import HttpReceiver
+from http_receiver import Request as HttpRequest
 
 
 @dataclass
@@ -25,47 +26,42 @@ class Request:
 class FakeCollector:
     """``refuse_optional``: answer 422 to a registration carrying tags or environment, as a
     collector from before them does (its request model forbids unknown fields). ``put_status``:
-    what every registration is answered (401: a token the collector does not know)."""
+    what every registration is answered (401: a token the collector does not know). Every POST is
+    answered 200 with an ingest-shaped JSON body; other verbs 501, and they are not recorded."""
 
     def __init__(self, refuse_optional: bool = False, put_status: int = 200):
-        self.requests: list[Request] = []
         self.refuse_optional, self.put_status = refuse_optional, put_status
+        self._requests: list[Request] = []
         self._lock = threading.Lock()
-        me = self
+        self.http = HttpReceiver(handler=self._answer)
+        self.url = self.http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def _handle(self):
-                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.headers.get("content-encoding") == "gzip":
-                    raw = gzip.decompress(raw)
-                body = wire.decode_batch(raw) if wire.is_binary(raw) else (json.loads(raw) if raw else None)
-                code = me.put_status if self.command == "PUT" else 200
-                if (self.command == "PUT" and me.refuse_optional
-                        and ({"tags", "environment"} & set(body or {}))):
-                    code = 422
-                with me._lock:
-                    me.requests.append(Request(time.monotonic(), self.command, self.path, body))
-                reply = json.dumps({"detail": "refused"} if code >= 400 else
-                                   {"duplicate": False, "points": 0, "alerts": []}).encode()
-                self.send_response(code)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
+    def _answer(self, req: HttpRequest):
+        if req.method not in ("PUT", "POST"):
+            return 501, {}, b""  # as before: the SDK has no other verb for a collector
+        raw = req.content
+        body = wire.decode_batch(raw) if wire.is_binary(raw) else (json.loads(raw) if raw else None)
+        code = self.put_status if req.method == "PUT" else 200
+        if req.method == "PUT" and self.refuse_optional and ({"tags", "environment"} & set(body or {})):
+            code = 422
+        with self._lock:
+            self._requests.append(Request(req.t, req.method, req.path, body))
+        reply = {"detail": "refused"} if code >= 400 else {"duplicate": False, "points": 0, "alerts": []}
+        return code, {"Content-Type": "application/json"}, reply
 
-            do_PUT = do_POST = _handle
+    @property
+    def requests(self) -> list[Request]:
+        """Every request so far, decoded, in arrival order."""
+        with self._lock:
+            return list(self._requests)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+    @property
+    def errors(self) -> list[BaseException]:
+        """What could not be decoded (each such request was answered 500)."""
+        return self.http.errors
 
     def of(self, method: str, suffix: str = "") -> list[Request]:
-        with self._lock:
-            return [r for r in self.requests if r.method == method and r.path.endswith(suffix)]
+        return [r for r in self.requests if r.method == method and r.path.endswith(suffix)]
 
     def puts(self) -> list[Request]:
         return self.of("PUT")
@@ -77,5 +73,4 @@ class FakeCollector:
         return self.of("POST", "/batches")
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()

@@ -9,16 +9,25 @@ import pytest
 import torch
 
 import optiscope
+from optiscope import wire
+from optiscope.transport import BatchProcessor, InMemoryExporter, Record
+from optiscope.transport import spool as sp
+
 from conftest import Collector, free_port, wait_until
 
 
-def test_env_fallbacks(monkeypatch):
-    monkeypatch.setenv("OPTISCOPE_URL", f"http://127.0.0.1:{free_port()}")
+def test_env_fallbacks(monkeypatch, http_receiver):
     monkeypatch.setenv("OPTISCOPE_PROJECT", "from-env")
     monkeypatch.setenv("OPTISCOPE_TOKEN", "tok")
+    collector = http_receiver(reply_body={})  # answers 200 to everything, keeps every request
+    monkeypatch.setenv("OPTISCOPE_URL", collector.url)
     run = optiscope.init()
     assert run.project == "from-env" and run.url == os.environ["OPTISCOPE_URL"]
-    assert run._exporter.client._token == "tok"
+    assert run.finish(timeout=10)
+    seen = [r.headers.get("authorization") for r in collector.requests]
+    assert seen and set(seen) == {"Bearer tok"}  # the token from the environment, on every request
+    monkeypatch.setenv("OPTISCOPE_URL", f"http://127.0.0.1:{free_port()}")
+    run = optiscope.init()
     assert run.id and run.api_url.endswith(f"/api/v1/runs/{run.id}")
     assert run.finish(timeout=0.2) is False  # nothing listens: bounded, reports non-delivery
 
@@ -46,7 +55,7 @@ def test_collector_absent_then_appears(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     run.watch(opt, model, every=1)
     worst = 0.0
-    for step in range(200):
+    for _ in range(200):
         loss = model(torch.randn(8, 4)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -77,21 +86,57 @@ def test_junk_never_raises(caplog):
         run.log(None)  # not even a mapping
         run.watch(object())  # not an optimizer
     assert "invalid" in caplog.text and "not a scalar" in caplog.text and "could not attach" in caplog.text
-    assert len(run._exporter._queue) == 1  # only {"ok": 1.0}
+    assert run._processor.queued == 1  # only {"ok": 1.0}
     run.finish(timeout=0.1)
     run.log({"after": 1.0})  # after finish: ignored, no error
     run.finish(timeout=0.1)  # idempotent
 
 
-def test_queue_is_bounded_and_drops_oldest():
+def test_queue_is_bounded_and_drops_oldest(spool_dir):
     run = optiscope.init(project="bounded", url=f"http://127.0.0.1:{free_port()}", max_queue=100,
                          max_batch_records=10_000, flush_interval=60)
     for step in range(1000):
         run.log({"x": float(step)}, step=step)
-    assert len(run._exporter._queue) == 100
+    assert run._processor.queued == 100
     assert run.counters["dropped"] == 900
-    assert run._exporter._queue[0][0] == 900  # the newest records are the ones kept
-    run.finish(timeout=0.1)
+    run.finish(timeout=1)  # nothing listens: what was queued stays in the spool
+    (left,) = sp.pending_spools(spool_dir)
+    steps = [s for seg in sorted(left.glob("*.seg")) for body in sp.read_frames(seg)
+             for s, _, values in wire.decode_batch(body).records if "x" in values]
+    assert steps == list(range(900, 1000))  # the newest records are the ones kept, in order
+
+
+def test_processor_batches_by_size_and_hands_over_everything_on_close():
+    exporter = InMemoryExporter()
+    processor = BatchProcessor(exporter, max_queue=1000, max_batch_records=10, flush_interval=60)
+    for step in range(25):
+        processor.submit(Record(step, 0.0, {"x": float(step)}))
+    # the first batch goes at once (whatever is queued then); after it, only full ones: the interval is a minute
+    wait_until(lambda: len(exporter.points) >= 20, what="two full batches, long before the flush interval")
+    assert all(len(b) <= 10 for b in exporter.batches) and processor.queued < 10
+    processor.submit(Record(25, 0.0, {"x": object()}))  # not a number: dropped and counted, never the batch
+    assert processor.close(timeout=5, status="finished")
+    assert [p[0] for p in exporter.points] == list(range(25)) and exporter.ended == "finished"
+    assert processor.counters["bad_values"] == 1 and processor.queued == 0
+    processor.submit(Record(26, 0.0, {"x": 1.0}))  # after close: queued, never exported
+    assert processor.close(timeout=1) and len(exporter.points) == 25
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_a_forked_processor_goes_quiet():
+    exporter = InMemoryExporter()
+    processor = BatchProcessor(exporter, flush_interval=0.01)
+    processor.submit(Record(0, 0.0, {"x": 0.0}))
+    pid = os.fork()
+    if pid == 0:  # the child's copy: no thread, so submit drops and close returns at once
+        processor.submit(Record(1, 0.0, {"x": 1.0}))
+        ok = processor.close(timeout=5) and processor.queued == 0 and exporter.ended is None
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    processor.submit(Record(2, 0.0, {"x": 2.0}))
+    assert processor.close(timeout=5)
+    assert [p[0] for p in exporter.points] == [0, 2]
 
 
 def test_context_manager_marks_crash(sqlite_collector):

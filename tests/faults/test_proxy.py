@@ -5,75 +5,53 @@ from __future__ import annotations
 import http.client
 import random
 import re
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import optiscope
 
+from http_receiver import RESET, HttpReceiver, Request
+
 
 class FaultProxy:
+    """In front of the collector on ``target_port``; ``outcomes`` counts what each request got. It
+    keeps connections alive (HTTP/1.1) like the collector does, so resets hit reused connections too."""
+
     def __init__(self, target_port: int, seed: int = 0):
-        rng, lock = random.Random(seed), threading.Lock()
+        self.target_port = target_port
+        self.rng, self.lock = random.Random(seed), threading.Lock()
         self.outcomes: dict[str, int] = {}
-        me = self
+        self.http = HttpReceiver(handler=self._handle, keep_alive=True)
+        self.url = self.http.url
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _handle(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with lock:
-                    roll = rng.random()
-                # 70% 503; of the rest, resets on either side of the commit, slow answers, and
-                # untouched ones. Only "slow" and "pass" reach the SDK as a success (1 in 5).
-                kind = ("503" if roll < 0.70 else "reset-before" if roll < 0.76 else
-                        "reset-after" if roll < 0.82 else "slow" if roll < 0.88 else "pass")
-                with lock:
-                    me.outcomes[kind] = me.outcomes.get(kind, 0) + 1
-                if kind == "503":
-                    self.send_response(503)
-                    self.send_header("content-length", "0")
-                    self.end_headers()
-                    return
-                if kind == "reset-before":
-                    return self._reset()
-                if kind == "slow":
-                    time.sleep(0.2)
-                conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                payload = resp.read()
-                conn.close()
-                if kind == "reset-after":  # the collector committed; the answer is lost on the way back
-                    return self._reset()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def _reset(self):
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                self.close_connection = True
-                self.connection.close()
-
-            do_PUT = do_POST = _handle
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _handle(self, req: Request):
+        with self.lock:
+            roll = self.rng.random()
+        # 70% 503; of the rest, resets on either side of the commit, slow answers, and
+        # untouched ones. Only "slow" and "pass" reach the SDK as a success (1 in 5).
+        kind = ("503" if roll < 0.70 else "reset-before" if roll < 0.76 else
+                "reset-after" if roll < 0.82 else "slow" if roll < 0.88 else "pass")
+        with self.lock:
+            self.outcomes[kind] = self.outcomes.get(kind, 0) + 1
+        if kind == "503":
+            return 503, {}, b""
+        if kind == "reset-before":
+            return RESET
+        if kind == "slow":
+            time.sleep(0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=30)
+        headers = {k: v for k, v in req.headers.items() if k not in ("host", "connection")}
+        conn.request(req.method, req.path, body=req.body, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        conn.close()
+        if kind == "reset-after":  # the collector committed; the answer is lost on the way back
+            return RESET
+        return resp.status, {k: v for k, v in resp.getheaders()
+                             if k.lower() not in ("connection", "transfer-encoding", "content-length")}, payload
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 def counter(metrics: str, name: str) -> float:
@@ -111,3 +89,4 @@ def test_every_point_arrives_once_through_a_failing_proxy(sqlite_collector):
         assert counter(metrics, 'optiscope_ingest_batches_total{outcome="duplicate"}') > 0, metrics
     finally:
         proxy.close()
+    assert proxy.http.errors == []  # every request was forwarded or faulted as planned

@@ -1,60 +1,41 @@
 """Retries: only what can succeed later, at the pace the collector asks for, counted as series."""
 from __future__ import annotations
 
-import gzip
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import pytest
 
 import optiscope
-from conftest import wait_until
 from optiscope import wire
+
+from conftest import wait_until
+from http_receiver import Request
 
 
 class Flaky:
-    """A collector stand-in that answers the first `fail` batch posts with `status` (+ Retry-After)."""
+    """A collector stand-in that answers the first `fail` batch posts with `status` (+ Retry-After),
+    and everything else 200. ``posts``: (arrival time, answer, body with gzip undone) of each batch."""
 
-    def __init__(self, fail: int, status: int, retry_after: str | None):
+    def __init__(self, http_receiver, fail: int, status: int, retry_after: str | None):
+        self.fail, self.status, self.retry_after = fail, status, retry_after
         self.posts: list[tuple[float, int, bytes]] = []
-        me = self
+        self.url = http_receiver(handler=self._answer).url
 
-        class H(BaseHTTPRequestHandler):
-            def _reply(self, code, headers=()):
-                body = json.dumps({"reason": "test", "duplicate": False, "points": 0, "alerts": []}).encode()
-                self.send_response(code)
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_PUT(self):
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                self._reply(200)
-
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.headers.get("content-encoding") == "gzip":
-                    raw = gzip.decompress(raw)
-                if self.path.endswith("/batches"):
-                    failing = sum(1 for _, c, _ in me.posts if c != 200) < fail
-                    code = status if failing else 200
-                    me.posts.append((time.monotonic(), code, raw))
-                    self._reply(code, [("Retry-After", retry_after)] if failing and retry_after else [])
-                else:
-                    self._reply(200)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, req: Request):
+        reply = {"reason": "test", "duplicate": False, "points": 0, "alerts": []}
+        if req.method == "POST" and req.path.endswith("/batches"):
+            failing = sum(1 for _, c, _ in self.posts if c != 200) < self.fail
+            code = self.status if failing else 200
+            self.posts.append((req.t, code, req.content))
+            return code, {"Retry-After": self.retry_after} if failing and self.retry_after else {}, reply
+        return 200, {}, reply
 
 
-def test_retry_after_is_honoured_and_counters_travel_as_series():
-    flaky = Flaky(fail=2, status=503, retry_after="1")
+@pytest.fixture
+def make_flaky(http_receiver):
+    return lambda **kw: Flaky(http_receiver, **kw)
+
+
+def test_retry_after_is_honoured_and_counters_travel_as_series(make_flaky):
+    flaky = make_flaky(fail=2, status=503, retry_after="1")
     run = optiscope.init(project="retry", url=flaky.url, flush_interval=0.05, spool=False)
     run.log({"loss": 1.0}, step=0)
     wait_until(lambda: len(flaky.posts) >= 2, what="two refused posts")
@@ -70,8 +51,8 @@ def test_retry_after_is_honoured_and_counters_travel_as_series():
     assert run.counters["retries"] == 2
 
 
-def test_client_errors_are_not_retried():
-    flaky = Flaky(fail=1, status=400, retry_after=None)
+def test_client_errors_are_not_retried(make_flaky):
+    flaky = make_flaky(fail=1, status=400, retry_after=None)
     run = optiscope.init(project="retry", url=flaky.url, flush_interval=0.05, spool=False)
     run.log({"loss": 1.0}, step=0)
     run.finish(timeout=10)
