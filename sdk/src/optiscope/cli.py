@@ -1,7 +1,21 @@
-"""The ``optiscope`` command. ``optiscope serve`` runs the collector (package optiscope-server)."""
+"""The ``optiscope`` command. ``sync`` is the SDK's own; other subcommands (``serve``, ``db``,
+``token``) come from installed packages through the ``optiscope.commands`` entry point group (the
+collector, package optiscope-server, declares them), so the SDK never imports the collector."""
 from __future__ import annotations
 
 import sys
+from importlib.metadata import EntryPoint, entry_points
+
+#: The entry point group a package declares its ``optiscope`` subcommands in: name = "module:function",
+#: the function taking the subcommand's arguments and returning the exit status.
+COMMANDS_GROUP = "optiscope.commands"
+#: Shown in the help, and named when the package that provides them is missing.
+COLLECTOR_COMMANDS = ("serve", "db", "token")
+
+
+def plugin_commands() -> dict[str, EntryPoint]:
+    """The subcommands installed packages declare (each is imported only when it is run)."""
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "sync":
         return sync(rest)
-    if command in ("serve", "db", "token"):
-        try:
-            from optiscope_server.cli import COMMANDS
-        except ImportError:
-            print(f"optiscope: '{command}' needs the collector: pip install optiscope-server", file=sys.stderr)
-            return 2
-        return COMMANDS[command](rest)
+    found = plugin_commands()
+    if command in found:
+        status: int = found[command].load()(rest)
+        return status
+    if command in COLLECTOR_COMMANDS:
+        print(f"optiscope: '{command}' needs the collector: pip install optiscope-server", file=sys.stderr)
+        return 2
     print(f"optiscope: unknown command {command!r} (try --help)", file=sys.stderr)
     return 2
 
