@@ -13,11 +13,12 @@ import sys
 
 import pytest
 import torch
+from test_webhooks import verify
 
 import optiscope
+from optiscope_server.alerting import signing
+
 from conftest import ROOT, Collector, wait_until
-from optiscope_server import hooks
-from test_webhooks import verify
 
 sys.path.insert(0, str(ROOT / "bench" / "detection_kit"))
 import kit  # noqa: E402
@@ -39,7 +40,7 @@ def _train(collector, name: str, seed: int = 0):
 
 @pytest.fixture
 def signed(db_url, receiver, tmp_path):
-    secret = hooks.new_secret()
+    secret = signing.new_secret()
     c = Collector(db_url, webhooks=[receiver.url], cwd=tmp_path, extra_args=["--webhook-secret", secret]).start()
     yield c, secret
     c.stop()
@@ -67,7 +68,7 @@ def test_a_diverging_run_pages_once_early_and_a_healthy_run_never(signed, receiv
             if e["run"]["id"] == run.id and e["alert"]["severity"] == "page" and e["type"] == "alert.firing"]
     assert len(sent) == 1, [e["alert"]["rule"] for e, _, _ in sent]  # one page for the incident
     event, headers, body = sent[0]
-    assert verify(secret, headers, body) and not verify(hooks.new_secret(), headers, body)
+    assert verify(secret, headers, body) and not verify(signing.new_secret(), headers, body)
     assert event["alert"]["id"] == first["id"] and event["alert"]["evidence"] == ev
     assert event["run"]["url"].endswith(f"/api/v1/runs/{run.id}")
 

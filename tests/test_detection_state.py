@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from optiscope import wire
-from optiscope_server.store import Store
+from optiscope_server.collector import Collector
+from optiscope_server.settings import Settings
 
 STEPS, PER_BATCH = 900, 25
 
@@ -29,6 +30,16 @@ def _batches(rank: int = 0, seed: int = 0) -> list[wire.Columns]:
             records.append((s, 0.0, {"loss": float(loss[s])}))
         out.append(wire.decode_columns(wire.encode_batch(wire.Batch("run1", rank, seq, records))))
     return out
+
+
+class Store:
+    """One collector process's store and detectors (no HTTP, no background threads)."""
+
+    def __init__(self, url: str):
+        self.c = Collector(Settings(db_url=url))
+        self.ingest = self.c.ingestor.ingest
+        self.upsert_run, self.delete_runs = self.c.runs.upsert_run, self.c.runs.delete_runs
+        self.list_alerts, self.close = self.c.alerts.list_alerts, self.c.close
 
 
 def _alerts(store: Store) -> list[tuple]:

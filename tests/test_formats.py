@@ -14,8 +14,9 @@ import time
 import httpx
 import pytest
 
+from optiscope_server.alerting.formats import FORMATS, alertmanager_refresh, render
+
 from conftest import free_port, missing, wait_until
-from optiscope_server.formats import FORMATS, alertmanager_refresh, render
 
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z")
@@ -307,10 +308,11 @@ def test_collector_posts_its_alerts_to_a_real_alertmanager(alertmanager, receive
     (configured as ``--webhook alertmanager=...``); Alertmanager routes it to its receiver; the
     finite loss that follows resolves it there too. Then the periodic re-send keeps a firing alert
     active in Alertmanager rather than letting it expire."""
-    from conftest import Collector
     from optiscope import wire
-    from optiscope_server.store import Store
-    from optiscope_server.webhooks import WebhookDispatcher
+    from optiscope_server.alerting import Outbox, WebhookDispatcher
+    from optiscope_server.storage import Database
+
+    from conftest import Collector
 
     db = f"sqlite:///{tmp_path / 'c.db'}"
     c = Collector(db, webhooks=[f"alertmanager={alertmanager.url}/api/v2/alerts"], cwd=tmp_path).start()
@@ -338,10 +340,10 @@ def test_collector_posts_its_alerts_to_a_real_alertmanager(alertmanager, receive
     # pushes its end further out
     second = [a for a in alertmanager.alerts() if a["labels"]["run_id"] == "amrun" and a["status"]["state"] == "active"]
     assert len(second) == 1
-    store = Store(db)
+    store = Database(db)
     try:
         time.sleep(1.1)
-        WebhookDispatcher(store, allow_internal=True, run_url=lambda r: f"http://x/api/v1/runs/{r}").refresh_alertmanagers()
+        WebhookDispatcher(Outbox(store), allow_internal=True, run_url=lambda r: f"http://x/api/v1/runs/{r}").refresh_alertmanagers()
         again = [a for a in alertmanager.alerts() if a["labels"]["alert_id"] == second[0]["labels"]["alert_id"]]
         assert again[0]["endsAt"] > second[0]["endsAt"]
     finally:

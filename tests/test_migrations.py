@@ -14,10 +14,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, insert, inspect, text
 
-from conftest import Collector
 from optiscope import wire
-from optiscope_server import migrate
-from optiscope_server.db import make_engine, metadata
+from optiscope_server.storage import migrate
+from optiscope_server.storage.database import make_engine
+from optiscope_server.storage.tables import metadata
+
+from conftest import Collector
 
 OPTISCOPE = str(Path(sys.executable).parent / "optiscope")
 VERSIONS = Path(migrate.__file__).parent / "migrations" / "versions"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optiscope import wire
-from optiscope_server.chunks import merge
+from optiscope_server.storage.chunks import merge
 
 SPECIAL = [math.nan, math.inf, -math.inf]
 

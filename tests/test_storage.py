@@ -7,9 +7,9 @@ import struct
 from array import array
 
 import httpx
+from test_api import post, register
 
 from optiscope import wire
-from test_api import post, register
 
 
 def columns(seq, steps, series, rank=0, run="run1") -> bytes:
@@ -115,8 +115,9 @@ def test_points_of_a_database_from_before_chunks_are_kept(db_url, tmp_path):
     such a database moves them into chunks and serves them as before."""
     from sqlalchemy import create_engine, insert, text
 
+    from optiscope_server.storage.tables import metadata, runs, series
+
     from conftest import Collector
-    from optiscope_server.db import metadata, runs, series
     engine = create_engine(db_url)
     metadata.create_all(engine, tables=[runs, series])
     with engine.begin() as conn:
@@ -148,30 +149,31 @@ def test_points_of_a_database_from_before_chunks_are_kept(db_url, tmp_path):
 def test_sqlite_log_is_checkpointed_beside_the_writer(tmp_path):
     """Commits never checkpoint (that fsync would land on one unlucky batch); the checkpointer
     thread does, after which the log is reused from its start. Closing leaves an empty log."""
-    from optiscope_server.store import Store
+    from optiscope_server.collector import Collector
+    from optiscope_server.settings import Settings
     db = tmp_path / "o.db"
     wal = tmp_path / "o.db-wal"
-    store = Store(f"sqlite:///{db}")
-    store._checkpointer.stop()  # driven by hand below, not by the clock
-    store.upsert_run("run1", "p", "n", {}, None)
+    store = Collector(Settings(db_url=f"sqlite:///{db}"))
+    store.db.checkpointer.stop()  # driven by hand below, not by the clock
+    store.runs.upsert_run("run1", "p", "n", {}, None)
 
     def ingest(seq):
         body = columns(seq, list(range(seq * 100, seq * 100 + 100)), {f"s{i}": [float(seq)] * 100 for i in range(300)})
-        store.ingest(wire.decode_columns(body))
+        store.ingestor.ingest(wire.decode_columns(body))
 
     for seq in range(20):
         ingest(seq)
     grown = wal.stat().st_size
     assert grown > 1500 * 4096  # well past SQLite's own threshold (1,000 pages): no commit checkpointed
-    store._checkpointer.checkpoint()
+    store.db.checkpointer.checkpoint()
     for seq in range(20, 25):
         ingest(seq)
     assert wal.stat().st_size == grown  # checkpointed: the next commits wrote over the log's start
     store.close()
     assert not wal.exists() or wal.stat().st_size == 0
-    again = Store(f"sqlite:///{db}")
+    again = Collector(Settings(db_url=f"sqlite:///{db}"))
     try:
-        steps, _, values, _, _ = again.get_series("run1", "s299")
+        steps, _, values, _, _ = again.series.get_series("run1", "s299")
         assert steps == list(range(2500)) and values[-1] == 24.0
     finally:
         again.close()

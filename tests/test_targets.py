@@ -1,4 +1,4 @@
-"""Webhook target checks (optiscope_server.targets) against real sockets on 127.0.0.1: which
+"""Webhook target checks (optiscope_server.alerting.targets) against real sockets on 127.0.0.1: which
 addresses are refused, that the checked address is the one connected to, that redirects are not
 followed, that a silent receiver times out, and that HTTPS verifies the URL's hostname."""
 from __future__ import annotations
@@ -8,12 +8,12 @@ import ssl
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from optiscope_server.alerting.targets import TargetRefused, post, resolve
+
 from conftest import need_tool
-from optiscope_server.targets import TargetRefused, post, resolve
 
 
 def reason(url: str, **kw) -> str:
@@ -77,50 +77,7 @@ def test_refusal_message_names_host_and_address():
 
 
 # --- sending, against real local servers ----------------------------------------------------
-
-class Receiver:
-    """An HTTP server on 127.0.0.1 that records each request and answers ``status``."""
-
-    def __init__(self, status: int = 204, headers: dict | None = None, tls: ssl.SSLContext | None = None):
-        self.requests: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.handle_error = lambda *a: None  # failed TLS handshakes are expected in one test
-        if tls:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver():
-    made = []
-
-    def make(**kw) -> Receiver:
-        made.append(Receiver(**kw))
-        return made[-1]
-    yield make
-    for r in made:
-        r.close()
-
+# (http_receiver: conftest's factory of tests/http_receiver.py servers on 127.0.0.1, closed after each test)
 
 @pytest.fixture
 def listener():
@@ -139,21 +96,21 @@ def nothing_connected(s: socket.socket) -> bool:
     return False
 
 
-def test_post_delivers_body_and_headers(receiver):
-    r = receiver(status=202)
+def test_post_delivers_body_and_headers(http_receiver):
+    r = http_receiver(status=202)
     status, err = post(f"http://127.0.0.1:{r.port}/hook?a=1", b'{"x": 1}',
                        {"Content-Type": "application/json", "X-Sig": "abc"}, timeout=5, allow_internal=True)
     assert (status, err) == (202, None)
     [req] = r.requests
-    assert req["path"] == "/hook?a=1" and req["body"] == b'{"x": 1}'
-    assert req["headers"]["Host"] == f"127.0.0.1:{r.port}"
-    assert req["headers"]["X-Sig"] == "abc" and req["headers"]["Content-Type"] == "application/json"
+    assert req.method == "POST" and req.path == "/hook?a=1" and req.body == b'{"x": 1}'
+    assert req.headers["host"] == f"127.0.0.1:{r.port}"
+    assert req.headers["x-sig"] == "abc" and req.headers["content-type"] == "application/json"
 
 
-def test_post_by_name_sends_the_name_as_host(receiver):
-    r = receiver()
+def test_post_by_name_sends_the_name_as_host(http_receiver):
+    r = http_receiver(status=204)
     assert post(f"http://localhost:{r.port}/h", b"", {}, timeout=5, allow_internal=True) == (204, None)
-    assert r.requests[0]["headers"]["Host"] == f"localhost:{r.port}"
+    assert r.requests[0].headers["host"] == f"localhost:{r.port}"
 
 
 def test_post_to_internal_target_sends_nothing(listener):
@@ -168,9 +125,9 @@ def test_post_refusal_starts_with_reason():
     assert status is None and err.startswith("bad_scheme: ")
 
 
-def test_redirect_is_returned_not_followed(receiver, listener):
+def test_redirect_is_returned_not_followed(http_receiver, listener):
     second = listener.getsockname()[1]
-    r = receiver(status=302, headers={"Location": f"http://127.0.0.1:{second}/elsewhere"})
+    r = http_receiver(status=302, reply_headers={"Location": f"http://127.0.0.1:{second}/elsewhere"})
     assert post(f"http://127.0.0.1:{r.port}/hook", b"{}", {}, timeout=5, allow_internal=True) == (302, None)
     assert len(r.requests) == 1
     assert nothing_connected(listener)
@@ -213,8 +170,8 @@ def test_endless_answer_is_cut_off(listener):
         t.join(5)
 
 
-def test_header_injection_is_refused(receiver):
-    r = receiver()
+def test_header_injection_is_refused(http_receiver):
+    r = http_receiver(status=204)
     status, err = post(f"http://127.0.0.1:{r.port}/", b"", {"X-A": "1\r\nX-Injected: 2"}, timeout=5,
                        allow_internal=True)
     assert status is None and err.startswith("bad_request: ")
@@ -251,18 +208,18 @@ def test_any_internal_address_refuses_the_name(fake_names):
     assert e.value.reason == "internal_address"
 
 
-def test_connection_goes_to_the_checked_address(receiver, fake_names):
-    r = receiver()
+def test_connection_goes_to_the_checked_address(http_receiver, fake_names):
+    r = http_receiver(status=204)
     answers, lookups = fake_names
     # checked: 127.0.0.1; any later lookup: TEST-NET-1, which never answers
     answers["rebind.test"] = [["127.0.0.1"], ["192.0.2.1"]]
     assert post(f"http://rebind.test:{r.port}/h", b"x", {}, timeout=2, allow_internal=True) == (204, None)
     assert lookups == ["rebind.test"]
-    assert r.requests[0]["headers"]["Host"] == f"rebind.test:{r.port}"
+    assert r.requests[0].headers["host"] == f"rebind.test:{r.port}"
 
 
-def test_next_checked_address_is_tried_when_one_refuses(receiver, fake_names):
-    r = receiver()  # listens on 127.0.0.1 only, so 127.0.0.2 refuses the connection
+def test_next_checked_address_is_tried_when_one_refuses(http_receiver, fake_names):
+    r = http_receiver(status=204)  # listens on 127.0.0.1 only, so 127.0.0.2 refuses the connection
     answers, _ = fake_names
     answers["two.test"] = [["127.0.0.2", "127.0.0.1"]]
     assert post(f"http://two.test:{r.port}/h", b"x", {}, timeout=2, allow_internal=True) == (204, None)
@@ -272,7 +229,7 @@ def test_next_checked_address_is_tried_when_one_refuses(receiver, fake_names):
 # --- HTTPS: the certificate is checked against the URL's hostname ------------------------------
 
 @pytest.fixture
-def tls_receiver(receiver, tmp_path):
+def tls_receiver(http_receiver, tmp_path):
     openssl = need_tool("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -280,7 +237,7 @@ def tls_receiver(receiver, tmp_path):
                     "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True, timeout=60)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
-    return receiver(tls=ctx), cert
+    return http_receiver(status=204, tls=ctx), cert
 
 
 def test_https_refuses_an_untrusted_certificate(tls_receiver):

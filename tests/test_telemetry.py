@@ -7,7 +7,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from optiscope import wire
-from optiscope_server.app import Settings, create_app
+from optiscope_server.app import create_app
+from optiscope_server.settings import Settings
 
 
 def test_requests_are_traced(tmp_path):

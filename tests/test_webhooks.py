@@ -12,24 +12,25 @@ import time
 import httpx
 import pytest
 
-from conftest import Collector, Receiver, wait_until
 from optiscope import wire
-from optiscope_server import hooks
+from optiscope_server.alerting import signing
+
+from conftest import Collector, Receiver, wait_until
 
 
 # -- the signing primitive and the scheme, against published vectors ----------------------------
 def test_hmac_primitive_matches_githubs_published_test_vector():
     # docs.github.com, "Validating webhook deliveries": secret and payload, and the expected signature
-    digest = hooks.hmac_sha256(b"It's a Secret to Everybody", b"Hello, World!")
+    digest = signing.hmac_sha256(b"It's a Secret to Everybody", b"Hello, World!")
     assert digest.hex() == "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
 
 
 def test_signature_matches_the_standard_webhooks_example():
     # the Standard Webhooks specification's example message
-    sig = hooks.signature(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
+    sig = signing.signature(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
                           b'{"test": 2432232314}')
     assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-    two = hooks.signature([hooks.new_secret(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    two = signing.signature([signing.new_secret(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
                           "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}')
     assert two.split(" ")[1] == sig and two.split(" ")[0] != sig  # rotation: one signature per secret
 
@@ -82,7 +83,7 @@ def test_signed_delivery_verifies_and_keeps_its_id_across_retries(fast, receiver
     ids = {a["webhook-id"] for a in receiver.attempts}
     assert len(ids) == 1 and next(iter(ids)).startswith("msg_")  # the same id on every attempt
     assert verify(hook["secret"], receiver.headers[0], receiver.bodies[0])
-    assert not verify(hooks.new_secret(), receiver.headers[0], receiver.bodies[0])
+    assert not verify(signing.new_secret(), receiver.headers[0], receiver.bodies[0])
     tampered = receiver.bodies[0].replace(b'"NaN"', b'"Infinity"')
     assert not verify(hook["secret"], receiver.headers[0], tampered)
     event = receiver.events[0]
@@ -149,7 +150,7 @@ def test_internal_targets_are_refused_at_send_time_unless_allowed(tmp_path, rece
 
 def test_configured_webhooks_are_rows_signed_with_the_configured_secret(tmp_path):
     slack, native = Receiver(), Receiver()
-    secret = hooks.new_secret()
+    secret = signing.new_secret()
     c = Collector(f"sqlite:///{tmp_path / 'x.db'}", webhooks=[native.url, f"slack={slack.url}"], cwd=tmp_path,
                   extra_args=["--webhook-secret", secret]).start()
     try:
@@ -181,7 +182,7 @@ def test_webhook_input_is_checked(fast):
     assert status({"url": "http://user:pw@example.com/x"}) == 422
     assert status({"url": "https://example.com/x", "format": "teams"}) == 422
     assert status({"url": "https://example.com/x", "secret": "not-a-secret"}) == 422
-    assert status({"url": "https://example.com/x", "secret": hooks.new_secret()}) == 201
+    assert status({"url": "https://example.com/x", "secret": signing.new_secret()}) == 201
     assert httpx.delete(f"{fast.url}/api/v1/webhooks/999").status_code == 404
 
 
@@ -190,10 +191,10 @@ def test_deliveries_beyond_a_shortened_schedule_are_given_up_not_left_blocking(t
     are given up; they must not stay due and hold up the newer deliveries behind them."""
     from sqlalchemy import insert, select
 
-    from optiscope_server.db import alerts, outbox, runs
-    from optiscope_server.store import Store
-    from optiscope_server.webhooks import WebhookDispatcher
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    from optiscope_server.alerting import Outbox, WebhookDispatcher
+    from optiscope_server.storage import Database
+    from optiscope_server.storage.tables import alerts, outbox, runs
+    store = Database(f"sqlite:///{tmp_path / 's.db'}")
     try:
         with store.engine.begin() as conn:
             conn.execute(insert(runs).values(id="r", project="p", name="r", status="running", config={},
@@ -208,7 +209,7 @@ def test_deliveries_beyond_a_shortened_schedule_are_given_up_not_left_blocking(t
                                            "attempts": 5, "next_attempt_at": 0.0} for _ in range(100)]
                          + [{"alert_id": aid, "target": receiver.url, "payload": event, "attempts": 0,
                              "next_attempt_at": 0.0}])
-        d = WebhookDispatcher(store, schedule=(1.0, 2.0), allow_internal=True)
+        d = WebhookDispatcher(Outbox(store), schedule=(1.0, 2.0), allow_internal=True)
         for _ in range(3):
             d.deliver_due()
         assert len(receiver.events) == 1  # the fresh one got through

@@ -1,2 +1,5 @@
 """optiscope-server: the collector (ingest, store, REST, Prometheus metrics, alerting)."""
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+#: The installed distribution's version: declared once, in service/pyproject.toml.
+__version__ = version("optiscope-server")

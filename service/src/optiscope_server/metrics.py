@@ -1,7 +1,7 @@
 """Prometheus exposition: the latest value of each canonical series for active runs, the SDK's own
 counters per rank, plus the collector's own counters. Label sets are bounded: at most ``max_runs``
 runs are exported, only the canonical series of the wire catalog (one gauge family each), and the
-SDK counters of at most ``Store.RANK_WINDOW_MAX`` ranks per run (one gauge family each)."""
+SDK counters of at most ``LatestValues.RANK_WINDOW_MAX`` ranks per run (one gauge family each)."""
 from __future__ import annotations
 
 import time
@@ -9,14 +9,15 @@ import time
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 
+from optiscope import wire
 from optiscope.wire import CATALOG, EXPORTED_SERIES, SDK_COUNTERS
 
-from .store import Store
+from .storage import LatestValues
 
 RUN_LABELS = ("project", "run_id", "run_name")
 RANK_LABELS = (*RUN_LABELS, "rank")
 #: The series sdk/<counter> each batch carries, exported as optiscope_run_sdk_<counter>.
-SDK_SERIES = {f"sdk/{c}": f"optiscope_run_sdk_{c}" for c in SDK_COUNTERS}
+SDK_SERIES = {wire.sdk_series(c): f"optiscope_run_sdk_{c}" for c in SDK_COUNTERS}
 
 # The *_created samples double every counter in the exposition and no dashboard or rule uses them.
 disable_created_metrics()
@@ -25,7 +26,7 @@ disable_created_metrics()
 class RunSeriesCollector:
     """Reads the store on each scrape, so every collector replica exports the same values."""
 
-    def __init__(self, store: Store, max_runs: int, active_window: float):
+    def __init__(self, store: LatestValues, max_runs: int, active_window: float):
         self.store, self.max_runs, self.active_window = store, max_runs, active_window
 
     def collect(self):
@@ -63,7 +64,7 @@ class RunSeriesCollector:
 
 
 class Metrics:
-    def __init__(self, store: Store, max_runs: int = 200, active_window: float = 300.0):
+    def __init__(self, store: LatestValues, max_runs: int = 200, active_window: float = 300.0):
         self.registry = CollectorRegistry()
         r = self.registry
         self.batches = Counter("optiscope_ingest_batches", "Batches received, by outcome", ["outcome"], registry=r)

@@ -1,9 +1,7 @@
 """OpenTelemetry tracing of the collector itself: one server span per request, child spans for
-store work. Spans go to the console with OPTISCOPE_OTEL_CONSOLE=1, or to any exporter a caller
+store work. Spans go to the console with OPTISCOPE_OTEL_CONSOLE=1 (``Settings.otel_console``), or to any exporter a caller
 attaches to the provider (tests use an in-memory one)."""
 from __future__ import annotations
-
-import os
 
 from fastapi import FastAPI, Request
 from opentelemetry import trace
@@ -13,9 +11,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 
-def default_provider() -> TracerProvider:
+def default_provider(console: bool = False) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": "optiscope-collector"}))
-    if os.environ.get("OPTISCOPE_OTEL_CONSOLE") == "1":
+    if console:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     return provider
 

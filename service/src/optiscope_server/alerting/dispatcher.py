@@ -14,9 +14,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
-from . import formats, hooks, targets
-from .store import Store
+from . import endpoints, formats, signing, targets
+from .outbox import Outbox
 
 log = logging.getLogger("optiscope.server")
 
@@ -26,10 +27,10 @@ DEFAULT_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
 class WebhookDispatcher:
-    def __init__(self, store: Store, on_result=None, interval: float = 0.5, timeout: float = 5.0,
-                 schedule: tuple[float, ...] = DEFAULT_SCHEDULE, allow_internal: bool = False,
-                 refresh: float = 60.0, run_url=lambda run_id: run_id):
-        self.store, self.on_result = store, on_result or (lambda ok: None)
+    def __init__(self, outbox: Outbox, on_result: Callable[[bool], None] | None = None, interval: float = 0.5,
+                 timeout: float = 5.0, schedule: tuple[float, ...] = DEFAULT_SCHEDULE, allow_internal: bool = False,
+                 refresh: float = 60.0, run_url: Callable[[str], str] = lambda run_id: run_id):
+        self.outbox, self.on_result = outbox, on_result or (lambda ok: None)
         self.interval, self.timeout, self.schedule = interval, timeout, tuple(schedule)
         self.allow_internal, self.refresh, self.run_url = allow_internal, refresh, run_url
         self._wake = threading.Event()
@@ -63,24 +64,24 @@ class WebhookDispatcher:
     def deliver_due(self) -> int:
         now = time.time()
         sent = 0
-        for d in self.store.due_deliveries(now):
+        for d in self.outbox.due_deliveries(now):
             if d["attempts"] > len(self.schedule):  # a schedule shortened since: give it up, never block the queue
-                self.store.mark_delivery(d["id"], False, "retry schedule exhausted", float("inf"))
+                self.outbox.mark_delivery(d["id"], False, "retry schedule exhausted", float("inf"))
                 continue
             if d["disabled_at"] is not None:
-                self.store.mark_delivery(d["id"], False, "endpoint disabled", float("inf"))
+                self.outbox.mark_delivery(d["id"], False, "endpoint disabled", float("inf"))
                 continue
             try:
                 body, ctype = formats.render(d["format"] or "native", json.loads(d["payload"]))
             except (ValueError, KeyError) as e:  # cannot ever be sent: give it up, never block the rows behind
-                self.store.mark_delivery(d["id"], False, f"cannot render: {e}", float("inf"))
+                self.outbox.mark_delivery(d["id"], False, f"cannot render: {e}", float("inf"))
                 log.error("webhook delivery %d cannot be rendered as %s: %s", d["id"], d["format"], e)
                 continue
             status, err = self._post(d["target"], body, ctype, d["secrets"], d["msg_id"] or f"msg_{d['id']}")
             ok = status is not None and 200 <= status < 300
             if status == 410 and d["webhook_id"] is not None:
                 # Gone: the receiver asks us to stop. Disabled (audited), never retried.
-                hooks.set_enabled(self.store.engine, d["webhook_id"], False, "collector", reason="answered 410 Gone")
+                endpoints.set_enabled(self.outbox.db.engine, d["webhook_id"], False, "collector", reason="answered 410 Gone")
                 log.warning("webhook %s answered 410 Gone: disabled", d["target"])
                 retry_at = float("inf")
             elif d["attempts"] < len(self.schedule):
@@ -89,7 +90,7 @@ class WebhookDispatcher:
                 retry_at = float("inf")  # given up; kept with its last error for inspection
                 if not ok:
                     log.warning("webhook %s: giving up after %d attempts: %s", d["target"], d["attempts"] + 1, err)
-            self.store.mark_delivery(d["id"], ok, err or (None if ok else f"HTTP {status}"), retry_at)
+            self.outbox.mark_delivery(d["id"], ok, err or (None if ok else f"HTTP {status}"), retry_at)
             self.on_result(ok)
             sent += ok
         return sent
@@ -97,8 +98,8 @@ class WebhookDispatcher:
     def refresh_alertmanagers(self) -> None:
         """Re-send every firing alert to each Alertmanager endpoint that receives it, as Prometheus
         re-sends its own: without it Alertmanager would resolve them after its resolve_timeout."""
-        for hook in self.store.alertmanager_endpoints():
-            events = self.store.firing_events(hook["project"], self.run_url)
+        for hook in self.outbox.alertmanager_endpoints():
+            events = self.outbox.firing_events(hook["project"], self.run_url)
             if not events:
                 continue
             body = formats.alertmanager_refresh(events)
@@ -108,5 +109,5 @@ class WebhookDispatcher:
                 log.warning("re-sending firing alerts to %s failed: %s", hook["url"], err or f"HTTP {status}")
 
     def _post(self, url: str, body: bytes, ctype: str, secrets, msg_id: str) -> tuple[int | None, str | None]:
-        headers = {"Content-Type": ctype, "User-Agent": "optiscope-webhooks", **hooks.headers(secrets, msg_id, body)}
+        headers = {"Content-Type": ctype, "User-Agent": "optiscope-webhooks", **signing.headers(secrets, msg_id, body)}
         return targets.post(url, body, headers, self.timeout, allow_internal=self.allow_internal)

@@ -1,57 +1,22 @@
-"""Webhook endpoints and the Standard Webhooks signature (https://www.standardwebhooks.com).
-
-Every delivery carries ``webhook-id`` (the same on every retry of it, so a receiver can drop
-repeats), ``webhook-timestamp`` (unix seconds of this attempt) and ``webhook-signature``:
-``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`` under each of the endpoint's secrets,
-space-separated, so a receiver that knows either the old or the new secret verifies a delivery
-during a rotation. Secrets are ``whsec_`` + base64 of 32 random bytes; the HMAC key is the decoded
-bytes, as the scheme defines.
+"""Webhook endpoints as rows: created, listed, rotated, disabled and deleted through the API
+(audited), or given on the collector's command line (synced at start). Signing is ``signing``.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import secrets as _secrets
 import time
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from .access import write_audit
-from .db import webhooks
+from ..storage.audit import write_audit
+from ..storage.tables import webhooks
+from .formats import FORMATS
+from .signing import MAX_SECRETS, new_secret
 
-SECRET_PREFIX = "whsec_"
-FORMATS = ("native", "slack", "alertmanager")
-MAX_SECRETS = 2
-_SYNC_LOCK = 0x6F707469 + 1  # beside migrate's lock key  # during a rotation: the new one and the one receivers may still hold
-
-
-def new_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(32)).decode()
-
-
-def hmac_sha256(key: bytes, message: bytes) -> bytes:
-    """The signing primitive (checked against GitHub's published webhook test vector)."""
-    return hmac.new(key, message, hashlib.sha256).digest()
-
-
-def _key(secret: str) -> bytes:
-    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
-
-
-def signature(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    return " ".join("v1," + base64.b64encode(hmac_sha256(_key(s), signed)).decode() for s in secrets)
-
-
-def headers(secrets: list[str] | None, msg_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
-    ts = int(time.time() if now is None else now)
-    out = {"webhook-id": msg_id, "webhook-timestamp": str(ts)}
-    if secrets:
-        out["webhook-signature"] = signature(secrets, msg_id, ts, body)
-    return out
+_SYNC_LOCK = 0x6F707469 + 1  # beside migrate's lock key
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -60,15 +25,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if eq and fmt in FORMATS:
         return fmt, url.strip()
     return "native", spec.strip()
-
-
-def valid_secret(secret: str) -> bool:
-    if not secret.startswith(SECRET_PREFIX):
-        return False
-    try:
-        return 24 <= len(_key(secret)) <= 64
-    except ValueError:
-        return False
 
 
 def check_url(url: str) -> None:
@@ -94,9 +50,10 @@ def create(engine: Engine, url: str, fmt: str, project: str | None, secret: str 
     secret = secret or (new_secret() if signed else None)
     now = time.time()
     with engine.begin() as conn:
-        wid = conn.execute(insert(webhooks).values(
+        key: Any = conn.execute(insert(webhooks).values(
             url=url, format=fmt, project=project, secrets=[secret] if secret else None, source="api",
-            created_at=now, created_by=actor)).inserted_primary_key[0]
+            created_at=now, created_by=actor)).inserted_primary_key
+        wid = key[0]
         write_audit(conn, actor, "webhook.create", project, wid, {"url": url, "format": fmt}, remote)
         row = conn.execute(select(webhooks).where(webhooks.c.id == wid)).mappings().one()
     return public(row), secret
@@ -154,7 +111,7 @@ def _row(conn: Connection, *cols, webhook_id: int):
     return row
 
 
-def targets_for(conn: Connection, project: str) -> list:
+def targets_for(conn: Connection, project: str) -> Sequence[Any]:
     """The enabled endpoints that receive a project's alerts."""
     return conn.execute(select(webhooks.c.id, webhooks.c.url).where(
         webhooks.c.disabled_at.is_(None),

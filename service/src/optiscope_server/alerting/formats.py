@@ -9,8 +9,7 @@ than a body that Slack, Alertmanager or a strict parser would reject.
 from __future__ import annotations
 
 import json
-import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from optiscope import wire
 
@@ -37,7 +36,7 @@ def render(fmt: str, event: dict) -> tuple[bytes, str]:
     ValueError for an unknown format or an alert state other than firing/resolved; such an event
     can never be delivered, however often it is retried."""
     if fmt == "native":
-        return _dump(_spelled(event)), CONTENT_TYPE
+        return _dump(wire.json_safe(event)), CONTENT_TYPE
     if fmt == "slack":
         return _dump(slack_message(event)), CONTENT_TYPE
     if fmt == "alertmanager":
@@ -52,17 +51,6 @@ def _dump(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _spelled(obj):
-    """``obj`` with every non-finite float spelled as the wire does (NaN, Infinity, -Infinity)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return wire.encode_value(obj)
-    if isinstance(obj, dict):
-        return {k: _spelled(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_spelled(v) for v in obj]
-    return obj
-
-
 def _value_text(value) -> str:
     """A metric value as text: floats in their shortest exact form, non-finite ones spelled."""
     if value is None:
@@ -70,8 +58,7 @@ def _value_text(value) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, (int, float)):
-        v = wire.encode_value(value)
-        return v if isinstance(v, str) else repr(v)
+        return wire.value_text(value)
     return str(value)  # already spelled by the collector
 
 
@@ -101,7 +88,7 @@ def _times(event: dict) -> tuple[float, float | None]:
 
 
 def _rfc3339(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # -- Slack -----------------------------------------------------------------------------------------

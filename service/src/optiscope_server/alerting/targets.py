@@ -105,7 +105,7 @@ def resolve(url: str, allow_internal: bool = False) -> Target:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         raise TargetRefused("unresolvable", f"host {host!r} does not resolve: {e}") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))  # unique, resolver order kept
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))  # unique, resolver order kept
     if not addresses:
         raise TargetRefused("unresolvable", f"host {host!r} has no addresses")
     for a in addresses:
@@ -140,7 +140,10 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.target = target
 
     def connect(self) -> None:
-        self.sock = _connect_checked(self.target, self.timeout)
+        self.sock = _connect_checked(self.target, self._seconds())
+
+    def _seconds(self) -> float:
+        return self.timeout if self.timeout is not None else socket.getdefaulttimeout() or 10.0
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -150,7 +153,7 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.target = target
 
     def connect(self) -> None:
-        sock = _connect_checked(self.target, self.timeout)
+        sock = _connect_checked(self.target, self.timeout if self.timeout is not None else 10.0)
         try:
             self.sock = self._ctx.wrap_socket(sock, server_hostname=self.target.host)
         except BaseException:

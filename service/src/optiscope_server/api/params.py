@@ -10,12 +10,8 @@ from fastapi import Request
 
 from optiscope import wire
 
-from . import models as m
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, reason: str, detail):
-        self.status, self.reason, self.detail = status, reason, detail
+from . import schemas as m
+from .errors import ApiError
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -95,12 +91,10 @@ async def refuse_nul(request: Request) -> None:  # async: no I/O, so no hop to t
         raise ApiError(422, "bad_character", "the path or query contains a NUL character")
 
 
-def series_csv(data: "m.SeriesData") -> str:
+def series_csv(data: m.SeriesData) -> str:
     """step,rank,value lines; values as Python's shortest round-trip repr, non-finite ones spelt
     as in JSON responses (NaN, Infinity, -Infinity)."""
-    spell = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
     lines = ["step,rank,value"]
     for s, r, v in zip(data.steps, data.ranks, data.values):
-        x = repr(v)
-        lines.append(f"{s},{r},{spell.get(x, x)}")
+        lines.append(f"{s},{r},{wire.value_text(v)}")
     return "\n".join(lines) + "\n"

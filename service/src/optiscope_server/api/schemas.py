@@ -6,7 +6,7 @@ the same spelling as the wire format: non-finite values are data, never null.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -202,6 +202,51 @@ class AlertOut(BaseModel):
 class AlertList(BaseModel):
     alerts: list[AlertOut]
     next_cursor: str | None = Field(None, description="pass as cursor= for older alerts")
+
+
+class FinishIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["finished", "crashed"] = "finished"
+    rank: int = Field(0, ge=0, le=wire.MAX_RANK)
+
+
+class HeartbeatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(0, ge=0, le=wire.MAX_RANK)
+
+
+class AckIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str | None = Field(None, max_length=1000, pattern=NO_NUL)
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=2000, pattern=r"^https?://[^\x00\s]+$")
+    format: Literal["native", "slack", "alertmanager"] = "native"
+    project: str | None = Field(None, pattern=wire.NAME_RE.pattern, max_length=wire.MAX_NAME_LEN,
+                                description="whose alerts it receives; a project token's own by default; "
+                                            "null with the root token: every project's")
+    secret: str | None = Field(None, max_length=200, description="whsec_...; made here when absent")
+    signed: bool = Field(True, description="false: no webhook-signature (Slack and Alertmanager ignore it)")
+
+
+class WebhookOut(BaseModel):
+    id: int
+    url: str
+    format: str
+    project: str | None
+    secrets: int = Field(description="number of signing secrets (two during a rotation)")
+    source: str = Field(description="api, or config: given on the collector's command line")
+    created_at: float
+    created_by: str | None
+    disabled_at: float | None
+    disabled_reason: str | None
+    secret: str | None = Field(None, description="the new signing secret: shown once, on creation or rotation")
+
+
+class WebhookList(BaseModel):
+    webhooks: list[WebhookOut]
 
 
 _RUN_FIELDS = ("id", "project", "name", "status", "host", "created_at", "updated_at", "finished_at")

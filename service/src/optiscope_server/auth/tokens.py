@@ -1,4 +1,4 @@
-"""Access control: API tokens scoped to one project, and the audit log of administrative actions.
+"""API tokens scoped to one project: creation, listing, revocation, and the verifier.
 
 A token reads ``osk_<id>_<secret>``: the prefix makes a leaked token recognisable to secret
 scanners, the id finds its row without a scan, and only a SHA-256 of the whole token is stored,
@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import time
-from dataclasses import dataclass
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
-from .db import audit, projects, tokens
+from ..storage.audit import write_audit
+from ..storage.runs import ensure_project
+from ..storage.tables import tokens
+from .principals import SCOPES, Principal
 
 PREFIX = "osk_"
-SCOPES = ("ingest", "read", "admin")
 TOKEN_RE = re.compile(r"osk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 #: last_used_at is written at most this often per token: a write per request would queue every
 #: read behind SQLite's one writer.
@@ -30,37 +30,6 @@ _TOUCH_EVERY = 60.0
 #: How long "no token exists" is believed before the table is asked again.
 NO_TOKEN_TTL = 1.0
 _DUMMY_HASH = hashlib.sha256(b"optiscope-no-such-token").hexdigest()
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: ``project`` None means every project (the root token, or an open collector)."""
-
-    actor: str
-    project: str | None
-    scopes: frozenset[str]
-
-    def allows(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
-
-    def sees(self, project: str) -> bool:
-        return self.project is None or self.project == project
-
-
-ROOT = Principal("root", None, frozenset(SCOPES))
-OPEN = Principal("anonymous", None, frozenset(SCOPES))
-
-
-def loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine's loopback (with or without a port)."""
-    host = host.strip().lower()
-    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-    if name in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _hash(token: str) -> str:
@@ -152,33 +121,3 @@ class Verifier:
         self._touched[token_id] = now
         with self.engine.begin() as conn:
             conn.execute(update(tokens).where(tokens.c.id == token_id).values(last_used_at=now))
-
-
-def ensure_project(conn, project: str, now: float) -> None:
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as ins
-    else:
-        from sqlalchemy.dialects.sqlite import insert as ins
-    conn.execute(ins(projects).values(name=project, created_at=now).on_conflict_do_nothing())
-
-
-def write_audit(conn, actor: str, action: str, project: str | None, target: str | None, detail: dict | None = None,
-                remote: str | None = None) -> None:
-    """One audit entry, in the caller's transaction: the action and its record commit together."""
-    conn.execute(insert(audit).values(at=time.time(), actor=actor[:200], action=action, project=project,
-                                      target=None if target is None else str(target)[:200], detail=detail,
-                                      remote=remote))
-
-
-def list_audit(engine: Engine, project: str | None, action: str | None, limit: int,
-               before: int | None = None) -> list[dict]:
-    q = select(audit).order_by(audit.c.id.desc()).limit(limit)
-    if project is not None:
-        q = q.where(audit.c.project == project)
-    if action is not None:
-        q = q.where(audit.c.action == action)
-    if before is not None:
-        q = q.where(audit.c.id < before)
-    with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(q).mappings()]

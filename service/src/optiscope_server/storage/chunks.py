@@ -112,14 +112,14 @@ def merge(rows, start: int | None, end: int | None, limit: int,
         p = downsample.plan(list(ranks.values()), max_points)
         if p is not None:
             width = p.width
-            for r, (s, v) in ranks.items():
+            for rank, (s, v) in ranks.items():
                 k = downsample.keep(s, v, p)
-                ranks[r] = (s[k], v[k])
+                ranks[rank] = (s[k], v[k])
     if not ranks:
         return [], [], [], False, width
     if len(ranks) == 1:
-        ((r0, (s, v)),) = ranks.items()
-        r = np.full(len(s), r0, dtype=np.int64)
+        ((only, (s, v)),) = ranks.items()
+        r = np.full(len(s), only, dtype=np.int64)
     else:
         s = np.concatenate([x for x, _ in ranks.values()])
         v = np.concatenate([x for _, x in ranks.values()])

@@ -25,7 +25,9 @@ def config() -> Config:
 
 
 def head() -> str:
-    return ScriptDirectory.from_config(config()).get_current_head()
+    newest = ScriptDirectory.from_config(config()).get_current_head()
+    assert newest is not None, "the migrations folder has no revisions"
+    return newest
 
 
 def current(engine: Engine) -> str | None:

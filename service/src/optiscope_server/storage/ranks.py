@@ -1,34 +1,67 @@
-"""Run lifecycle: finishing ranks, heartbeats, and marking crashed the ranks that fell silent.
+"""The ranks of a run: finishing, heartbeats, liveness, and marking crashed the ranks that fell silent.
 
-Mixed into ``Store``: it uses the store's engine, writer lock, per-run locks and ``_settle``.
+A rank's ``last_seen`` is written by its registration, its heartbeats and its batches; a batch
+rewrites it only every ``seen_interval`` seconds (kept below a quarter of the heartbeat timeout, so
+no busy rank looks silent), sparing a write per batch. The ``Reaper`` thread marks crashed the
+running ranks silent for longer than the timeout; hearing from one again revives it.
 """
 from __future__ import annotations
 
-import json
+import collections
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Connection
 
-from .db import run_ranks, runs
+from .database import Database
 from .errors import NotFound
+from .runs import settle
+from .tables import run_ranks, runs
 
 log = logging.getLogger("optiscope.server")
 
+#: (run, rank) pairs whose last write of last_seen is remembered; the least recently used leaves.
+SEEN_MEMO_RANKS = 4096
 
-class Lifecycle:
-    def heartbeat(self, run_id: str, rank: int = 0) -> dict:
-        """A rank is alive: note the time, and revive it if silence had marked it crashed."""
-        now = time.time()
-        with self._writer, self.engine.begin() as conn:
-            if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-                raise NotFound(run_id)
-            row = self._seen(conn, run_id, rank, now, register=True)
-        return dict(row)
 
-    def _seen(self, conn: Connection, run_id: str, rank: int, now: float, register: bool = False):
+class RankStore:
+    def __init__(self, db: Database, seen_interval: float = 5.0):
+        self.db, self.seen_interval = db, seen_interval
+        # (run, rank) -> monotonic time its last_seen was last written by this replica.
+        self._seen_at: collections.OrderedDict[tuple[str, int], float] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        db.on_forget(self.forget)
+
+    def forget(self, run_id: str) -> None:
+        with self._lock:  # its next batch must reach seen(), to revive it
+            for key in [k for k in self._seen_at if k[0] == run_id]:
+                del self._seen_at[key]
+
+    # -- in a batch's transaction ------------------------------------------------------------
+    def touch(self, conn: Connection, run_id: str, rank: int, now: float) -> tuple[str, int] | None:
+        """Note a batch from the rank, unless this replica did so within ``seen_interval``. Returns
+        the key to ``remember`` once the transaction has committed (None: nothing written)."""
+        key = (run_id, rank)
+        with self._lock:
+            last = self._seen_at.get(key, -math.inf)
+        if time.monotonic() - last < self.seen_interval:
+            return None
+        self.seen(conn, run_id, rank, now)
+        return key
+
+    def remember(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._seen_at[key] = time.monotonic()
+            self._seen_at.move_to_end(key)
+            while len(self._seen_at) > SEEN_MEMO_RANKS:
+                self._seen_at.popitem(last=False)
+
+    def seen(self, conn: Connection, run_id: str, rank: int, now: float, register: bool = False) -> Any:
         """Note that a rank was heard from; a rank that silence marked crashed is running again.
         Returns the run row when ``register`` or when the run's status may have changed."""
         got = conn.execute(update(run_ranks).where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
@@ -40,66 +73,66 @@ class Lifecycle:
             conn.execute(update(run_ranks).where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
                          .values(status="running", crash_reason=None, finished_at=None))
             log.info("run %s rank %d is heard from again after being marked crashed", run_id, rank)
-            return self._settle(conn, run_id, now)
-        return self._settle(conn, run_id, now) if register else None
+            return settle(conn, run_id, now)
+        return settle(conn, run_id, now) if register else None
+
+    # -- requests ----------------------------------------------------------------------------
+    def heartbeat(self, run_id: str, rank: int = 0) -> dict:
+        """A rank is alive: note the time, and revive it if silence had marked it crashed."""
+        now = time.time()
+        with self.db.write() as conn:
+            _exists(conn, run_id)
+            row = self.seen(conn, run_id, rank, now, register=True)
+        return dict(row)
+
+    def finish_run(self, run_id: str, status: str, rank: int = 0) -> dict:
+        """Mark a rank finished or crashed (reported by the SDK); returns the run's row."""
+        now = time.time()
+        reason = "reported" if status == "crashed" else None
+        with self.db.write() as conn:
+            _exists(conn, run_id)
+            ins = self.db.insert(run_ranks).values(run_id=run_id, rank=rank, status=status, started_at=now,
+                                                   finished_at=now, last_seen=now, crash_reason=reason)
+            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"], set_={
+                "status": status, "finished_at": now, "last_seen": now, "crash_reason": reason}))
+            row = settle(conn, run_id, now)
+        if row["status"] != "running":
+            # A finished run sends no more batches (a late one restores the state from the store).
+            self.db.forget(run_id)
+        return dict(row)
 
     def mark_silent(self, timeout: float, now: float | None = None) -> list[str]:
         """Mark crashed every running rank not heard from for ``timeout`` seconds (its process died
         without a word: killed, out of memory, the node lost); returns the runs that changed. Safe on
         every replica at once: the update re-checks the silence in its WHERE."""
         now = time.time() if now is None else now
-        cutoff = now - timeout
-        silent = and_(run_ranks.c.status == "running", run_ranks.c.last_seen < cutoff)
-        with self.engine.connect() as conn:
+        silent = and_(run_ranks.c.status == "running", run_ranks.c.last_seen < now - timeout)
+        with self.db.read() as conn:
             ids = sorted({r for (r,) in conn.execute(select(run_ranks.c.run_id).where(silent))})
         changed = []
         for run_id in ids:
-            with self._run_lock(run_id), self._writer, self.engine.begin() as conn:
+            with self.db.run_lock(run_id), self.db.write() as conn:
                 n = conn.execute(update(run_ranks).where(run_ranks.c.run_id == run_id, silent)
                                  .values(status="crashed", crash_reason="heartbeat", finished_at=now)).rowcount
                 if n:
-                    row = self._settle(conn, run_id, now)
+                    row = settle(conn, run_id, now)
                     changed.append(run_id)
                     log.warning("run %s: %d rank(s) silent for %.0f s, marked crashed (now %s)", run_id, n, timeout,
                                 row["status"])
-            self._detectors.pop(run_id, None)
-            with self._cache_lock:  # its next batch must reach _seen, to revive it
-                for key in [k for k in self._seen_at if k[0] == run_id]:
-                    del self._seen_at[key]
+            self.db.forget(run_id)
         return changed
 
-    def _settle(self, conn: Connection, run_id: str, now: float):
-        """The run's status from its ranks': crashed if one crashed, finished when all finished."""
-        states = {s for (s,) in conn.execute(select(run_ranks.c.status).where(run_ranks.c.run_id == run_id))}
-        status = "crashed" if "crashed" in states else "running" if "running" in states or not states else "finished"
-        current = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one_or_none()
-        if current is not None and current != status:
-            conn.execute(update(runs).where(runs.c.id == run_id).values(
-                status=status, updated_at=now, finished_at=None if status == "running" else now))
-        return conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
 
-    def finish_run(self, run_id: str, status: str, rank: int = 0) -> dict:
-        now = time.time()
-        reason = "reported" if status == "crashed" else None
-        with self._writer, self.engine.begin() as conn:
-            if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-                raise NotFound(run_id)
-            ins = self._insert(run_ranks).values(run_id=run_id, rank=rank, status=status, started_at=now,
-                                                 finished_at=now, last_seen=now, crash_reason=reason)
-            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"], set_={
-                "status": status, "finished_at": now, "last_seen": now, "crash_reason": reason}))
-            row = self._settle(conn, run_id, now)
-        if row["status"] != "running":
-            # A finished run sends no more batches (a late one restores the state from the store).
-            self._detectors.pop(run_id, None)
-        return dict(row)
+def _exists(conn: Connection, run_id: str) -> None:
+    if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
+        raise NotFound(run_id)
 
 
 class Reaper:
     """Marks crashed the ranks silent for longer than the heartbeat timeout, from a thread of its own."""
 
-    def __init__(self, store, timeout: float, on_crash):
-        self.store, self.timeout, self.on_crash = store, timeout, on_crash
+    def __init__(self, ranks: RankStore, timeout: float, on_crash: Callable[[], None]):
+        self.ranks, self.timeout, self.on_crash = ranks, timeout, on_crash
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="optiscope-reaper", daemon=True)
 
@@ -114,7 +147,7 @@ class Reaper:
                 # from our start to be heard from before silence counts against it.
                 continue
             try:
-                for _ in self.store.mark_silent(self.timeout):
+                for _ in self.ranks.mark_silent(self.timeout):
                     self.on_crash()
             except Exception:  # the next round tries again
                 log.warning("heartbeat check failed", exc_info=True)
@@ -122,20 +155,3 @@ class Reaper:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-
-
-def environment_differences(envs: list[dict]) -> list[str]:
-    """Top-level environment keys (``packages.torch`` one level down for dicts) whose values are not
-    the same on every rank that reported one; host and pid are expected to differ and are left out."""
-    if len(envs) < 2:
-        return []
-    keys: set[str] = set()
-    for env in envs:
-        for k, v in env.items():
-            keys.update(f"{k}.{k2}" for k2 in v) if isinstance(v, dict) else keys.add(k)
-    def get(env, key):
-        top, _, sub = key.partition(".")
-        v = env.get(top)
-        return v.get(sub) if sub and isinstance(v, dict) else v
-    ignore = {"host", "pid"}
-    return sorted(k for k in keys if k not in ignore and len({json.dumps(get(e, k), sort_keys=True) for e in envs}) > 1)

@@ -1,16 +1,23 @@
-"""Schema and engine: one code path for SQLite (WAL) and PostgreSQL through SQLAlchemy 2."""
+"""The schema: every table of the collector's database, one definition for SQLite and PostgreSQL."""
 from __future__ import annotations
 
-import logging
 import math
-import threading
 
-from sqlalchemy import (BigInteger, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
-                        Table, Text, UniqueConstraint, create_engine, event)
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.types import JSON, TypeDecorator
-
-log = logging.getLogger("optiscope.server")
 
 
 class Value(TypeDecorator):
@@ -208,59 +215,3 @@ audit = Table(
     Column("remote", String(100)),
     Index("ix_audit_project_id", "project", "id"),
 )
-
-
-def make_engine(url: str, migrate: bool = True) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer
-            cur.execute("PRAGMA synchronous=NORMAL")    # durable across process crashes in WAL mode
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA cache_size=-32768")      # 32 MiB: the chunk index of a long run stays in memory
-            # No checkpoint inside a commit: its fsync grows with the file (tens of ms, then hundreds)
-            # and would land on whichever batch happened to cross the threshold. Checkpointer does it.
-            cur.execute("PRAGMA wal_autocheckpoint=0")
-            cur.close()
-    else:
-        engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
-    if migrate:
-        from .migrate import upgrade
-        upgrade(engine)
-    return engine
-
-
-class Checkpointer:
-    """SQLite only: copies the write-ahead log into the database file from a thread of its own, so
-    commits never wait for it. A passive checkpoint runs beside the writer; when the log has grown
-    past ``max_wal_pages`` anyway (the writer never paused), the rest is checkpointed and the log
-    restarted while holding ``writer``, which bounds the log at a short pause for the writer."""
-
-    def __init__(self, engine: Engine, writer: threading.Lock, interval: float = 0.5, max_wal_pages: int = 16384):
-        self.engine, self.writer, self.interval, self.max_wal_pages = engine, writer, interval, max_wal_pages
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="optiscope-checkpoint", daemon=True)
-        self._thread.start()
-
-    def checkpoint(self) -> None:
-        with self.engine.connect() as conn:
-            _busy, log_pages, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
-            if log_pages > self.max_wal_pages:
-                with self.writer:
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").one()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.checkpoint()
-            except Exception:  # the next round tries again; a failing disk shows in the commits
-                log.warning("WAL checkpoint failed", exc_info=True)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        with self.writer, self.engine.connect() as conn:  # leave a short log behind
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()

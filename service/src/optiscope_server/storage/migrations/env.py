@@ -2,7 +2,7 @@
 hands over, inside its transaction, so an upgrade is all or nothing where the database allows."""
 from alembic import context
 
-from optiscope_server.db import metadata
+from optiscope_server.storage.tables import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata,
