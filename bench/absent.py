@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from overhead import GPT  # the overhead benchmark's transformer (this folder is on sys.path)
 
 import optiscope
-from overhead import GPT  # the overhead benchmark's transformer (this folder is on sys.path)
 
 SIZES = {
     "reference": dict(vocab=2048, d=128, layers=2, heads=4, ctx=64, batch=4, steps=2000),

@@ -119,7 +119,7 @@ def main() -> int:
             act.close()
 
     times = {"bare": [], "vitals off": [], "vitals on": []}
-    for r in range(rounds):
+    for _ in range(rounds):
         for k in times:
             probe = act = None
             if k != "bare":

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Collector, free_port, wait_until
 from optiscope import wire
+
+from conftest import Collector, free_port, wait_until
 
 OPTISCOPE = str(Path(sys.executable).parent / "optiscope")
 
@@ -112,7 +113,7 @@ def test_every_endpoint_refuses_what_it_must_and_allows_its_scope(secured):
              "not-a-token", t["revoked"]]
     failures = []
     for method, path, body, scope in endpoints(alert_id, c.hook_id):
-        def expect(token, status, reason, what):
+        def expect(token, status, reason, what, method=method, path=path, body=body):
             r = call(method, path, body, token)
             got = (r.status_code, r.json().get("reason") if r.headers.get("content-type", "").startswith(
                 "application/json") and r.status_code >= 400 else None)

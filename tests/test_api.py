@@ -10,8 +10,9 @@ import math
 
 import httpx
 
-from conftest import Collector
 from optiscope import wire
+
+from conftest import Collector
 
 
 def register(c, run_id="run1", project="p", token=None, **extra):

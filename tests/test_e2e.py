@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import optiscope
+
 from conftest import wait_until
 
 STEPS = 40

@@ -12,8 +12,9 @@ import time
 
 import httpx
 
-from conftest import Collector, wait_until
 from optiscope import wire
+
+from conftest import Collector, wait_until
 
 
 def put(c, run_id, project="p", **extra):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
 from optiscope.wire import CATALOG
+
+from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 

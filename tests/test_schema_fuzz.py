@@ -46,8 +46,9 @@ import pytest
 import schemathesis
 from hypothesis import strategies as st
 
-from conftest import Collector
 from optiscope import wire
+
+from conftest import Collector
 
 MAX_EXAMPLES = int(os.environ.get("OPTISCOPE_FUZZ_EXAMPLES", "30"))  # per operation and mode
 INGEST_EXAMPLES = 6 * MAX_EXAMPLES  # bodies posted by test_ingest_never_answers_5xx_to_damaged_batches

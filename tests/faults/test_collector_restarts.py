@@ -8,6 +8,7 @@ import time
 import torch
 
 import optiscope
+
 from conftest import Collector, wait_until
 
 
