@@ -14,6 +14,7 @@ Exit status 1 when they did not.
 Only public APIs are used (``optiscope.init``, ``run.watch``, ``run.log``, ``run.finish``,
 ``run.counters``, the REST API), so the numbers stay meaningful whatever the transport does inside.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,21 +96,36 @@ def stored_series(base: str, name: str) -> dict:
 def start_collector(port: int, workdir: Path, timeout: float = 60.0) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "optiscope"
     log = open(workdir / "collector.log", "w")
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--db", f"sqlite:///{workdir / 'optiscope.db'}",
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            f"sqlite:///{workdir / 'optiscope.db'}",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the collector exited with {proc.returncode}:\n"
-                               + (workdir / "collector.log").read_text()[-4000:])
+            raise RuntimeError(
+                f"the collector exited with {proc.returncode}:\n" + (workdir / "collector.log").read_text()[-4000:]
+            )
         try:
             if get(f"http://127.0.0.1:{port}/healthz", timeout=1)["status"] == "ok":
                 return proc
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"the collector did not answer /healthz within {timeout:.0f}s:\n"
-                       + (workdir / "collector.log").read_text()[-4000:])
+    raise RuntimeError(
+        f"the collector did not answer /healthz within {timeout:.0f}s:\n"
+        + (workdir / "collector.log").read_text()[-4000:]
+    )
 
 
 def metric(text: str, sample: str) -> float:
@@ -140,8 +156,9 @@ def main() -> int:
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, size["vocab"], (64, batch, size["ctx"] + 1), generator=gen)
     n_params = sum(p.numel() for p in models[0].parameters())
-    run = optiscope.init(project="bench-absent", url=f"http://127.0.0.1:{port}",
-                         config={"steps": steps, "params": n_params})
+    run = optiscope.init(
+        project="bench-absent", url=f"http://127.0.0.1:{port}", config={"steps": steps, "params": n_params}
+    )
     run.watch(opts[1], models[1])
     logged: list[tuple] = []  # what run.log was given, read back after the run to check delivery
 
@@ -173,7 +190,7 @@ def main() -> int:
     t_train = time.perf_counter()
     for i in range(steps):
         # Alternate which model goes first: the second step of a pair tends to run warmer.
-        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
             times[k].append(step(i, k))
         if i == warm:
             rss0 = rss_peak = rss()
@@ -209,8 +226,10 @@ def main() -> int:
         stored_batches = metric(m, 'optiscope_ingest_batches_total{outcome="stored"}')
         # Exactly once: the collector stored each batch the SDK saw acknowledged once, no more.
         if stored_points != after["sent_points"] or stored_batches != after["sent_batches"]:
-            problems.append(f"collector stored {stored_points:.0f} points in {stored_batches:.0f} batches; the SDK "
-                            f"had {after['sent_points']} acknowledged in {after['sent_batches']}")
+            problems.append(
+                f"collector stored {stored_points:.0f} points in {stored_batches:.0f} batches; the SDK "
+                f"had {after['sent_points']} acknowledged in {after['sent_batches']}"
+            )
         if after["dropped"] or after["rejected_batches"] or after["bad_values"]:
             problems.append(f"SDK counters: {after}")
         spool_left = tree_bytes(work / "spool")
@@ -226,34 +245,48 @@ def main() -> int:
     paired = statistics.median(a - b for a, b in zip(times[1], times[0]))
     mean_bare, mean_att = statistics.fmean(times[0]), statistics.fmean(times[1])
     mib = 1 / 2**20
-    print(f"# collector absent for a whole run: {'smoke' if args.smoke else 'reference'} transformer, "
-          f"{n_params / 1e6:.2f}M params, AdamW, batch {batch}x{size['ctx']} tokens, {torch.get_num_threads()} "
-          f"threads, {steps} paired steps, run.watch defaults, 3 values logged per step, "
-          f"1-min load average before the run {load:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"# collector absent for a whole run: {'smoke' if args.smoke else 'reference'} transformer, "
+        f"{n_params / 1e6:.2f}M params, AdamW, batch {batch}x{size['ctx']} tokens, {torch.get_num_threads()} "
+        f"threads, {steps} paired steps, run.watch defaults, 3 values logged per step, "
+        f"1-min load average before the run {load:.1f} on {os.cpu_count()} CPUs"
+    )
     print()
     print("| measure | bare | optiscope attached, collector absent | attached / bare |")
     print("|---|---|---|---|")
     print(f"| step time, median (ms) | {bare * 1e3:.2f} | {att * 1e3:.2f} | {att / bare:.3f} |")
     print(f"| step time, paired difference, median (ms) | — | {paired * 1e3:+.3f} | {1 + paired / bare:.3f} |")
-    print(f"| step time, mean incl. sampled steps (ms) | {mean_bare * 1e3:.2f} | {mean_att * 1e3:.2f} | "
-          f"{mean_att / mean_bare:.3f} |")
+    print(
+        f"| step time, mean incl. sampled steps (ms) | {mean_bare * 1e3:.2f} | {mean_att * 1e3:.2f} | "
+        f"{mean_att / mean_bare:.3f} |"
+    )
     cpu = "n/a" if exporter_cpu is None else f"{exporter_cpu:.2f} s ({100 * exporter_cpu / t_train:.1f}% of the run)"
     print(f"| exporter thread CPU during training | — | {cpu} | — |")
-    print(f"| RSS growth after step {warm}: at mid-run / peak / end (MiB) | — | {(rss_mid - rss0) * mib:.1f}"
-          f" / {(rss_peak - rss0) * mib:.1f} / {(rss_end - rss0) * mib:.1f} | — |")
-    print(f"| spool on disk at end of training (MiB) | — | {spool_bytes * mib:.2f} "
-          f"({before['spooled_batches']} batches) | — |")
-    print(f"| SDK counters at end of training | — | retries {before['retries']}, dropped {before['dropped']}, "
-          f"spool_full {before['spool_full']}, sent_points {before['sent_points']} | — |")
-    print(f"| delivered after the collector started | — | {after['sent_points']} points in {after['sent_batches']} "
-          f"batches, {t_deliver:.1f} s; spool left {spool_left} bytes | — |")
+    print(
+        f"| RSS growth after step {warm}: at mid-run / peak / end (MiB) | — | {(rss_mid - rss0) * mib:.1f}"
+        f" / {(rss_peak - rss0) * mib:.1f} / {(rss_end - rss0) * mib:.1f} | — |"
+    )
+    print(
+        f"| spool on disk at end of training (MiB) | — | {spool_bytes * mib:.2f} "
+        f"({before['spooled_batches']} batches) | — |"
+    )
+    print(
+        f"| SDK counters at end of training | — | retries {before['retries']}, dropped {before['dropped']}, "
+        f"spool_full {before['spool_full']}, sent_points {before['sent_points']} | — |"
+    )
+    print(
+        f"| delivered after the collector started | — | {after['sent_points']} points in {after['sent_batches']} "
+        f"batches, {t_deliver:.1f} s; spool left {spool_left} bytes | — |"
+    )
     print()
     if problems:
         print("delivery: FAILED: " + "; ".join(problems) + f" (spool and collector log kept in {work})")
         return 1
     shutil.rmtree(work, ignore_errors=True)
-    print(f"delivery: every point arrived exactly once ({steps} steps x 3 logged series, lr at every step, "
-          f"{after['sent_points']} points stored once)")
+    print(
+        f"delivery: every point arrived exactly once ({steps} steps x 3 logged series, lr at every step, "
+        f"{after['sent_points']} points stored once)"
+    )
     return 0
 
 

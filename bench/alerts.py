@@ -34,6 +34,7 @@ own run and send bench/ingest.py's batches (100 steps x 300 series, some NaN and
 series, none in `loss`) back to back for as long as the incidents take; their throughput is
 printed below the tables. Target (from the issue): p99 <= 1 s from the post to the receiver.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,10 +63,10 @@ from ingest import DEFAULT_PG, Trainer, each_store, pct, start_collector  # noqa
 from optiscope import wire  # noqa: E402
 
 P99_TARGET_MS = 1000.0
-RUNS = 10                 # incidents go to these runs in turn
+RUNS = 10  # incidents go to these runs in turn
 DELIVERY_TIMEOUT_S = 10.0  # after this a delivery counts as missing
 TIMESTAMP_TOLERANCE_S = 300  # Standard Webhooks' recommended tolerance
-LOAD_WARMUP_S = 1.5       # the trainers are sending before the first incident under load
+LOAD_WARMUP_S = 1.5  # the trainers are sending before the first incident under load
 
 
 # -- the webhook receiver ----------------------------------------------------------------------
@@ -140,8 +141,12 @@ class Receiver:
 
     def counts(self) -> dict:
         with self.cond:
-            return {"deliveries": self.deliveries, "bad_signatures": self.bad_signatures,
-                    "duplicates": self.duplicates, "unreadable": self.unreadable}
+            return {
+                "deliveries": self.deliveries,
+                "bad_signatures": self.bad_signatures,
+                "duplicates": self.duplicates,
+                "unreadable": self.unreadable,
+            }
 
     def close(self) -> None:
         self.server.shutdown()
@@ -152,6 +157,7 @@ class Receiver:
 def loader(url: str, n_series: int, steps: int, seed: int, stop, out) -> None:
     """One trainer's process: its own run, bench/ingest.py's batches back to back until stop is set."""
     from optiscope.transport.http import HttpClient
+
     run_id = f"load-{uuid.uuid4().hex[:12]}"
     client = HttpClient(url, timeout=60)
     status, _, payload = client.request("PUT", f"/api/v1/runs/{run_id}", {"project": "bench-load", "name": run_id})
@@ -189,8 +195,11 @@ class Runs:
         self.seq[rid] += 1
         body = wire.encode_batch(wire.Batch(rid, 0, seq, [(seq, time.time(), {"loss": value})]))
         t0 = time.perf_counter()
-        r = self.client.post(f"{self.url}/api/v1/runs/{rid}/batches", content=body,
-                             headers={"Content-Type": "application/vnd.optiscope.batch"})
+        r = self.client.post(
+            f"{self.url}/api/v1/runs/{rid}/batches",
+            content=body,
+            headers={"Content-Type": "application/vnd.optiscope.batch"},
+        )
         return seq, t0, time.perf_counter(), r
 
 
@@ -211,8 +220,14 @@ def incidents(runs: Runs, receiver: Receiver, n: int, warmup: int) -> dict:
                 out.append(1e3 * (t - t0))
                 if kind == "alert.firing":
                     ingest.append(1e3 * (t1 - t0))
-    return {"fired": sorted(fired), "resolved": sorted(resolved), "ingest": sorted(ingest), "missing": missing,
-            "no_alert": no_alert, "n": n}
+    return {
+        "fired": sorted(fired),
+        "resolved": sorted(resolved),
+        "ingest": sorted(ingest),
+        "missing": missing,
+        "no_alert": no_alert,
+        "n": n,
+    }
 
 
 def measure(db: str, workdir: Path, args) -> dict:
@@ -241,6 +256,7 @@ def measure(db: str, workdir: Path, args) -> dict:
 
                     def registered() -> int:
                         return len(client.get(f"{url}/api/v1/runs?project=bench-load").json().get("runs", []))
+
                     while registered() < args.load and time.monotonic() < deadline:
                         time.sleep(0.2)
                     time.sleep(LOAD_WARMUP_S)
@@ -253,10 +269,14 @@ def measure(db: str, workdir: Path, args) -> dict:
                 for p in procs:
                     p.join(30)
                 done = [d for r in results for d in r["done"] if w0 <= d[0] < w1]
-                res["load"] = {"trainers": args.load, "points_per_s": sum(d[2] for d in done) / (w1 - w0),
-                               "batch_p50_ms": statistics.median(1e3 * d[1] for d in done) if done else math.nan,
-                               "batches": len(done), "refused": sum(r["refused"] for r in results),
-                               "per_batch": Trainer("x", args.series, args.steps, 0).per_batch}
+                res["load"] = {
+                    "trainers": args.load,
+                    "points_per_s": sum(d[2] for d in done) / (w1 - w0),
+                    "batch_p50_ms": statistics.median(1e3 * d[1] for d in done) if done else math.nan,
+                    "batches": len(done),
+                    "refused": sum(r["refused"] for r in results),
+                    "per_batch": Trainer("x", args.series, args.steps, 0).per_batch,
+                }
                 out["under load"] = res
             time.sleep(0.3)  # a late repeat would still be counted
             out["receiver"] = receiver.counts()
@@ -281,8 +301,12 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="10 incidents per store, no load (CI)")
     ap.add_argument("--n", type=int, default=None, help="incidents per condition and store (default 200)")
     ap.add_argument("--warmup", type=int, default=3, help="incidents before the counted ones (default 3)")
-    ap.add_argument("--load", type=int, default=None, help="trainer processes sending during the second "
-                                                            "condition (default 3; 0: idle only)")
+    ap.add_argument(
+        "--load",
+        type=int,
+        default=None,
+        help="trainer processes sending during the second condition (default 3; 0: idle only)",
+    )
     ap.add_argument("--series", type=int, default=300, help="series per step of the load's batches (default 300)")
     ap.add_argument("--steps", type=int, default=100, help="steps per batch of the load (default 100)")
     ap.add_argument("--store", choices=("sqlite", "postgresql", "both"), default="both")
@@ -298,13 +322,17 @@ def main() -> int:
         rows: dict[str, dict | str] = each_store(args, Path(tmp), measure, "alerts.db")
 
     conditions = ("idle", "under load") if args.load else ("idle",)
-    print(f"# optiscope alert latency: a NaN `loss` posted -> its signed alert.firing at a webhook receiver on "
-          f"loopback; {args.n} incidents per row after {args.warmup} to warm up"
-          + (f"; load: {args.load} trainers of {args.series} series x {args.steps} steps per batch" if args.load else "")
-          + f"; {os.cpu_count()} CPUs")
+    print(
+        f"# optiscope alert latency: a NaN `loss` posted -> its signed alert.firing at a webhook receiver on "
+        f"loopback; {args.n} incidents per row after {args.warmup} to warm up"
+        + (f"; load: {args.load} trainers of {args.series} series x {args.steps} steps per batch" if args.load else "")
+        + f"; {os.cpu_count()} CPUs"
+    )
     print()
-    print("| store | condition | N | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | ingest p50 (ms) | "
-          "alert p50 / ingest p50 | signature failures | missing | p99 <= 1000 ms |")
+    print(
+        "| store | condition | N | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | ingest p50 (ms) | "
+        "alert p50 / ingest p50 | signature failures | missing | p99 <= 1000 ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for store, r in rows.items():
@@ -319,8 +347,10 @@ def main() -> int:
             ok &= c["missing"] == 0 and c["no_alert"] == 0 and len(f) == c["n"]
             ratio = f"{statistics.median(f) / statistics.median(g):.1f}x" if f and g else "—"
             met = "met" if f and pct(f, 99) <= P99_TARGET_MS else "NOT met"
-            print(f"| {store} | {cond} | {len(f)} | {ms(f)} | {ms(f, 95)} | {ms(f, 99)} | {ms(f, 100)} | {ms(g)} | "
-                  f"{ratio} | {bad} | {c['missing'] + c['no_alert']} | {met} |")
+            print(
+                f"| {store} | {cond} | {len(f)} | {ms(f)} | {ms(f, 95)} | {ms(f, 99)} | {ms(f, 100)} | {ms(g)} | "
+                f"{ratio} | {bad} | {c['missing'] + c['no_alert']} | {met} |"
+            )
     print()
     print("# the finite `loss` that resolves each incident -> its signed alert.resolved")
     print()
@@ -337,21 +367,34 @@ def main() -> int:
         if not isinstance(r, dict):
             continue
         rc = r["receiver"]
-        print(f"{store}: {rc['deliveries']} deliveries received, {rc['bad_signatures']} failed the signature check, "
-              f"{rc['unreadable']} unreadable, {rc['duplicates']} repeats; "
-              + "; ".join(f"{cond}: {r[cond]['missing']} missing, {r[cond]['no_alert']} points that did not open or "
-                          f"close exactly one alert" for cond in conditions))
+        print(
+            f"{store}: {rc['deliveries']} deliveries received, {rc['bad_signatures']} failed the signature check, "
+            f"{rc['unreadable']} unreadable, {rc['duplicates']} repeats; "
+            + "; ".join(
+                f"{cond}: {r[cond]['missing']} missing, {r[cond]['no_alert']} points that did not open or "
+                f"close exactly one alert"
+                for cond in conditions
+            )
+        )
         if "under load" in r:
             ld = r["under load"]["load"]
-            print(f"{store} load: {ld['trainers']} trainers, {ld['points_per_s']:,.0f} points/s acknowledged during "
-                  f"the incidents ({ld['batches']} batches of {ld['per_batch']:,} points, p50 {ld['batch_p50_ms']:.0f} ms"
-                  f", {ld['refused']} refused)")
-    verdicts = [f"{store} {cond} p99 {pct(r[cond]['fired'], 99):.1f} ms "
-                f"({'met' if r[cond]['fired'] and pct(r[cond]['fired'], 99) <= P99_TARGET_MS else 'NOT met'})"
-                for store, r in rows.items() if isinstance(r, dict) for cond in conditions]
+            print(
+                f"{store} load: {ld['trainers']} trainers, {ld['points_per_s']:,.0f} points/s acknowledged during "
+                f"the incidents ({ld['batches']} batches of {ld['per_batch']:,} points, p50 {ld['batch_p50_ms']:.0f} ms"
+                f", {ld['refused']} refused)"
+            )
+    verdicts = [
+        f"{store} {cond} p99 {pct(r[cond]['fired'], 99):.1f} ms "
+        f"({'met' if r[cond]['fired'] and pct(r[cond]['fired'], 99) <= P99_TARGET_MS else 'NOT met'})"
+        for store, r in rows.items()
+        if isinstance(r, dict)
+        for cond in conditions
+    ]
     print(f"targets: alert p99 <= {P99_TARGET_MS:.0f} ms: " + "; ".join(verdicts))
-    print(f"delivery: {'every alert arrived, signed correctly' if ok else 'FAILED (a delivery missing or unverified)'}"
-          f"; {time.monotonic() - started:.0f} s in all")
+    print(
+        f"delivery: {'every alert arrived, signed correctly' if ok else 'FAILED (a delivery missing or unverified)'}"
+        f"; {time.monotonic() - started:.0f} s in all"
+    )
     return 0 if ok else 1
 
 

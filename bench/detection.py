@@ -19,6 +19,7 @@ Targets (from the issue): recall >= 0.95, early recall >= 0.90, median lead >= 6
 alarms per 10k clean steps and <= 3 per 10k benign steps, event precision >= 0.8, and every non-finite
 failure forewarned >= 20 steps. `--check` exits 1 when one is missed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ sys.path.insert(0, str(HERE.parent / "sdk" / "src"))
 import kit  # noqa: E402
 
 SMOKE = ("mlp_lr_ramp", "mlp_corrupt_batch_recovers")
-TARGETS = {"recall": (">=", 0.95), "early_recall": (">=", 0.90), "median_lead": (">=", 60),
-           "fa10k_clean": ("<=", 0.5), "fa10k_benign": ("<=", 3.0), "precision": (">=", 0.8)}
+TARGETS = {
+    "recall": (">=", 0.95),
+    "early_recall": (">=", 0.90),
+    "median_lead": (">=", 60),
+    "fa10k_clean": ("<=", 0.5),
+    "fa10k_benign": ("<=", 3.0),
+    "precision": (">=", 0.8),
+}
 NAN_LEAD = 20
 
 
@@ -58,9 +65,12 @@ class Attached:
         delivered = self.run.finish(timeout=60)
         pages = [e for e in self.run.alerts if e.state == "firing" and e.severity == "page"]
         self.alarms = [e.step for e in pages]
-        self.extra = {"reference": self.reference.alarms, "delivered": delivered,
-                      "rules": collections.Counter(e.rule for e in self.run.alerts if e.state == "firing"),
-                      "first": [(e.step, e.rule, e.message) for e in pages[:3]]}
+        self.extra = {
+            "reference": self.reference.alarms,
+            "delivered": delivered,
+            "rules": collections.Counter(e.rule for e in self.run.alerts if e.state == "firing"),
+            "first": [(e.step, e.rule, e.message) for e in pages[:3]],
+        }
 
 
 class _TenXMin:
@@ -79,8 +89,17 @@ class _TenXMin:
 
 def attach(scenario, seed, spec):
     import optiscope
-    run = optiscope.init(project="detection-bench", name=f"{scenario.name}-{seed}", config=spec.declared,
-                         detect=True, offline=True, spool=False, environment=False, heartbeat_interval=None)
+
+    run = optiscope.init(
+        project="detection-bench",
+        name=f"{scenario.name}-{seed}",
+        config=spec.declared,
+        detect=True,
+        offline=True,
+        spool=False,
+        environment=False,
+        heartbeat_interval=None,
+    )
     run.watch(spec.optimizer, spec.model)
     return Attached(run, scenario.name)
 
@@ -123,8 +142,9 @@ def main() -> int:
     results = kit.run_suite(suite, seeds=seeds, names=names, attach=attach, workers=a.workers)
     wall = time.perf_counter() - t0
     ours = kit.score(results, name="optiscope", verbose=False)
-    ref = kit.score([{**r, "alarms": r["extra"]["reference"]} for r in results], name="nan_or_10x_min (kit)",
-                    verbose=False)
+    ref = kit.score(
+        [{**r, "alarms": r["extra"]["reference"]} for r in results], name="nan_or_10x_min (kit)", verbose=False
+    )
     print(f"## Detection: {len(results)} runs ({len(names)} scenarios x seeds {seeds}), wall {wall:.0f} s\n")
     print(kit.table([ours, ref]))
     print()

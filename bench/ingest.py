@@ -14,6 +14,7 @@ Throughput is the median over rounds of the points answered within each round; l
 every batch answered within the rounds. After the rounds the script checks that the store holds
 exactly the points that were acknowledged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,20 @@ from optiscope.transport.http import HttpClient
 DEFAULT_PG = os.environ.get("OPTISCOPE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 TARGETS = {"SQLite": 1_000_000, "PostgreSQL": 300_000}
 P99_TARGET_MS = 250.0
-MODULES = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "ln1.weight",
-           "ln1.bias", "ln2.weight", "ln2.bias", "ff.0.weight", "ff.0.bias", "ff.2.weight", "ff.2.bias")
+MODULES = (
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln1.weight",
+    "ln1.bias",
+    "ln2.weight",
+    "ln2.bias",
+    "ff.0.weight",
+    "ff.0.bias",
+    "ff.2.weight",
+    "ff.2.bias",
+)
 STATS = ("grad_norm", "param_norm", "update_ratio", "update_rms", "v_underestimation", "eps_headroom")
 SPARSE_EVERY = 5
 
@@ -79,8 +92,10 @@ class Trainer:
         # a few non-finite values per batch, in per-tensor series (a NaN loss would page on every batch)
         rows = self.rng.integers(len(self.names) // 10 + 1, len(self.names), size=6)
         values[rows, self.rng.integers(0, k, size=6)] = self.rng.choice([np.nan, np.inf, -np.inf], size=6)
-        cols = [wire.Column(name, values[i, :k] if sp else values[i], self.mask if sp else None)
-                for i, (name, sp) in enumerate(zip(self.names, self.sparse))]
+        cols = [
+            wire.Column(name, values[i, :k] if sp else values[i], self.mask if sp else None)
+            for i, (name, sp) in enumerate(zip(self.names, self.sparse))
+        ]
         steps = np.arange(first, first + n, dtype=np.int64)
         body = wire.encode_columns(wire.Columns(self.run_id, 0, self.seq, steps, time.time() + steps * 1e-3, cols))
         self.seq += 1
@@ -107,14 +122,24 @@ def sender(url: str, n_series: int, steps: int, seed: int, start_at: float, stop
             acked += trainer.per_batch
         else:
             refused += 1
-    out.send({"run_id": run_id, "done": done, "acked": acked, "refused": refused, "batches": trainer.seq,
-              "per_batch": trainer.per_batch, "steps": steps})
+    out.send(
+        {
+            "run_id": run_id,
+            "done": done,
+            "acked": acked,
+            "refused": refused,
+            "batches": trainer.seq,
+            "per_batch": trainer.per_batch,
+            "steps": steps,
+        }
+    )
     out.close()
 
 
 def start_collector(db: str, workdir: Path, extra: tuple[str, ...] | list[str] = ()) -> tuple[subprocess.Popen, str]:
     """`optiscope serve` on a free loopback port (``extra``: more of its arguments), once healthy."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -122,8 +147,12 @@ def start_collector(db: str, workdir: Path, extra: tuple[str, ...] | list[str] =
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "optiscope.cli"]
     log_path = workdir / f"collector-{port}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd + ["serve", "--port", str(port), "--db", db, "--log-level", "warning", *extra],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(
+            cmd + ["serve", "--port", str(port), "--db", db, "--log-level", "warning", *extra],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -189,15 +218,29 @@ def measure(db: str, workdir: Path, args) -> dict:
         t2 = time.perf_counter()
         get(f"{url}/api/v1/runs/{r0['run_id']}/series/{series_names(args.series)[-1]}?start={len(back['steps']) // 2}")
         t3 = time.perf_counter()
-        queries = {"series_points": len(back["steps"]), "series_ms": 1e3 * (t1 - t0), "run_ms": 1e3 * (t2 - t1),
-                   "range_ms": 1e3 * (t3 - t2)}
+        queries = {
+            "series_points": len(back["steps"]),
+            "series_ms": 1e3 * (t1 - t0),
+            "run_ms": 1e3 * (t2 - t1),
+            "range_ms": 1e3 * (t3 - t2),
+        }
         dense_ok = back["steps"] == list(range(len(r0["done"]) * r0["steps"])) if not r0["refused"] else False
         points = sum(n for t, _, n in done if window0 <= t < stop_at)
         cpu_ms = 1e6 * (cpu[1] - cpu[0]) / points if None not in cpu and points else math.nan  # per 1,000 points
-        return {"points_per_s": statistics.median(rounds), "cpu_ms_per_kpoint": cpu_ms, "rounds": rounds, "p50_ms": pct(lat, 50),
-                "p99_ms": pct(lat, 99), "batches": len(lat), "acked": acked, "stored": stored,
-                "refused": sum(r["refused"] for r in results), "read_back": dense_ok,
-                "per_batch": r0["per_batch"], "queries": queries}
+        return {
+            "points_per_s": statistics.median(rounds),
+            "cpu_ms_per_kpoint": cpu_ms,
+            "rounds": rounds,
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "batches": len(lat),
+            "acked": acked,
+            "stored": stored,
+            "refused": sum(r["refused"] for r in results),
+            "read_back": dense_ok,
+            "per_batch": r0["per_batch"],
+            "queries": queries,
+        }
     finally:
         proc.terminate()
         try:
@@ -224,6 +267,7 @@ def pct(xs: list[float], q: float) -> float:
 def postgres_db(admin_url: str):
     """A fresh database on the PostgreSQL server at admin_url, and a function that drops it."""
     import psycopg
+
     admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
     name = f"optiscope_bench_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
@@ -232,6 +276,7 @@ def postgres_db(admin_url: str):
     def drop():
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
     return f"{base}/{name}", drop
 
 
@@ -292,11 +337,15 @@ def main() -> int:
         rows["MLflow (log-batch)"] = mlflow_row(args)
 
     per_batch = next((r["per_batch"] for r in rows.values() if isinstance(r, dict) and "per_batch" in r), 0)
-    print(f"# optiscope ingest: {args.senders} trainers, {args.series} series x {args.steps} steps per batch "
-          f"({per_batch:,} points), {args.rounds} round(s) of {args.duration:g} s, {os.cpu_count()} CPUs")
+    print(
+        f"# optiscope ingest: {args.senders} trainers, {args.series} series x {args.steps} steps per batch "
+        f"({per_batch:,} points), {args.rounds} round(s) of {args.duration:g} s, {os.cpu_count()} CPUs"
+    )
     print()
-    print("| store | points/s (median of rounds) | rounds | p50 batch (ms) | p99 batch (ms) | batches | "
-          "collector CPU (ms per 1,000 points) |")
+    print(
+        "| store | points/s (median of rounds) | rounds | p50 batch (ms) | p99 batch (ms) | batches | "
+        "collector CPU (ms per 1,000 points) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         if isinstance(r, str):
@@ -304,16 +353,20 @@ def main() -> int:
             continue
         rounds = " / ".join(f"{x:,.0f}" for x in r.get("rounds", [])) or "—"
         cpu = "—" if math.isnan(r.get("cpu_ms_per_kpoint", math.nan)) else f"{r['cpu_ms_per_kpoint']:.3f}"
-        print(f"| {label} | {r['points_per_s']:,.0f} | {rounds} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r.get('batches', '—')} | {cpu} |")
+        print(
+            f"| {label} | {r['points_per_s']:,.0f} | {rounds} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r.get('batches', '—')} | {cpu} |"
+        )
     print()
     for label, r in rows.items():
         if isinstance(r, dict) and "acked" in r:
             q = r["queries"]
-            print(f"{label}: {r['acked']:,} points acknowledged, {r['stored']:,.0f} stored, {r['refused']} batches "
-                  f"refused, one series read back complete: {r['read_back']}; afterwards a run's whole `loss` "
-                  f"({q['series_points']:,} points) read in {q['series_ms']:.0f} ms, its summary in {q['run_ms']:.0f} ms, "
-                  f"half of a per-tensor series in {q['range_ms']:.0f} ms")
+            print(
+                f"{label}: {r['acked']:,} points acknowledged, {r['stored']:,.0f} stored, {r['refused']} batches "
+                f"refused, one series read back complete: {r['read_back']}; afterwards a run's whole `loss` "
+                f"({q['series_points']:,} points) read in {q['series_ms']:.0f} ms, its summary in {q['run_ms']:.0f} ms, "
+                f"half of a per-tensor series in {q['range_ms']:.0f} ms"
+            )
     base = rows.get("MLflow (log-batch)")
     ok = True
     for label, target in TARGETS.items():
@@ -322,8 +375,10 @@ def main() -> int:
             met = r["points_per_s"] >= target and r["p99_ms"] < P99_TARGET_MS
             ok &= r["acked"] == r["stored"] and r["read_back"] and not r["refused"]
             ratio = f", {r['points_per_s'] / base['points_per_s']:.0f}x MLflow" if isinstance(base, dict) else ""
-            print(f"targets: {label} >= {target:,} points/s and p99 < {P99_TARGET_MS:.0f} ms: "
-                  f"{'met' if met else 'not met'} ({r['points_per_s']:,.0f} points/s, p99 {r['p99_ms']:.1f} ms{ratio})")
+            print(
+                f"targets: {label} >= {target:,} points/s and p99 < {P99_TARGET_MS:.0f} ms: "
+                f"{'met' if met else 'not met'} ({r['points_per_s']:,.0f} points/s, p99 {r['p99_ms']:.1f} ms{ratio})"
+            )
     return 0 if ok else 1
 
 

@@ -11,6 +11,7 @@ with increasing steps for ``duration_s`` seconds. Durable points are those of re
 200: MLflow's SQL store commits a batch before it answers. ``bench/ingest.py --mlflow`` imports
 ``run_baseline``; ``bench/query.py --mlflow`` starts its own server with ``tracking_server``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,20 @@ def series_names(n: int = SERIES) -> list[str]:
     """Per-tensor names as a transformer's training logs them."""
     tensors = ["tok_emb.weight", "pos_emb.weight", "ln_f.weight", "head.weight"]
     for b in range(12):
-        tensors += [f"blocks.{b}.{t}" for t in ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-                                                "ln1.weight", "ln2.weight", "ff.0.weight", "ff.0.bias",
-                                                "ff.2.weight", "ff.2.bias")]
+        tensors += [
+            f"blocks.{b}.{t}"
+            for t in (
+                "attn.in_proj_weight",
+                "attn.in_proj_bias",
+                "attn.out_proj.weight",
+                "ln1.weight",
+                "ln2.weight",
+                "ff.0.weight",
+                "ff.0.bias",
+                "ff.2.weight",
+                "ff.2.bias",
+            )
+        ]
     names = ["loss", "lr", "grad_norm", "update_ratio"]
     for stat in ("grad_norm", "update_ratio", "param_norm"):
         names += [f"{stat}/param/{t}" for t in tensors]
@@ -62,8 +74,9 @@ def _installed_version() -> str | None:
     if not py.exists():
         return None
     try:
-        r = subprocess.run([str(py), "-c", "import mlflow; print(mlflow.__version__)"], capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [str(py), "-c", "import mlflow; print(mlflow.__version__)"], capture_output=True, text=True, timeout=120
+        )
     except subprocess.TimeoutExpired:
         return None
     return r.stdout.strip() if r.returncode == 0 else None
@@ -78,20 +91,32 @@ def make_venv() -> tuple[str | None, str | None]:
     the details printed."""
     if _installed_version() == MLFLOW_VERSION:
         return MLFLOW_VERSION, None
-    print(f"mlflow baseline: installing mlflow=={MLFLOW_VERSION} into {VENV.name}/ (once; a few minutes)",
-          file=sys.stderr)
+    print(
+        f"mlflow baseline: installing mlflow=={MLFLOW_VERSION} into {VENV.name}/ (once; a few minutes)", file=sys.stderr
+    )
     base = getattr(sys, "_base_executable", sys.executable)  # not a venv's python: no nesting
     try:
         if not _venv_python().exists():
             subprocess.run([base, "-m", "venv", str(VENV)], check=True, capture_output=True, text=True, timeout=300)
-        subprocess.run([str(_venv_python()), "-m", "pip", "install", "--quiet", f"mlflow=={MLFLOW_VERSION}"],
-                       check=True, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+        subprocess.run(
+            [str(_venv_python()), "-m", "pip", "install", "--quiet", f"mlflow=={MLFLOW_VERSION}"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=INSTALL_TIMEOUT,
+        )
     except subprocess.CalledProcessError as e:
-        print(f"mlflow baseline: cannot make the MLflow venv ({' '.join(map(str, e.cmd[:4]))} ...):\n"
-              f"{(e.stderr or '')[-3000:]}", file=sys.stderr)
+        print(
+            f"mlflow baseline: cannot make the MLflow venv ({' '.join(map(str, e.cmd[:4]))} ...):\n"
+            f"{(e.stderr or '')[-3000:]}",
+            file=sys.stderr,
+        )
         last = next((line.strip() for line in reversed((e.stderr or "").splitlines()) if line.strip()), "")
-        return None, f"cannot make its venv ({Path(str(e.cmd[0])).name} {' '.join(map(str, e.cmd[1:4]))} ... " \
-                     f"exited {e.returncode}{': ' + last[:200] if last else ''})"
+        return (
+            None,
+            f"cannot make its venv ({Path(str(e.cmd[0])).name} {' '.join(map(str, e.cmd[1:4]))} ... "
+            f"exited {e.returncode}{': ' + last[:200] if last else ''})",
+        )
     except (subprocess.TimeoutExpired, OSError) as e:
         print(f"mlflow baseline: cannot make the MLflow venv: {e}", file=sys.stderr)
         return None, f"cannot make its venv ({type(e).__name__}: {str(e)[:200]})"
@@ -140,8 +165,11 @@ def _sender(port: int, run_id: str, start_at: float, stop_at: float, out) -> Non
     time.sleep(max(0.0, start_at - time.time()))  # all senders begin together
     while time.time() < stop_at:
         ts = int(time.time() * 1000)
-        metrics = [{"key": k, "value": 1.0 / (1 + s + i), "timestamp": ts, "step": s}
-                   for s in range(step, step + per_request) for i, k in enumerate(names)]
+        metrics = [
+            {"key": k, "value": 1.0 / (1 + s + i), "timestamp": ts, "step": s}
+            for s in range(step, step + per_request)
+            for i, k in enumerate(names)
+        ]
         step += per_request
         body = json.dumps({"run_id": run_id, "metrics": metrics}).encode()  # encoded before the clock starts
         t0 = time.perf_counter()
@@ -158,18 +186,42 @@ def _sender(port: int, run_id: str, start_at: float, stop_at: float, out) -> Non
             failed += 1
             errors.setdefault(str(status), payload[:300].decode(errors="replace"))
     conn.close()
-    out.put({"run_id": run_id, "ok": ok, "failed": failed, "latencies": latencies, "steps": step, "errors": errors,
-             "ended": time.time()})
+    out.put(
+        {
+            "run_id": run_id,
+            "ok": ok,
+            "failed": failed,
+            "latencies": latencies,
+            "steps": step,
+            "errors": errors,
+            "ended": time.time(),
+        }
+    )
 
 
 def _start_server(port: int, work: Path) -> subprocess.Popen:
     log = open(work / "mlflow-server.log", "w")
-    args = [str(VENV / "bin" / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-            "--default-artifact-root", (work / "artifacts").as_uri()]
+    args = [
+        str(VENV / "bin" / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+        "--default-artifact-root",
+        (work / "artifacts").as_uri(),
+    ]
     # Its own process group, so that stopping it also stops the workers it forks.
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True,
-                            env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"})
+    proc = subprocess.Popen(
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=work,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"},
+    )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -271,9 +323,19 @@ def run_baseline(duration_s: float = 20.0, senders: int = 2) -> dict | None:
             return None
         port, work, version = server.port, server.work, server.version
         exp = _api(port, "POST", "/api/2.0/mlflow/experiments/create", {"name": f"ingest-{os.getpid()}"})
-        runs = [_api(port, "POST", "/api/2.0/mlflow/runs/create",
-                     {"experiment_id": exp["experiment_id"], "start_time": int(time.time() * 1000),
-                      "run_name": f"trainer-{i}"})["run"]["info"]["run_id"] for i in range(senders)]
+        runs = [
+            _api(
+                port,
+                "POST",
+                "/api/2.0/mlflow/runs/create",
+                {
+                    "experiment_id": exp["experiment_id"],
+                    "start_time": int(time.time() * 1000),
+                    "run_name": f"trainer-{i}",
+                },
+            )["run"]["info"]["run_id"]
+            for i in range(senders)
+        ]
         ctx = mp.get_context("fork")  # works however this module was imported
         out = ctx.Queue()
         start_at = time.time() + 3.0  # time for the children to start
@@ -292,12 +354,17 @@ def run_baseline(duration_s: float = 20.0, senders: int = 2) -> dict | None:
         latencies = sorted(x for r in results for x in r["latencies"])
         if not ok:
             errors = {k: v for r in results for k, v in r["errors"].items()}
-            print(f"mlflow baseline: no request was answered 200 ({failed} failed): {errors}\n{_tail(work)}",
-                  file=sys.stderr)
+            print(
+                f"mlflow baseline: no request was answered 200 ({failed} failed): {errors}\n{_tail(work)}",
+                file=sys.stderr,
+            )
             return None
         if failed:
-            print(f"mlflow baseline: {failed} of {ok + failed} requests failed "
-                  f"({ {k: v for r in results for k, v in r['errors'].items()} })", file=sys.stderr)
+            print(
+                f"mlflow baseline: {failed} of {ok + failed} requests failed "
+                f"({ {k: v for r in results for k, v in r['errors'].items()} })",
+                file=sys.stderr,
+            )
         # 200 must mean stored: MLflow gives back every step of a series that was answered 200
         # (a failed request may have been stored too, so it can only add).
         names = series_names()
@@ -306,11 +373,18 @@ def run_baseline(duration_s: float = 20.0, senders: int = 2) -> dict | None:
             run_id = r["run_id"]
             stored = _stored(port, run_id, names[-1])
             if stored < r["ok"] * per_request:
-                print(f"mlflow baseline: run {run_id} has {stored} points of {names[-1]!r}, "
-                      f"{r['ok'] * per_request} were acknowledged", file=sys.stderr)
+                print(
+                    f"mlflow baseline: run {run_id} has {stored} points of {names[-1]!r}, "
+                    f"{r['ok'] * per_request} were acknowledged",
+                    file=sys.stderr,
+                )
         q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-        return {"points_per_s": ok * per_request * len(names) / elapsed, "p50_ms": statistics.median(latencies) * 1e3,
-                "p99_ms": q[98] * 1e3, "mlflow_version": version}
+        return {
+            "points_per_s": ok * per_request * len(names) / elapsed,
+            "p50_ms": statistics.median(latencies) * 1e3,
+            "p99_ms": q[98] * 1e3,
+            "mlflow_version": version,
+        }
     finally:
         for p in procs:
             if p.is_alive():
@@ -327,14 +401,18 @@ def main() -> int:
     res = run_baseline(args.duration, args.senders)
     if res is None:
         return 1
-    print(f"# MLflow {res['mlflow_version']} tracking server (its defaults, SQLite backend store, loopback), "
-          f"REST log-batch at {METRICS_PER_REQUEST} metrics per request, {args.senders} senders, {args.duration:g} s, "
-          f"1-min load average before the run {load:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"# MLflow {res['mlflow_version']} tracking server (its defaults, SQLite backend store, loopback), "
+        f"REST log-batch at {METRICS_PER_REQUEST} metrics per request, {args.senders} senders, {args.duration:g} s, "
+        f"1-min load average before the run {load:.1f} on {os.cpu_count()} CPUs"
+    )
     print()
     print("| store | points/s (durable) | p50 request (ms) | p99 request (ms) |")
     print("|---|---|---|---|")
-    print(f"| MLflow {res['mlflow_version']}, SQLite | {res['points_per_s']:,.0f} | {res['p50_ms']:.1f} | "
-          f"{res['p99_ms']:.1f} |")
+    print(
+        f"| MLflow {res['mlflow_version']}, SQLite | {res['points_per_s']:,.0f} | {res['p50_ms']:.1f} | "
+        f"{res['p99_ms']:.1f} |"
+    )
     return 0
 
 

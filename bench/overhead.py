@@ -20,6 +20,7 @@ statistics are also timed directly: the time spent inside the probe's hooks on t
 figure leaves out indirect costs (caches the probe evicts for the next forward); the paired one
 keeps them, with the noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,6 +80,7 @@ def _timed_hooks(hooks: dict, spent: list, part: int = 0) -> None:
     """Wrap every hook of a hook dict (module, tensor or optimizer) in place so that the time spent
     inside it adds to spent[0] and to spent[part]."""
     for k, h in list(hooks.items()):
+
         def wrapped(*a, _h=h, **kw):
             t0 = time.perf_counter()
             try:
@@ -88,12 +90,17 @@ def _timed_hooks(hooks: dict, spent: list, part: int = 0) -> None:
                 spent[0] += dt
                 if part:
                     spent[part] += dt
+
         hooks[k] = wrapped
 
 
 #: What probe_work's list holds, after the total at index 0.
-PARTS = ("forward hooks (activation maxima)", "gradient hooks", "optimizer-step hooks (both walks and the series)",
-         "of which inside the native walks' kernel calls")
+PARTS = (
+    "forward hooks (activation maxima)",
+    "gradient hooks",
+    "optimizer-step hooks (both walks and the series)",
+    "of which inside the native walks' kernel calls",
+)
 
 
 def probe_work(model, opt, probe) -> list:
@@ -126,6 +133,7 @@ def _time_native_calls() -> None:
             finally:
                 if NATIVE_SPENT:
                     NATIVE_SPENT[0][-1] += time.perf_counter() - t0
+
         setattr(Native, name, staticmethod(timed))
 
 
@@ -176,14 +184,23 @@ def main() -> int:
         path = "eager" if not fused else "full" if native else "compiled"
         if every is None:
             path = "unsampled" if vitals else "unsampled_off"
-        probe = OptimizerProbe(opt, lambda s, h, v: sink.append(v[1].tolist() if v else None),
-                               every=every or 10**9, names=names, fused=fused, native=native, vitals=vitals)
+        probe = OptimizerProbe(
+            opt,
+            lambda s, h, v: sink.append(v[1].tolist() if v else None),
+            every=every or 10**9,
+            names=names,
+            fused=fused,
+            native=native,
+            vitals=vitals,
+        )
         # a watched run keeps one probe for the whole run, and with it its work buffers and what
         # it learnt on its first sampled step (that nothing changes the gradients before the step)
         probe._scratch = scratch.setdefault(path, probe._scratch)
         if every is not None and path in learnt:
             probe._measure_in_backward, probe._grads_change = learnt[path]
-        act = ActivationProbe(model, probe.sampling_next, native=probe.native, vitals=vitals)  # as run.watch attaches it
+        act = ActivationProbe(
+            model, probe.sampling_next, native=probe.native, vitals=vitals
+        )  # as run.watch attaches it
         probe.contributors.append(act)
         if every is None:
             probe.steps = 1  # past step 0, the only step a huge period samples
@@ -197,6 +214,7 @@ def main() -> int:
             finally:
                 spent[0] += time.perf_counter() - t0
                 spent[2] += time.perf_counter() - t0
+
         probe._vital_norm = timed_norm
         try:
             return timed()
@@ -212,7 +230,9 @@ def main() -> int:
 
     def naive():
         step()
-        for t in params + [p.grad for p in params] + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]:
+        for t in (
+            params + [p.grad for p in params] + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+        ):
             t.norm().item()  # one host sync per tensor: what a hand-rolled logger does
 
     floor_alone = []
@@ -246,10 +266,15 @@ def main() -> int:
 
     # Each configuration's step is paired with a bare step next to it; the cost is the median of
     # the paired differences, so slow drift on a shared machine cancels.
-    configs = {"unsampled": lambda: probe_step(None), "unsampled_off": lambda: probe_step(None, vitals=False),
-               "full": lambda: probe_step(1),
-               "compiled": lambda: probe_step(1, native=False), "eager": lambda: probe_step(1, fused=False),
-               "naive": lambda: timed(naive), "floor": lambda: timed(floor)}
+    configs = {
+        "unsampled": lambda: probe_step(None),
+        "unsampled_off": lambda: probe_step(None, vitals=False),
+        "full": lambda: probe_step(1),
+        "compiled": lambda: probe_step(1, native=False),
+        "eager": lambda: probe_step(1, fused=False),
+        "naive": lambda: timed(naive),
+        "floor": lambda: timed(floor),
+    }
     rows = {k: [] for k in ("bare", *configs)}
     for r in range(rounds):
         for k, run in configs.items():
@@ -275,31 +300,35 @@ def main() -> int:
     # the defaults (with vitals: their reductions in backward and the end-of-backward callback).
     med["defaults"] = med["hooks"] + med["full"] / args.every
     bare, floor_cost = med["bare"], med["floor"]
-    print(f"# optiscope probe overhead: {'smoke' if args.smoke else 'reference'} model, {n_params / 1e6:.1f}M params, "
-          f"AdamW, batch {batch}x{size['ctx']} tokens, {torch.get_num_threads()} threads, {rounds} rounds, "
-          f"defaults sample 1 step in {args.every}")
+    print(
+        f"# optiscope probe overhead: {'smoke' if args.smoke else 'reference'} model, {n_params / 1e6:.1f}M params, "
+        f"AdamW, batch {batch}x{size['ctx']} tokens, {torch.get_num_threads()} threads, {rounds} rounds, "
+        f"defaults sample 1 step in {args.every}"
+    )
     print()
     print("| configuration | step time (ms, median) | cost per step (ms) | cost / bare step | cost / floor |")
     print("|---|---|---|---|---|")
     print(f"| bare | {bare * 1e3:.1f} | — | — | — |")
-    for k, label in (("unsampled", "attached, step not sampled (paired)"),
-                     ("hooks", "attached, step not sampled (hooks timed directly)"),
-                     ("unsampled_off", "the same with vitals off (paired)"),
-                     ("hooks_bare", "the same with vitals off (hooks timed directly)"),
-                     ("defaults", f"defaults (every={args.every}, amortised)"),
-                     ("full", "full statistics, every step (native walks)"),
-                     ("compiled", "full statistics, every step (torch.compile kernels)"),
-                     ("eager", "full statistics, every step (eager blocks)"),
-                     ("naive", "naive .norm().item() loop"), ("floor", "floor: one copy of θ, g, m, v"),
-                     ("full_work", "full statistics (native walks), time inside the probe's hooks"),
-                     ("compiled_work", "full statistics (torch.compile kernels), time inside the probe's hooks"),
-                     ("eager_work", "full statistics (eager blocks), time inside the probe's hooks"),
-                     ("floor_alone", "floor: the copy alone, timed directly")):
+    for k, label in (
+        ("unsampled", "attached, step not sampled (paired)"),
+        ("hooks", "attached, step not sampled (hooks timed directly)"),
+        ("unsampled_off", "the same with vitals off (paired)"),
+        ("hooks_bare", "the same with vitals off (hooks timed directly)"),
+        ("defaults", f"defaults (every={args.every}, amortised)"),
+        ("full", "full statistics, every step (native walks)"),
+        ("compiled", "full statistics, every step (torch.compile kernels)"),
+        ("eager", "full statistics, every step (eager blocks)"),
+        ("naive", "naive .norm().item() loop"),
+        ("floor", "floor: one copy of θ, g, m, v"),
+        ("full_work", "full statistics (native walks), time inside the probe's hooks"),
+        ("compiled_work", "full statistics (torch.compile kernels), time inside the probe's hooks"),
+        ("eager_work", "full statistics (eager blocks), time inside the probe's hooks"),
+        ("floor_alone", "floor: the copy alone, timed directly"),
+    ):
         c = med[k]
         # direct timings are compared with the directly timed copy, paired ones with the paired copy
         ref = med["floor_alone"] if k.endswith(("_work", "_alone")) else floor_cost
-        print(f"| {label} | {(bare + c) * 1e3:.1f} | {c * 1e3:.2f} | {100 * c / bare:.2f}% | "
-              f"{c / ref:.2f}x |")
+        print(f"| {label} | {(bare + c) * 1e3:.1f} | {c * 1e3:.2f} | {100 * c / bare:.2f}% | {c / ref:.2f}x |")
     print()
     print("where the time inside the probe's hooks goes on a sampled step (native walks, medians):")
     print()
@@ -309,19 +338,25 @@ def main() -> int:
         v = statistics.median(x[j] for x in parts["full"])
         print(f"| {label} | {v * 1e3:.2f} | {v / med['floor_alone']:.2f}x |")
     print()
-    print(f"native walks: {'built' if built else 'NOT available (the eager blocks served)'}, "
-          f"{build_s:.1f} s in the background before the first native step (once per process)")
-    print(f"fused kernels: {'compiled' if ready else 'NOT available (the eager blocks served)'}, "
-          f"{compile_s:.1f} s in the background before the first fused step (once per process)")
+    print(
+        f"native walks: {'built' if built else 'NOT available (the eager blocks served)'}, "
+        f"{build_s:.1f} s in the background before the first native step (once per process)"
+    )
+    print(
+        f"fused kernels: {'compiled' if ready else 'NOT available (the eager blocks served)'}, "
+        f"{compile_s:.1f} s in the background before the first fused step (once per process)"
+    )
     full_ratio = med["full"] / floor_cost
     direct_ratio = med["full_work"] / med["floor_alone"]
     defaults_pct = 100 * med["defaults"] / bare
     quiet_pct = 100 * (med["hooks_bare"] + med["full"] / args.every) / bare
-    print(f"targets: defaults <= 1% of the step: {defaults_pct:.2f}% "
-          f"({'met' if defaults_pct <= 1 else 'NOT met'}; with vitals off {quiet_pct:.2f}%, "
-          f"{'met' if quiet_pct <= 1 else 'NOT met'}); full statistics <= 2x the floor: "
-          f"timed directly {direct_ratio:.2f}x ({'met' if direct_ratio <= 2 else 'NOT met'}), "
-          f"paired steps {full_ratio:.2f}x ({'met' if full_ratio <= 2 else 'NOT met'})")
+    print(
+        f"targets: defaults <= 1% of the step: {defaults_pct:.2f}% "
+        f"({'met' if defaults_pct <= 1 else 'NOT met'}; with vitals off {quiet_pct:.2f}%, "
+        f"{'met' if quiet_pct <= 1 else 'NOT met'}); full statistics <= 2x the floor: "
+        f"timed directly {direct_ratio:.2f}x ({'met' if direct_ratio <= 2 else 'NOT met'}), "
+        f"paired steps {full_ratio:.2f}x ({'met' if full_ratio <= 2 else 'NOT met'})"
+    )
     suggested = math.ceil(med["full"] / (0.01 * bare))
     print(f"sampling period that keeps the full statistics under 1% of this step: every >= {suggested}")
     return 0

@@ -27,6 +27,7 @@ warm up and then 5 times: paged at 25,000 as MlflowClient.get_metric_history pag
 one answer), and in one unpaged request (no max_results). Every answer is checked: every step, the
 NaN and the largest spike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,22 +72,29 @@ def feed_series(client: httpx.Client, url: str, run_id: str, points: int, seed: 
     walk = make_walk(points, seed)
     for seq, lo in enumerate(range(0, points, BATCH_STEPS)):
         recs = [(s, 1.7e9 + s, {"loss": float(walk[s])}) for s in range(lo, min(points, lo + BATCH_STEPS))]
-        r = client.post(f"{url}/api/v1/runs/{run_id}/batches", content=wire.encode_batch(wire.Batch(run_id, 0, seq, recs)),
-                        headers={"Content-Type": "application/vnd.optiscope.batch"})
+        r = client.post(
+            f"{url}/api/v1/runs/{run_id}/batches",
+            content=wire.encode_batch(wire.Batch(run_id, 0, seq, recs)),
+            headers={"Content-Type": "application/vnd.optiscope.batch"},
+        )
         r.raise_for_status()
     return float(np.nanmax(walk))
 
 
 def feed_runs(url: str, n: int) -> None:
     """n runs over 10 projects; every third is finished."""
+
     def one(i: int) -> None:
         with httpx.Client(timeout=60) as c:
             for k in range(i, n, 4):
                 rid = f"r{k:06d}-{uuid.uuid4().hex[:6]}"
-                c.put(f"{url}/api/v1/runs/{rid}", json={"project": f"p{k % 10}", "name": f"run {k}",
-                                                        "config": {"lr": 1e-3 * (1 + k % 7)}}).raise_for_status()
+                c.put(
+                    f"{url}/api/v1/runs/{rid}",
+                    json={"project": f"p{k % 10}", "name": f"run {k}", "config": {"lr": 1e-3 * (1 + k % 7)}},
+                ).raise_for_status()
                 if k % 3 == 0:
                     c.post(f"{url}/api/v1/runs/{rid}/finish", json={"status": "finished"}).raise_for_status()
+
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(one, range(4)))
 
@@ -140,8 +148,9 @@ def measure(db: str, workdir: Path, points: int, runs: int) -> dict:
                 assert len(body["runs"]) == min(100, want), (len(body["runs"]), want)
 
             series_ms = timed(client, f"{url}/api/v1/runs/big/series/loss?max_points=2000", check_series)
-            runs_ms = timed(client, f"{url}/api/v1/runs?project=p3&status=finished&config=lr=0.003&limit=100",
-                            check_runs)
+            runs_ms = timed(
+                client, f"{url}/api/v1/runs?project=p3&status=finished&config=lr=0.003&limit=100", check_runs
+            )
 
             # The whole-series question, after the others so that it changes nothing they measured.
             full = min(points, FULL_POINTS)
@@ -156,14 +165,19 @@ def measure(db: str, workdir: Path, points: int, runs: int) -> dict:
 
             def port_of(r):
                 ports.add(local_port(r))
+
             client.event_hooks["response"].append(port_of)
             full_ms = timed(client, f"{url}/api/v1/runs/full/series/loss", check_full)
             client.event_hooks["response"].remove(port_of)
     finally:
         proc.terminate()
         proc.wait(30)
-    return {"series": series_ms, "runs": runs_ms, "fill_s": fill_s,
-            "full": {"ms": full_ms, "fill_s": full_fill_s, "requests": 1, "connections": len(ports)}}
+    return {
+        "series": series_ms,
+        "runs": runs_ms,
+        "fill_s": fill_s,
+        "full": {"ms": full_ms, "fill_s": full_fill_s, "requests": 1, "connections": len(ports)},
+    }
 
 
 def measure_mlflow(points: int) -> dict | str:
@@ -177,17 +191,26 @@ def measure_mlflow(points: int) -> dict | str:
     try:
         with tracking_server(prefix="mlflow-query-") as srv:
             exp = srv.api("POST", "/api/2.0/mlflow/experiments/create", {"name": f"query-{uuid.uuid4().hex[:8]}"})
-            run_id = srv.api("POST", "/api/2.0/mlflow/runs/create",
-                             {"experiment_id": exp["experiment_id"], "start_time": int(time.time() * 1000),
-                              "run_name": "full"})["run"]["info"]["run_id"]
+            run_id = srv.api(
+                "POST",
+                "/api/2.0/mlflow/runs/create",
+                {"experiment_id": exp["experiment_id"], "start_time": int(time.time() * 1000), "run_name": "full"},
+            )["run"]["info"]["run_id"]
             base = f"http://127.0.0.1:{srv.port}"
             with httpx.Client(base_url=base, timeout=600) as client:
                 t0 = time.perf_counter()
                 for lo in range(0, points, METRICS_PER_REQUEST):
                     # NaN as the JSON string "NaN", as MLflow's client sends it: a bare NaN token makes its
                     # server store a truncated batch and still answer 200.
-                    metrics = [{"key": "loss", "value": "NaN" if math.isnan(v) else v, "timestamp": 1_700_000_000_000 + s,
-                                "step": s} for s, v in enumerate(walk[lo:lo + METRICS_PER_REQUEST].tolist(), lo)]
+                    metrics = [
+                        {
+                            "key": "loss",
+                            "value": "NaN" if math.isnan(v) else v,
+                            "timestamp": 1_700_000_000_000 + s,
+                            "step": s,
+                        }
+                        for s, v in enumerate(walk[lo : lo + METRICS_PER_REQUEST].tolist(), lo)
+                    ]
                     r = client.post("/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "metrics": metrics})
                     if r.status_code != 200:
                         return f"log-batch answered {r.status_code}: {r.text[:200]}"
@@ -235,8 +258,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL server to create a scratch database on")
-    ap.add_argument("--mlflow", action="store_true",
-                    help="add MLflow's tracking server reading the whole series (bench/mlflow_baseline.py)")
+    ap.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="add MLflow's tracking server reading the whole series (bench/mlflow_baseline.py)",
+    )
     args = ap.parse_args()
     points, runs = (20_000, 300) if args.smoke else (1_000_000, 10_000)
     results = {}
@@ -250,46 +276,67 @@ def main() -> int:
             drop()
     full = min(points, FULL_POINTS)
     mlflow = measure_mlflow(full) if args.mlflow else None
-    print(f"# optiscope query latency: a {points:,}-point series downsampled to 2,000 points; the first page of "
-          f"{runs:,} runs with a filter; {REPEATS} requests each after {WARMUP} to warm up")
+    print(
+        f"# optiscope query latency: a {points:,}-point series downsampled to 2,000 points; the first page of "
+        f"{runs:,} runs with a filter; {REPEATS} requests each after {WARMUP} to warm up"
+    )
     print()
     print("| store | series p50 (ms) | series p95 (ms) | runs p50 (ms) | runs p95 (ms) | time to fill (s) |")
     print("|---|---|---|---|---|---|")
     for store, r in results.items():
-        print(f"| {store} | {statistics.median(r['series']):.1f} | {pct(r['series'], 95):.1f} | "
-              f"{statistics.median(r['runs']):.1f} | {pct(r['runs'], 95):.1f} | {r['fill_s']:.1f} |")
+        print(
+            f"| {store} | {statistics.median(r['series']):.1f} | {pct(r['series'], 95):.1f} | "
+            f"{statistics.median(r['runs']):.1f} | {pct(r['runs'], 95):.1f} | {r['fill_s']:.1f} |"
+        )
     print()
     verdicts = []
     for store, r in results.items():
         s, q = statistics.median(r["series"]), statistics.median(r["runs"])
-        verdicts.append(f"{store}: series p50 {s:.1f} ms ({'met' if s <= TARGET_SERIES_MS else 'NOT met'}), "
-                        f"runs p50 {q:.1f} ms ({'met' if q <= TARGET_RUNS_MS else 'NOT met'})")
+        verdicts.append(
+            f"{store}: series p50 {s:.1f} ms ({'met' if s <= TARGET_SERIES_MS else 'NOT met'}), "
+            f"runs p50 {q:.1f} ms ({'met' if q <= TARGET_RUNS_MS else 'NOT met'})"
+        )
     print(f"targets (series <= {TARGET_SERIES_MS:.0f} ms, runs <= {TARGET_RUNS_MS:.0f} ms): " + "; ".join(verdicts))
     print()
-    print(f"# the whole {full:,}-point series, every point, no downsampling: optiscope {REPEATS} answers after "
-          f"{WARMUP} to warm up, MLflow {MLFLOW_REPEATS} after {MLFLOW_WARMUP}; one keep-alive connection each")
+    print(
+        f"# the whole {full:,}-point series, every point, no downsampling: optiscope {REPEATS} answers after "
+        f"{WARMUP} to warm up, MLflow {MLFLOW_REPEATS} after {MLFLOW_WARMUP}; one keep-alive connection each"
+    )
     print()
     print("| server, store | question | p50 (ms) | p95 (ms) | requests per answer | connections | time to fill (s) |")
     print("|---|---|---|---|---|---|---|")
     rows = [(f"optiscope, {store}", "GET /api/v1/runs/{id}/series/loss", r["full"]) for store, r in results.items()]
     if isinstance(mlflow, dict):
         label = f"MLflow {mlflow['version']}, SQLite"
-        rows += [(label, f"get-history, max_results={MLFLOW_PAGE:,} and every next_page_token (as MlflowClient)",
-                  {**mlflow["paged"], "fill_s": mlflow["fill_s"]}),
-                 (label, "get-history, one request without max_results", {**mlflow["unpaged"], "fill_s": None})]
+        rows += [
+            (
+                label,
+                f"get-history, max_results={MLFLOW_PAGE:,} and every next_page_token (as MlflowClient)",
+                {**mlflow["paged"], "fill_s": mlflow["fill_s"]},
+            ),
+            (label, "get-history, one request without max_results", {**mlflow["unpaged"], "fill_s": None}),
+        ]
     for label, question, r in rows:
         fill = "—" if r["fill_s"] is None else f"{r['fill_s']:.1f}"
-        print(f"| {label} | {question} | {statistics.median(r['ms']):.1f} | {pct(r['ms'], 95):.1f} | "
-              f"{r['requests']} | {r['connections']} | {fill} |")
+        print(
+            f"| {label} | {question} | {statistics.median(r['ms']):.1f} | {pct(r['ms'], 95):.1f} | "
+            f"{r['requests']} | {r['connections']} | {fill} |"
+        )
     if isinstance(mlflow, str):
         print(f"| MLflow | {mlflow} | — | — | — | — | — |")
     if isinstance(mlflow, dict):
         print()
         m = statistics.median(mlflow["paged"]["ms"])
-        print(f"MLflow's paged get-history (p50 {m / 1e3:.2f} s) against optiscope's whole-series read: " + "; ".join(
-            f"{m / statistics.median(r['full']['ms']):.0f}x slower than {store}" for store, r in results.items())
-            + f"; against the {points:,}-point series downsampled to 2,000: " + "; ".join(
-            f"{m / statistics.median(r['series']):.0f}x slower than {store}" for store, r in results.items()))
+        print(
+            f"MLflow's paged get-history (p50 {m / 1e3:.2f} s) against optiscope's whole-series read: "
+            + "; ".join(
+                f"{m / statistics.median(r['full']['ms']):.0f}x slower than {store}" for store, r in results.items()
+            )
+            + f"; against the {points:,}-point series downsampled to 2,000: "
+            + "; ".join(
+                f"{m / statistics.median(r['series']):.0f}x slower than {store}" for store, r in results.items()
+            )
+        )
     return 0
 
 

@@ -16,6 +16,7 @@ any host-device sync the probe adds on an unsampled step raises there, and the s
 Also checked: the per-step gradient norm equals a float64 recomputation of the gradients before
 clipping (clipping at 1.0 runs after backward, as in most training loops).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,9 +132,11 @@ def main() -> int:
                 act.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     n = sum(p.numel() for p in model.parameters())
-    print(f"# vitals on an unsampled step: {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}, "
-          f"{n / 1e6:.1f}M params, {len(list(model.parameters()))} tensors, batch {batch}x{size['ctx']}, "
-          f"{a.dtype}, {rounds} rounds")
+    print(
+        f"# vitals on an unsampled step: {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}, "
+        f"{n / 1e6:.1f}M params, {len(list(model.parameters()))} tensors, batch {batch}x{size['ctx']}, "
+        f"{a.dtype}, {rounds} rounds"
+    )
     print()
     print("| configuration | step time (ms, median) | cost / bare step |")
     print("|---|---|---|")
@@ -142,9 +145,13 @@ def main() -> int:
         cost = "—" if k == "bare" else f"{100 * (v - base) / base:+.2f}%"
         print(f"| {k} | {v * 1e3:.2f} | {cost} |")
     print()
-    print(f"per-step grad_norm equals the float64 pre-clip norm: {'yes' if ok else 'NO'} ({got[0]:.6g} vs {refs[0]:.6g})")
+    print(
+        f"per-step grad_norm equals the float64 pre-clip norm: {'yes' if ok else 'NO'} ({got[0]:.6g} vs {refs[0]:.6g})"
+    )
     print(f"act_headroom_bits on unsampled steps: {heads[-1]!r}")
-    print(f"host-device syncs on unsampled steps: {'none (sync debug mode error)' if cuda and syncs_ok else 'FOUND' if cuda else 'not checked (no CUDA)'}")
+    print(
+        f"host-device syncs on unsampled steps: {'none (sync debug mode error)' if cuda and syncs_ok else 'FOUND' if cuda else 'not checked (no CUDA)'}"
+    )
     return 0 if ok and syncs_ok else 1
 
 

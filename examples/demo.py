@@ -6,6 +6,7 @@ the loss to a non-finite value. Then prints what a user looks at: the run in the
 alert that fired and was delivered to a webhook, and a few lines of /metrics. Stops everything it
 started; exits non-zero if the alert did not arrive.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,22 @@ def start_webhook_receiver():
 def start_collector(workdir: Path, webhook: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     exe = Path(sys.executable).parent / "optiscope"
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--db", f"sqlite:///{workdir / 'optiscope.db'}",
-                             "--webhook", webhook, "--allow-internal-webhooks", "--log-level", "warning"], cwd=workdir)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            f"sqlite:///{workdir / 'optiscope.db'}",
+            "--webhook",
+            webhook,
+            "--allow-internal-webhooks",
+            "--log-level",
+            "warning",
+        ],
+        cwd=workdir,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -77,8 +92,9 @@ def train(run: optiscope.Run) -> int:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     teacher = torch.randn(16, 1, generator=g)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     # The bug: the warmup factor was meant to stop at 1.0; after step 100 it compounds by 12% a step.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 100 else 1.12 ** (s - 100))
@@ -104,13 +120,19 @@ def main() -> int:
         collector, url = start_collector(Path(tmp), hook_url)
         try:
             print(f"collector  {url}  (SQLite in a temporary directory; webhook receiver {hook_url})")
-            run = optiscope.init(project="demo", name="mlp-lr-schedule-bug", url=url,
-                                 config={"optimizer": "AdamW", "lr_peak": 1e-3, "schedule": "warmup then constant"})
+            run = optiscope.init(
+                project="demo",
+                name="mlp-lr-schedule-bug",
+                url=url,
+                config={"optimizer": "AdamW", "lr_peak": 1e-3, "schedule": "warmup then constant"},
+            )
             t0 = time.monotonic()
             last = train(run)
             delivered = run.finish(timeout=30)
-            print(f"training   stopped at step {last} after {time.monotonic() - t0:.1f}s; "
-                  f"{run.counters['sent_points']} points delivered (complete: {delivered})")
+            print(
+                f"training   stopped at step {last} after {time.monotonic() - t0:.1f}s; "
+                f"{run.counters['sent_points']} points delivered (complete: {delivered})"
+            )
 
             detail = get(run.api_url)
             print(f"\nthe run    {run.api_url}")
@@ -130,12 +152,21 @@ def main() -> int:
             for a in alerts:
                 print(f"           [{a['severity']}] {a['rule']} {a['state']}: {a['message']}")
             for event in received:
-                print(f"           webhook received {event['type']}: {event['alert']['message']} -> {event['run']['url']}")
+                print(
+                    f"           webhook received {event['type']}: {event['alert']['message']} -> {event['run']['url']}"
+                )
 
             print(f"\n/metrics   {url}/metrics")
             for line in get(url + "/metrics").splitlines():
-                if line.startswith(("optiscope_run_loss{", "optiscope_run_lr{", "optiscope_run_grad_norm{",
-                                    "optiscope_run_alerts_firing{", "optiscope_alerts_fired_total")):
+                if line.startswith(
+                    (
+                        "optiscope_run_loss{",
+                        "optiscope_run_lr{",
+                        "optiscope_run_grad_norm{",
+                        "optiscope_run_alerts_firing{",
+                        "optiscope_alerts_fired_total",
+                    )
+                ):
                     print(f"           {line}")
             if not (alerts and received):
                 print("\ndemo FAILED: no alert was delivered", file=sys.stderr)

@@ -1,4 +1,5 @@
 """Shared fixtures: the real collector under uvicorn, real PostgreSQL, a real webhook receiver."""
+
 from __future__ import annotations
 
 import ast
@@ -137,6 +138,7 @@ def pytest_collection_modifyitems(config, items):
 def pg_admin():
     try:
         import psycopg
+
         conn = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     except Exception as e:  # noqa: BLE001 - any failure means "no usable PostgreSQL"
         missing(f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {e}")
@@ -229,8 +231,9 @@ def receiver():
 class Collector:
     """``optiscope serve`` in a subprocess, exactly as a user starts it."""
 
-    def __init__(self, db: str, webhooks=(), token: str | None = None, cwd: Path | None = None, env=None,
-                 extra_args=()):
+    def __init__(
+        self, db: str, webhooks=(), token: str | None = None, cwd: Path | None = None, env=None, extra_args=()
+    ):
         self.db, self.webhooks, self.token, self.cwd = db, list(webhooks), token, cwd
         self.extra_args = list(extra_args)
         self.port = free_port()

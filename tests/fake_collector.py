@@ -2,6 +2,7 @@
 for tests of what the SDK sends and when: registrations, batches, heartbeats. The end-to-end tests
 use the real collector (conftest.Collector); this one exists to see the requests themselves. It
 runs on an :class:`http_receiver.HttpReceiver`."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ from http_receiver import Request as HttpRequest
 
 @dataclass
 class Request:
-    t: float          # time.monotonic() when it arrived
+    t: float  # time.monotonic() when it arrived
     method: str
     path: str
-    body: Any         # a dict for JSON bodies, a wire.Batch for batches
+    body: Any  # a dict for JSON bodies, a wire.Batch for batches
 
 
 class FakeCollector:

@@ -4,6 +4,7 @@ left them, the parameters before and after ``optimizer.step()`` and ``torch.opti
 It shares no code with the probe: the formulas are written out again from their definitions in the
 README's catalog.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,8 @@ class Reference:
                 t = float(st["step"])
                 b1, b2 = g["betas"]
                 v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
-                sqrt_vhat[id(p)] = (v.to(D) / (1 - b2 ** t)).sqrt()
-                u[id(p)] = (st["exp_avg"].to(D) / (1 - b1 ** t)) / (sqrt_vhat[id(p)] + g["eps"])
+                sqrt_vhat[id(p)] = (v.to(D) / (1 - b2**t)).sqrt()
+                u[id(p)] = (st["exp_avg"].to(D) / (1 - b1**t)) / (sqrt_vhat[id(p)] + g["eps"])
             self._adam(out, "", ch, u, sqrt_vhat)
         else:
             kinds: dict[str, list] = {}
@@ -118,7 +119,8 @@ class Reference:
             if adam:
                 out[f"update_rms/param/{name}"] = math.sqrt(float(u[id(p)].pow(2).mean()))
                 out[f"eps_headroom/param/{name}"] = _log10(
-                    float(_strided(sqrt_vhat[id(p)], 1024).median()) / self.group[id(p)][1]["eps"])
+                    float(_strided(sqrt_vhat[id(p)], 1024).median()) / self.group[id(p)][1]["eps"]
+                )
             if id(p) in self.vu:
                 out[f"v_underestimation/param/{name}"] = math.sqrt(self.vu[id(p)][0] / self.vu[id(p)][1])
         return out

@@ -1,6 +1,7 @@
 """Access control against the real collector: tokens made with ``optiscope token``, scoped to one
 project, stored hashed; every endpoint tried with no token, a wrong token, another project's token,
 a revoked token and a token of too small a scope; the audit log of administrative actions."""
+
 from __future__ import annotations
 
 import math
@@ -46,18 +47,27 @@ def batch(run_id: str, seq: int, value: float = 1.0) -> bytes:
 def secured(db_url, tmp_path):
     """A collector whose database holds tokens: alpha's (one per scope, an admin, a revoked admin) and
     beta's admin; alpha has run a1 with a firing alert, run a2 (for deletion) and beta run b1."""
-    t = {"ingest": make_token(db_url, "alpha", "ingest"), "read": make_token(db_url, "alpha", "read"),
-         "admin": make_token(db_url, "alpha", "admin"), "revoked": make_token(db_url, "alpha", "admin"),
-         "beta": make_token(db_url, "beta", "admin")}
+    t = {
+        "ingest": make_token(db_url, "alpha", "ingest"),
+        "read": make_token(db_url, "alpha", "read"),
+        "admin": make_token(db_url, "alpha", "admin"),
+        "revoked": make_token(db_url, "alpha", "admin"),
+        "beta": make_token(db_url, "beta", "admin"),
+    }
     r = cli("token", "revoke", token_id(t["revoked"]), db=db_url)
     assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
     c = Collector(db_url, cwd=tmp_path).start()
     h = auth(t["ingest"])
     for run in ("a1", "a2"):
-        assert httpx.put(f"{c.url}/api/v1/runs/{run}", json={"project": "alpha", "name": run}, headers=h).status_code == 200
+        assert (
+            httpx.put(f"{c.url}/api/v1/runs/{run}", json={"project": "alpha", "name": run}, headers=h).status_code
+            == 200
+        )
     assert httpx.post(f"{c.url}/api/v1/runs/a1/batches", content=batch("a1", 0, math.nan), headers=h).status_code == 200
-    assert httpx.put(f"{c.url}/api/v1/runs/b1", json={"project": "beta", "name": "b"},
-                     headers=auth(t["beta"])).status_code == 200
+    assert (
+        httpx.put(f"{c.url}/api/v1/runs/b1", json={"project": "beta", "name": "b"}, headers=auth(t["beta"])).status_code
+        == 200
+    )
     alert = httpx.get(f"{c.url}/api/v1/alerts", headers=auth(t["read"])).json()["alerts"][0]
     hook = httpx.post(f"{c.url}/api/v1/webhooks", json={"url": "https://example.com/hook"}, headers=auth(t["admin"]))
     assert hook.status_code == 201 and hook.json()["project"] == "alpha", hook.text
@@ -109,14 +119,24 @@ def test_every_endpoint_refuses_what_it_must_and_allows_its_scope(secured):
             kw["json"] = body
         return httpx.request(method, f"{c.url}/api/v1{path}", timeout=30, **kw)
 
-    wrong = [None, "osk_0123456789abcdef_" + "A" * 43, t["admin"][:-1] + ("B" if t["admin"][-1] != "B" else "C"),
-             "not-a-token", t["revoked"]]
+    wrong = [
+        None,
+        "osk_0123456789abcdef_" + "A" * 43,
+        t["admin"][:-1] + ("B" if t["admin"][-1] != "B" else "C"),
+        "not-a-token",
+        t["revoked"],
+    ]
     failures = []
     for method, path, body, scope in endpoints(alert_id, c.hook_id):
+
         def expect(token, status, reason, what, method=method, path=path, body=body):
             r = call(method, path, body, token)
-            got = (r.status_code, r.json().get("reason") if r.headers.get("content-type", "").startswith(
-                "application/json") and r.status_code >= 400 else None)
+            got = (
+                r.status_code,
+                r.json().get("reason")
+                if r.headers.get("content-type", "").startswith("application/json") and r.status_code >= 400
+                else None,
+            )
             if got != (status, reason):
                 failures.append(f"{method} {path} with {what}: {got}, expected {(status, reason)}: {r.text[:200]}")
             return r
@@ -196,8 +216,11 @@ def test_tokens_are_stored_hashed_and_listed_without_secrets(tmp_path):
     listed = cli("token", "list", "--json", db=db)
     assert listed.returncode == 0 and token not in listed.stdout and "secret" not in listed.stdout
     assert '"scopes": "ingest,read"' in listed.stdout
-    raw = (tmp_path / "t.db").read_bytes() + (tmp_path / "t.db-wal").read_bytes() \
-        if (tmp_path / "t.db-wal").exists() else (tmp_path / "t.db").read_bytes()
+    raw = (
+        (tmp_path / "t.db").read_bytes() + (tmp_path / "t.db-wal").read_bytes()
+        if (tmp_path / "t.db-wal").exists()
+        else (tmp_path / "t.db").read_bytes()
+    )
     secret = token.split("_", 2)[2]
     assert secret.encode() not in raw and token_id(token).encode() in raw
     assert cli("token", "create", "--project", "bad project", "--scope", "read", db=db).returncode == 2
@@ -226,19 +249,25 @@ def test_open_on_loopback_until_a_token_exists_and_never_again_after(tmp_path):
 
 def test_public_address_needs_authentication_and_then_always_requires_it(tmp_path):
     db = f"sqlite:///{tmp_path / 'x.db'}"
-    refused = subprocess.run([OPTISCOPE, "serve", "--host", "0.0.0.0", "--db", db], capture_output=True, text=True,
-                             timeout=60)
+    refused = subprocess.run(
+        [OPTISCOPE, "serve", "--host", "0.0.0.0", "--db", db], capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2 and "refusing to listen" in refused.stderr
     token = make_token(db, "p", "read")
     port = free_port()
-    proc = subprocess.Popen([OPTISCOPE, "serve", "--host", "0.0.0.0", "--port", str(port), "--db", db,
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [OPTISCOPE, "serve", "--host", "0.0.0.0", "--port", str(port), "--db", db, "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def up():
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
             except httpx.HTTPError:
                 return False
+
         wait_until(up, 30, what="collector on 0.0.0.0")
         assert httpx.get(f"http://127.0.0.1:{port}/api/v1/runs").status_code == 401
         assert httpx.get(f"http://127.0.0.1:{port}/api/v1/runs", headers=auth(token)).status_code == 200

@@ -1,4 +1,5 @@
 """Activation headroom: forward hooks on sampled steps, checked against a direct recomputation."""
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,9 @@ def attach(model, every=1, modules=None):
             seen[step] = dict(zip(vector[0], vector[1].tolist()))
 
     probe = OptimizerProbe(opt, emit, every=every)
-    act = ActivationProbe(model, probe.sampling_next, modules=modules, native=probe.native if READER["native"] else None)
+    act = ActivationProbe(
+        model, probe.sampling_next, modules=modules, native=probe.native if READER["native"] else None
+    )
     probe.contributors.append(act)
     return opt, seen, act
 
@@ -86,7 +89,8 @@ def test_headroom_matches_direct_recomputation_over_micro_batches(reader):
     assert got["act_absmax/module/scores"] == pytest.approx(expected_half, rel=1e-6)
     assert got["act_headroom_bits/module/scores"] == pytest.approx(math.log2(65504 / expected_half), rel=1e-9)
     assert got["act_headroom_bits/module/lin"] == pytest.approx(
-        math.log2(torch.finfo(torch.float32).max / expected_lin), rel=1e-9)
+        math.log2(torch.finfo(torch.float32).max / expected_lin), rel=1e-9
+    )
     assert got["act_headroom_bits"] == min(got["act_headroom_bits/module/scores"], got["act_headroom_bits/module/lin"])
 
 
@@ -116,7 +120,10 @@ def test_chosen_modules_and_bad_names():
     model(torch.randn(2, 4)).backward()
     opt.step()
     assert {k for k in seen[0] if k.startswith("act_")} == {
-        "act_absmax/module/scores", "act_headroom_bits/module/scores", "act_headroom_bits"}
+        "act_absmax/module/scores",
+        "act_headroom_bits/module/scores",
+        "act_headroom_bits",
+    }
     with pytest.raises(ValueError):
         ActivationProbe(model, lambda: True, modules=["nope"])
     # through the SDK, a bad module name is a warning, never an exception into training
@@ -152,7 +159,9 @@ def test_float64_outputs_beyond_float32_range_keep_their_headroom():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2).double())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     seen = {}
-    probe = OptimizerProbe(opt, lambda step, host, vec: seen.update(dict(zip(vec[0], vec[1].tolist()))) if vec else None)
+    probe = OptimizerProbe(
+        opt, lambda step, host, vec: seen.update(dict(zip(vec[0], vec[1].tolist()))) if vec else None
+    )
     act = ActivationProbe(model, probe.sampling_next)
     probe.contributors.append(act)
     (model(torch.full((1, 2), 1e300, dtype=torch.float64)) * 0).sum().backward()

@@ -2,6 +2,7 @@
 
 Bad input gets a clear 4xx with a machine-readable reason and loses nothing else.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -16,8 +17,11 @@ from conftest import Collector
 
 
 def register(c, run_id="run1", project="p", token=None, **extra):
-    r = httpx.put(f"{c.url}/api/v1/runs/{run_id}", json={"project": project, "name": "n", **extra},
-                  headers={"Authorization": f"Bearer {token}"} if token else {})
+    r = httpx.put(
+        f"{c.url}/api/v1/runs/{run_id}",
+        json={"project": project, "name": "n", **extra},
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
     return r
 
 
@@ -26,8 +30,11 @@ def batch(run_id="run1", seq=0, records=None, rank=0) -> bytes:
 
 
 def post(c, body, run_id="run1", headers=None):
-    return httpx.post(f"{c.url}/api/v1/runs/{run_id}/batches", content=body,
-                      headers={"Content-Type": "application/json", **(headers or {})})
+    return httpx.post(
+        f"{c.url}/api/v1/runs/{run_id}/batches",
+        content=body,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 def test_duplicate_and_out_of_order_batches(collector):
@@ -62,8 +69,10 @@ def test_rejections_are_clear_and_lose_nothing(sqlite_collector):
         return r.json()["reason"]
 
     assert reason(post(c, b"{not json"), 400) == "malformed_json"
-    assert reason(post(c, json.dumps({"v": 1, "run": "run1", "rank": 0, "seq": 5, "records": [], "x": 1})), 422) \
+    assert (
+        reason(post(c, json.dumps({"v": 1, "run": "run1", "rank": 0, "seq": 5, "records": [], "x": 1})), 422)
         == "unknown_field"
+    )
     assert reason(post(c, batch(seq=6, records=[(1, 1.0, {"bad name": 1.0})])), 422) == "bad_name"
     assert reason(post(c, batch(run_id="other", seq=7)), 422) == "run_mismatch"
     assert reason(post(c, batch(run_id="ghost"), run_id="ghost"), 404) == "not_found"
@@ -97,8 +106,13 @@ def test_series_names_with_slashes_and_too_many_series(tmp_path):
         too_many = [(1, 1.0, {f"s{i}": 1.0 for i in range(wire.MAX_VALUES_PER_RECORD)})] * 3
         r = post(c, batch(seq=1, records=too_many))
         assert r.status_code == 200  # 4096 series fit under the default limit of 10,000
-        r = post(c, batch(seq=2, records=[(2, 1.0, {f"t{i}": 1.0 for i in range(4096)}),
-                                          (3, 1.0, {f"u{i}": 1.0 for i in range(4096)})]))
+        r = post(
+            c,
+            batch(
+                seq=2,
+                records=[(2, 1.0, {f"t{i}": 1.0 for i in range(4096)}), (3, 1.0, {f"u{i}": 1.0 for i in range(4096)})],
+            ),
+        )
         assert r.status_code == 422 and r.json()["reason"] == "too_many_series"
         assert len(c.api("/runs/run1/series")["series"]) == 4097  # the refused batch stored nothing
     finally:
@@ -120,8 +134,14 @@ def test_token_is_required_when_configured(tmp_path):
 
 def test_openapi_documents_the_api(sqlite_collector):
     doc = httpx.get(f"{sqlite_collector.url}/openapi.json").json()
-    for path in ("/api/v1/runs", "/api/v1/runs/{run_id}", "/api/v1/runs/{run_id}/series",
-                 "/api/v1/runs/{run_id}/series/{name}", "/api/v1/runs/{run_id}/alerts", "/api/v1/alerts"):
+    for path in (
+        "/api/v1/runs",
+        "/api/v1/runs/{run_id}",
+        "/api/v1/runs/{run_id}/series",
+        "/api/v1/runs/{run_id}/series/{name}",
+        "/api/v1/runs/{run_id}/alerts",
+        "/api/v1/alerts",
+    ):
         assert "get" in doc["paths"][path], path
     assert httpx.get(f"{sqlite_collector.url}/docs").status_code == 200
 
@@ -129,6 +149,7 @@ def test_openapi_documents_the_api(sqlite_collector):
 def test_large_gzip_run_documents_register(sqlite_collector):
     """The SDK gzips any body over 1 KiB: a run with a large config must still register."""
     import optiscope
+
     run = optiscope.init(project="big", url=sqlite_collector.url, config={"blob": "x" * 5000, "n": 1})
     run.log({"loss": 1.0}, step=0)
     assert run.finish(timeout=20)
@@ -142,6 +163,7 @@ def test_large_gzip_run_documents_register(sqlite_collector):
 def test_a_run_of_several_ranks_ends_when_all_of_them_end(collector):
     """Each rank registers and finishes on its own: the run is running until every registered rank
     finished, crashed as soon as one crashed, and running again when a rank comes back."""
+
     def finish(run_id, rank, status="finished"):
         r = httpx.post(f"{collector.url}/api/v1/runs/{run_id}/finish", json={"status": status, "rank": rank})
         assert r.status_code == 200, r.text

@@ -1,4 +1,5 @@
 """The README's front door: `make demo` runs exactly as a newcomer runs it, and shows a run and an alert."""
+
 from __future__ import annotations
 
 import subprocess

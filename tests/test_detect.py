@@ -1,4 +1,5 @@
 """Streaming detectors on synthetic streams."""
+
 from __future__ import annotations
 
 import math
@@ -36,16 +37,23 @@ def test_unwatched_series_and_ranks_are_independent():
 
 def test_default_detectors():
     names = [type(d).__name__ for d in default_detectors()]
-    assert names[0] == "NonFiniteDetector" and {"OverflowForecast", "LrAboveSchedule", "EarlyDivergence",
-                                                 "LossRegression", "LrOffSchedule"} <= set(names)
+    assert names[0] == "NonFiniteDetector" and {
+        "OverflowForecast",
+        "LrAboveSchedule",
+        "EarlyDivergence",
+        "LossRegression",
+        "LrOffSchedule",
+    } <= set(names)
     paging = [d for d in default_detectors({"lr": 1e-3}) if getattr(d, "severity", "page") == "page"]
     warning = [d for d in default_detectors({"lr": 1e-3}) if getattr(d, "severity", "page") == "warning"]
     assert paging and warning and all(d.rule for d in paging + warning)
 
 
-@given(st.lists(st.lists(st.tuples(st.sampled_from(["loss", "grad_norm", "lr"]), special), max_size=4),
-                max_size=30),
-       st.sets(st.tuples(st.integers(0, 1), st.sampled_from(["loss", "grad_norm"]))), st.integers(0, 3))
+@given(
+    st.lists(st.lists(st.tuples(st.sampled_from(["loss", "grad_norm", "lr"]), special), max_size=4), max_size=30),
+    st.sets(st.tuples(st.integers(0, 1), st.sampled_from(["loss", "grad_norm"]))),
+    st.integers(0, 3),
+)
 def test_columnar_entry_point_gives_the_same_events_as_record_by_record(stream, firing, rank):
     """The collector feeds whole series at once; the transitions, their order and the state after
     the batch are exactly those of feeding the records one by one."""
@@ -59,8 +67,9 @@ def test_columnar_entry_point_gives_the_same_events_as_record_by_record(stream, 
         if idx:
             series[name] = (np.array(idx), np.array([records[i][name] for i in idx]))
     got = cols.update_columns(steps, series, rank)
-    assert [(e.state, e.series, e.step, e.rank, e.message) for e in got] == \
-        [(e.state, e.series, e.step, e.rank, e.message) for e in expected]
+    assert [(e.state, e.series, e.step, e.rank, e.message) for e in got] == [
+        (e.state, e.series, e.step, e.rank, e.message) for e in expected
+    ]
     assert cols.firing == one.firing
 
 

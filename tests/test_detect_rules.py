@@ -7,6 +7,7 @@ Every scenario goes through ``feed``, which runs both entry points (the columnar
 batches, series in another order than the records') and asserts they agree, so each test of a
 rule's behaviour is also a test of that equivalence on a stream where the rule does something.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,20 @@ Record = tuple  # (step, {series: value}, rank)
 
 # -- the two entry points ---------------------------------------------------------------------------
 
+
 def key(ev) -> tuple:
     """Everything an event says, NaN-safe (repr), evidence included (AlertEvent's == leaves it out)."""
-    return (ev.rule, ev.severity, ev.state, ev.series, ev.step, ev.rank, repr(float(ev.value)), ev.message,
-            repr(sorted(ev.evidence.items())))
+    return (
+        ev.rule,
+        ev.severity,
+        ev.state,
+        ev.series,
+        ev.step,
+        ev.rank,
+        repr(float(ev.value)),
+        ev.message,
+        repr(sorted(ev.evidence.items())),
+    )
 
 
 def by_record(det, records: list[Record]) -> list:
@@ -122,8 +133,9 @@ def headroom(seed: int = 3, fall_from: int | None = 200, n: int = 400) -> list[R
 
 def sampled(name: str, values, every: int = 100, first: int = 0, **also) -> list[Record]:
     """A sampled series: one point every ``every`` optimizer steps."""
-    return recs((first + i * every, {name: float(v), **{k: float(a[i]) for k, a in also.items()}})
-                for i, v in enumerate(values))
+    return recs(
+        (first + i * every, {name: float(v), **{k: float(a[i]) for k, a in also.items()}}) for i, v in enumerate(values)
+    )
 
 
 def lognormal(seed: int, n: int = 40, level: float = 1.0, sigma: float = 0.15) -> np.ndarray:
@@ -165,47 +177,113 @@ def eps(low=(20, 21, 22, 23), grad: float = 0.3, n: int = 40, seed: int = 8, h_l
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        rows.append((i * 100, {"eps_headroom/param/w": h_low if i in low else 2.5 + 0.1 * rng.standard_normal(),
-                               "grad_norm/param/w": grad, "eps_headroom/param/v": 3.0 + 0.1 * rng.standard_normal(),
-                               "grad_norm/param/v": 1.0}))
+        rows.append(
+            (
+                i * 100,
+                {
+                    "eps_headroom/param/w": h_low if i in low else 2.5 + 0.1 * rng.standard_normal(),
+                    "grad_norm/param/w": grad,
+                    "eps_headroom/param/v": 3.0 + 0.1 * rng.standard_normal(),
+                    "grad_norm/param/v": 1.0,
+                },
+            )
+        )
     return recs(rows)
 
 
 # name: (detector factory, stream that fires, (first, last) step it may fire at, series, evidence keys, healthy twin)
 SCENARIOS = {
-    "loss_regression": (LossRegression, lambda: losses(regressing()), (480, 700), "loss",
-                        {"window", "gave_back", "smoothed_loss", "best_smoothed_loss", "baseline_loss"},
-                        lambda: losses(loss_curve())),
-    "lr_off_schedule": (lambda: LrOffSchedule(COSINE),
-                        lambda: recs((s, {"lr": PEAK if s >= 300 else cosine_lr(s)}) for s in range(1200)),
-                        (400, 520), "lr", {"window", "ratio", "declared"},
-                        lambda: recs((s, {"lr": cosine_lr(s)}) for s in range(1200))),
-    "lr_above_schedule": (lambda: LrAboveSchedule({"lr": PEAK}),
-                          lambda: losses(regressing(), lr=np.where(np.arange(N) >= 400, 3 * PEAK, PEAK)),
-                          (410, 600), "lr", {"window", "ratio", "gave_back", "smoothed_loss"},
-                          lambda: losses(loss_curve(), lr=np.where(np.arange(N) >= 400, 3 * PEAK, PEAK))),
+    "loss_regression": (
+        LossRegression,
+        lambda: losses(regressing()),
+        (480, 700),
+        "loss",
+        {"window", "gave_back", "smoothed_loss", "best_smoothed_loss", "baseline_loss"},
+        lambda: losses(loss_curve()),
+    ),
+    "lr_off_schedule": (
+        lambda: LrOffSchedule(COSINE),
+        lambda: recs((s, {"lr": PEAK if s >= 300 else cosine_lr(s)}) for s in range(1200)),
+        (400, 520),
+        "lr",
+        {"window", "ratio", "declared"},
+        lambda: recs((s, {"lr": cosine_lr(s)}) for s in range(1200)),
+    ),
+    "lr_above_schedule": (
+        lambda: LrAboveSchedule({"lr": PEAK}),
+        lambda: losses(regressing(), lr=np.where(np.arange(N) >= 400, 3 * PEAK, PEAK)),
+        (410, 600),
+        "lr",
+        {"window", "ratio", "gave_back", "smoothed_loss"},
+        lambda: losses(loss_curve(), lr=np.where(np.arange(N) >= 400, 3 * PEAK, PEAK)),
+    ),
     # the ceiling is reached at step 333: paged within the 50-step horizon, once within 3 bits of it
-    "activation_overflow": (OverflowForecast, headroom, (283, 320), "act_headroom_bits",
-                            {"window", "headroom_bits", "bits_per_step", "steps_to_ceiling"},
-                            lambda: headroom(fall_from=None)),
-    "early_divergence": (EarlyDivergence,
-                         lambda: losses(regressing(start=500, rate=0.05),
-                                        grad_norm=grad_curve() * np.r_[np.ones(500), np.linspace(1, 5, 400)]),
-                         (510, 640), "loss", {"window", "gave_back", "grad_norm_median", "grad_norm_baseline"},
-                         lambda: losses(loss_curve(), grad_norm=grad_curve())),
-    "v_underestimation": (VUnderestimationBurst, v_under, (2100, 2100), "v_underestimation",
-                          {"window", "values", "baseline", "threshold"}, lambda: v_under(burst=())),
-    "update_bimodality": (UpdateBimodality, lambda: sampled("update_bimodality", bimodality()), (2600, 2600),
-                          "update_bimodality", {"window", "values", "baseline", "threshold"},
-                          lambda: sampled("update_bimodality", bimodality(burst=()))),
-    "update_ratio_outlier": (UpdateRatioOutlier, ratios, (2100, 2100), "update_ratio/param/b",
-                             {"window", "values", "baseline", "threshold"}, lambda: ratios(outlier=None)),
-    "eps_headroom_collapse": (EpsHeadroomCollapse, eps, (2100, 2100), "eps_headroom/param/w",
-                              {"window", "values", "baseline", "threshold", "grad_norm"}, lambda: eps(low=())),
-    "non_finite": (NonFiniteDetector, lambda: losses(np.where(np.arange(N) == 300, np.nan, loss_curve())),
-                   (300, 300), "loss", set(), lambda: losses(loss_curve())),
+    "activation_overflow": (
+        OverflowForecast,
+        headroom,
+        (283, 320),
+        "act_headroom_bits",
+        {"window", "headroom_bits", "bits_per_step", "steps_to_ceiling"},
+        lambda: headroom(fall_from=None),
+    ),
+    "early_divergence": (
+        EarlyDivergence,
+        lambda: losses(
+            regressing(start=500, rate=0.05), grad_norm=grad_curve() * np.r_[np.ones(500), np.linspace(1, 5, 400)]
+        ),
+        (510, 640),
+        "loss",
+        {"window", "gave_back", "grad_norm_median", "grad_norm_baseline"},
+        lambda: losses(loss_curve(), grad_norm=grad_curve()),
+    ),
+    "v_underestimation": (
+        VUnderestimationBurst,
+        v_under,
+        (2100, 2100),
+        "v_underestimation",
+        {"window", "values", "baseline", "threshold"},
+        lambda: v_under(burst=()),
+    ),
+    "update_bimodality": (
+        UpdateBimodality,
+        lambda: sampled("update_bimodality", bimodality()),
+        (2600, 2600),
+        "update_bimodality",
+        {"window", "values", "baseline", "threshold"},
+        lambda: sampled("update_bimodality", bimodality(burst=())),
+    ),
+    "update_ratio_outlier": (
+        UpdateRatioOutlier,
+        ratios,
+        (2100, 2100),
+        "update_ratio/param/b",
+        {"window", "values", "baseline", "threshold"},
+        lambda: ratios(outlier=None),
+    ),
+    "eps_headroom_collapse": (
+        EpsHeadroomCollapse,
+        eps,
+        (2100, 2100),
+        "eps_headroom/param/w",
+        {"window", "values", "baseline", "threshold", "grad_norm"},
+        lambda: eps(low=()),
+    ),
+    "non_finite": (
+        NonFiniteDetector,
+        lambda: losses(np.where(np.arange(N) == 300, np.nan, loss_curve())),
+        (300, 300),
+        "loss",
+        set(),
+        lambda: losses(loss_curve()),
+    ),
 }
-WARNINGS = {"lr_off_schedule", "v_underestimation", "update_bimodality", "update_ratio_outlier", "eps_headroom_collapse"}
+WARNINGS = {
+    "lr_off_schedule",
+    "v_underestimation",
+    "update_bimodality",
+    "update_ratio_outlier",
+    "eps_headroom_collapse",
+}
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -231,8 +309,10 @@ def _recovery(name: str, rows: list[Record]) -> list[tuple]:
     end = rows[-1][0]
     if name in ("loss_regression", "lr_above_schedule", "early_divergence"):  # back to the best loss, LR on schedule
         last = rows[-1][1]
-        return [(end + 1 + i, {**last, "loss": 1.0 + 0.05 * math.sin(i), **({"lr": PEAK} if "lr" in last else {})})
-                for i in range(300)]
+        return [
+            (end + 1 + i, {**last, "loss": 1.0 + 0.05 * math.sin(i), **({"lr": PEAK} if "lr" in last else {})})
+            for i in range(300)
+        ]
     if name == "activation_overflow":
         return [(end + 1 + i, {"act_headroom_bits": 20.0 + 0.1 * math.sin(i)}) for i in range(120)]
     if name == "lr_off_schedule":
@@ -264,11 +344,11 @@ def test_ranks_are_independent(name):
     make, stream, *_, healthy = SCENARIOS[name]
     bad, good = stream(), [(s, v, 1) for s, v, _ in healthy()]
     alone = feed(make, bad)
-    mixed = feed(make, [r for pair in zip(bad, good) for r in pair] + bad[len(good):] + good[len(bad):])
+    mixed = feed(make, [r for pair in zip(bad, good) for r in pair] + bad[len(good) :] + good[len(bad) :])
     assert alone and [key(e) for e in mixed] == [key(e) for e in alone]
     lag = min(100, len(bad) // 4)
     behind = [(s, v, 1) for s, v, _ in bad]
-    both = feed(make, bad[:lag] + [r for pair in zip(behind, bad[lag:]) for r in pair] + behind[len(bad) - lag:])
+    both = feed(make, bad[:lag] + [r for pair in zip(behind, bad[lag:]) for r in pair] + behind[len(bad) - lag :])
     assert [key(e) for e in both if e.rank == 0] == [key(e) for e in alone]
     assert [(e.state, e.step, e.series) for e in both if e.rank == 1] == [(e.state, e.step, e.series) for e in alone]
 
@@ -324,16 +404,27 @@ def test_needs_are_the_replayed_series_and_prefix_rules_keep_per_tensor_series_o
     """The collector replays the union of ``needs`` after a restart: the per-tensor series that
     prefix rules read (``needs_prefixes``) are not in it."""
     dets = default_detectors({"lr": 1e-3})
-    assert {n for d in dets for n in d.needs} == {"loss", "grad_norm", "lr", "act_headroom_bits", DECLARE_DATA,
-                                                  DECLARE_SCHEDULE, "v_underestimation", "update_bimodality",
-                                                  "eps_headroom"}
+    assert {n for d in dets for n in d.needs} == {
+        "loss",
+        "grad_norm",
+        "lr",
+        "act_headroom_bits",
+        DECLARE_DATA,
+        DECLARE_SCHEDULE,
+        "v_underestimation",
+        "update_bimodality",
+        "eps_headroom",
+    }
     prefixed = {type(d).__name__: d.needs_prefixes for d in dets if d.needs_prefixes}
-    assert prefixed == {"UpdateRatioOutlier": ("update_ratio/param/",),
-                        "EpsHeadroomCollapse": ("eps_headroom/param/", "grad_norm/param/")}
+    assert prefixed == {
+        "UpdateRatioOutlier": ("update_ratio/param/",),
+        "EpsHeadroomCollapse": ("eps_headroom/param/", "grad_norm/param/"),
+    }
     assert all(d.rule and d.severity in ("page", "warning") for d in dets)
 
 
 # -- the loss rules ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_loss_regression_ignores_noise_and_a_one_step_spike(seed):
@@ -429,15 +520,19 @@ def test_lr_above_schedule_needs_both_the_lr_and_the_loss():
 
 # -- the LR schedule ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("config, lr", [
-    ({"lr": PEAK}, lambda s: PEAK),
-    ({"lr": PEAK, "schedule": "constant"}, lambda s: PEAK),
-    ({"lr": PEAK, "warmup_steps": 100}, lambda s: PEAK * min(1.0, (s + 1) / 100)),
-    ({"lr": PEAK, "warmup_steps": 100, "schedule": "linear_warmup_constant"}, lambda s: PEAK * min(1.0, s / 100)),
-    (COSINE, cosine_lr),
-    (COSINE, lambda s: 1e-5 + (PEAK - 1e-5) * min(s / 100, 0.5 * (1 + math.cos(math.pi * min(1.0, s / 1000))))),
-    ({"lr": PEAK, "schedule": "mystery"}, lambda s: PEAK * (1 + math.sin(s / 50)) / 2),
-])
+
+@pytest.mark.parametrize(
+    "config, lr",
+    [
+        ({"lr": PEAK}, lambda s: PEAK),
+        ({"lr": PEAK, "schedule": "constant"}, lambda s: PEAK),
+        ({"lr": PEAK, "warmup_steps": 100}, lambda s: PEAK * min(1.0, (s + 1) / 100)),
+        ({"lr": PEAK, "warmup_steps": 100, "schedule": "linear_warmup_constant"}, lambda s: PEAK * min(1.0, s / 100)),
+        (COSINE, cosine_lr),
+        (COSINE, lambda s: 1e-5 + (PEAK - 1e-5) * min(s / 100, 0.5 * (1 + math.cos(math.pi * min(1.0, s / 1000))))),
+        ({"lr": PEAK, "schedule": "mystery"}, lambda s: PEAK * (1 + math.sin(s / 50)) / 2),
+    ],
+)
 def test_a_run_on_its_declared_schedule_is_never_above_the_envelope(config, lr):
     env = declared_schedule(config)
     assert all(lr(s) <= env(s) * (1 + 1e-12) for s in range(1500))
@@ -485,8 +580,8 @@ def test_a_declared_schedule_change_in_its_own_record_is_the_new_reference():
     assert [e.state for e in feed(lambda: LrAboveSchedule({"lr": PEAK}), loss)] == ["firing"]  # undeclared: paged
     for at in (149, 150):
         mark = [(at, {DECLARE_SCHEDULE: 1.0}, 0)]
-        assert feed(lambda: LrOffSchedule({"lr": PEAK}), rows[:at + 1] + mark + rows[at + 1:]) == []
-        assert feed(lambda: LrAboveSchedule({"lr": PEAK}), loss[:at + 1] + mark + loss[at + 1:]) == []
+        assert feed(lambda: LrOffSchedule({"lr": PEAK}), rows[: at + 1] + mark + rows[at + 1 :]) == []
+        assert feed(lambda: LrAboveSchedule({"lr": PEAK}), loss[: at + 1] + mark + loss[at + 1 :]) == []
     early = rows[:140] + [(139, {DECLARE_SCHEDULE: 1.0}, 0)] + rows[140:]  # declared, then the LR still on schedule:
     assert [e.step for e in feed(lambda: LrOffSchedule({"lr": PEAK}), early)] == [152]  # that became the reference
 
@@ -497,6 +592,7 @@ def test_a_constant_schedule_ignores_warmup_steps():
 
 
 # -- activation headroom -----------------------------------------------------------------------------
+
 
 def test_overflow_pages_at_once_on_the_ceiling_and_ignores_nan():
     rows = headroom(fall_from=None)[:100]
@@ -513,6 +609,7 @@ def test_overflow_pages_at_once_on_the_ceiling_and_ignores_nan():
 
 
 # -- the warning rules --------------------------------------------------------------------------------
+
 
 def test_v_underestimation_needs_consecutive_samples_far_above_its_own_median():
     assert feed(VUnderestimationBurst, v_under(burst=(20,), value=50.0)) == []  # one sample
@@ -594,17 +691,23 @@ def test_update_ratio_outlier_per_tensor_and_bounded():
 
 def test_update_ratio_linear_warmup_sampled_every_step_is_not_an_outlier():
     rng = np.random.default_rng(12)
-    rows = recs((s, {"update_ratio/param/w": 1e-2 * (s + 1) / 500 * math.exp(0.1 * rng.standard_normal())})
-                for s in range(500))
+    rows = recs(
+        (s, {"update_ratio/param/w": 1e-2 * (s + 1) / 500 * math.exp(0.1 * rng.standard_normal())}) for s in range(500)
+    )
     assert feed(UpdateRatioOutlier, rows) == []
 
 
 def test_update_ratio_declared_schedule_change_restarts_the_baselines():
     rows = ratios(outlier=None)
-    lifted = [(s, {k: v * (20 if s >= 2000 and k.startswith("update_ratio/") else 1) for k, v in vals.items()}, r)
-              for s, vals, r in rows]  # the LR raised 20x at step 2000: every tensor follows
-    assert {e.series for e in feed(UpdateRatioOutlier, lifted) if e.state == "firing"} == \
-        {"update_ratio/param/a", "update_ratio/param/b", "update_ratio/param/c"}
+    lifted = [
+        (s, {k: v * (20 if s >= 2000 and k.startswith("update_ratio/") else 1) for k, v in vals.items()}, r)
+        for s, vals, r in rows
+    ]  # the LR raised 20x at step 2000: every tensor follows
+    assert {e.series for e in feed(UpdateRatioOutlier, lifted) if e.state == "firing"} == {
+        "update_ratio/param/a",
+        "update_ratio/param/b",
+        "update_ratio/param/c",
+    }
     declared = lifted[:20] + [(2000, {DECLARE_SCHEDULE: 1.0}, 0)] + lifted[20:]
     assert feed(UpdateRatioOutlier, declared) == []
     assert feed(lambda: UpdateRatioOutlier({"data_mixture_switch_steps": [1950]}), lifted) == []
@@ -615,8 +718,9 @@ def test_eps_headroom_collapse_needs_a_gradient_and_resolves_with_hysteresis():
     assert feed(EpsHeadroomCollapse, eps(low=(20,))) == []  # one sample
     assert feed(EpsHeadroomCollapse, eps(h_low=0.6)) == []  # eps is 20% of the denominator: not yet
     rows = eps(low=tuple(range(20, 40)))
-    rows = [(s, {k: v for k, v in vals.items() if not k.startswith("grad_norm/") or s < 1000}, r)
-            for s, vals, r in rows]  # grad_norm/param missing later (clipping appeared): the last one holds
+    rows = [
+        (s, {k: v for k, v in vals.items() if not k.startswith("grad_norm/") or s < 1000}, r) for s, vals, r in rows
+    ]  # grad_norm/param missing later (clipping appeared): the last one holds
     (ev,) = feed(EpsHeadroomCollapse, rows)
     assert ev.step == 2100 and ev.evidence["grad_norm"] == 0.3 and ev.evidence["values"] == [0.2, 0.2]
     assert ev.evidence["threshold"] == 0.5 and 2.2 < ev.evidence["baseline"] < 2.8 and " w'" in ev.message
@@ -638,24 +742,65 @@ def _with_config(cls) -> Callable:
 
 DETECTORS = {  # every detector class, made with a config and the incidents the collector restored
     "NonFiniteDetector": lambda firing: NonFiniteDetector(firing=firing),
-    **{cls.__name__: _with_config(cls) for cls in (
-        OverflowForecast, LrAboveSchedule, EarlyDivergence, LossRegression, LrOffSchedule,
-        VUnderestimationBurst, UpdateBimodality, UpdateRatioOutlier, EpsHeadroomCollapse)},
+    **{
+        cls.__name__: _with_config(cls)
+        for cls in (
+            OverflowForecast,
+            LrAboveSchedule,
+            EarlyDivergence,
+            LossRegression,
+            LrOffSchedule,
+            VUnderestimationBurst,
+            UpdateBimodality,
+            UpdateRatioOutlier,
+            EpsHeadroomCollapse,
+        )
+    },
 }
-NAMES = ["loss", "grad_norm", "lr", "act_headroom_bits", DECLARE_DATA, DECLARE_SCHEDULE, "v_underestimation",
-         "update_bimodality", "update_ratio", "update_ratio/param/a", "update_ratio/param/b", "eps_headroom",
-         "eps_headroom/param/a", "eps_headroom/param/b", "grad_norm/param/a", "grad_norm_clipped", "other"]
-VALUES = st.one_of(st.sampled_from([0.0, 1e-4, 0.2, 0.5, 1.0, 2.0, 5.0, 50.0, 1e6, -1.0, math.nan, math.inf,
-                                    -math.inf]), st.floats(-10, 100))
+NAMES = [
+    "loss",
+    "grad_norm",
+    "lr",
+    "act_headroom_bits",
+    DECLARE_DATA,
+    DECLARE_SCHEDULE,
+    "v_underestimation",
+    "update_bimodality",
+    "update_ratio",
+    "update_ratio/param/a",
+    "update_ratio/param/b",
+    "eps_headroom",
+    "eps_headroom/param/a",
+    "eps_headroom/param/b",
+    "grad_norm/param/a",
+    "grad_norm_clipped",
+    "other",
+]
+VALUES = st.one_of(
+    st.sampled_from([0.0, 1e-4, 0.2, 0.5, 1.0, 2.0, 5.0, 50.0, 1e6, -1.0, math.nan, math.inf, -math.inf]),
+    st.floats(-10, 100),
+)
 
 
 @pytest.mark.parametrize("cls", DETECTORS)
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1),
-                          st.dictionaries(st.sampled_from(NAMES), VALUES, min_size=1, max_size=5)), max_size=80),
-       st.lists(st.integers(1, 40), min_size=1, max_size=5),
-       st.sets(st.tuples(st.integers(0, 1), st.sampled_from(["loss", "lr", "v_underestimation",
-                                                             "update_ratio/param/a", "eps_headroom/param/a"]))))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.integers(0, 1),
+            st.dictionaries(st.sampled_from(NAMES), VALUES, min_size=1, max_size=5),
+        ),
+        max_size=80,
+    ),
+    st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    st.sets(
+        st.tuples(
+            st.integers(0, 1),
+            st.sampled_from(["loss", "lr", "v_underestimation", "update_ratio/param/a", "eps_headroom/param/a"]),
+        )
+    ),
+)
 def test_columns_equal_records_on_random_streams(cls, stream, cuts, firing):
     """Random series, values (NaN and +-Inf among them), ranks and step gaps, in random batches,
     from random restored incidents."""
@@ -667,10 +812,14 @@ def test_columns_equal_records_on_random_streams(cls, stream, cuts, firing):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(sorted(SCENARIOS)), st.sampled_from([0, 1]),
-       st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([math.nan, math.inf, -math.inf, 0.0])),
-                max_size=6),
-       st.lists(st.integers(1, 300), min_size=1, max_size=4))
+@given(
+    st.sampled_from(sorted(SCENARIOS)),
+    st.sampled_from([0, 1]),
+    st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([math.nan, math.inf, -math.inf, 0.0])), max_size=6
+    ),
+    st.lists(st.integers(1, 300), min_size=1, max_size=4),
+)
 def test_columns_equal_records_on_scenarios_with_non_finite_points(name, twin, spoil, cuts):
     """The scenarios, where the rules fire and resolve, with points spoiled by NaN, +-Inf or 0."""
     make, stream, *_, healthy = SCENARIOS[name]

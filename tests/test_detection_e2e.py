@@ -7,6 +7,7 @@ collapses for good near step 425) pages once, early, with its evidence; a health
 model pages never and warns never. The benchmark's smoke run (tests/test_bench_smoke.py) and
 bench/detection.py score the same detectors on every scenario.
 """
+
 from __future__ import annotations
 
 import sys
@@ -64,8 +65,11 @@ def test_a_diverging_run_pages_once_early_and_a_healthy_run_never(signed, receiv
     assert all(a["evidence"].get("inhibited_by") == first["id"] for a in pages if a["id"] != first["id"])
 
     wait_until(lambda: any(e["alert"]["severity"] == "page" for e in receiver.events), what="page delivered")
-    sent = [(e, h, b) for e, h, b in zip(receiver.events, receiver.headers, receiver.bodies)
-            if e["run"]["id"] == run.id and e["alert"]["severity"] == "page" and e["type"] == "alert.firing"]
+    sent = [
+        (e, h, b)
+        for e, h, b in zip(receiver.events, receiver.headers, receiver.bodies)
+        if e["run"]["id"] == run.id and e["alert"]["severity"] == "page" and e["type"] == "alert.firing"
+    ]
     assert len(sent) == 1, [e["alert"]["rule"] for e, _, _ in sent]  # one page for the incident
     event, headers, body = sent[0]
     assert verify(secret, headers, body) and not verify(signing.new_secret(), headers, body)

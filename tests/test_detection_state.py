@@ -1,6 +1,7 @@
 """The collector's detectors are streaming state held in memory; the store is the truth. A collector
 that restarts mid-run, and replicas that each receive only some of a run's batches, must raise
 exactly the alerts one collector that saw every batch raises."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ step, the gradients as backward left them (before clipping) and the optimizer's 
 that the REST API returns exactly those values for every step, that a NaN arrives as NaN, and that
 the alert was stored and the webhook delivered.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,12 @@ def _train_and_reference(run, clip: float):
         after = [p.detach().double() for p in model.parameters()]
         update = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(after, before)))
         ref[step] = {
-            "loss": float(loss.detach()), "lr": 3e-2, "grad_norm": grad_norm,
-            "param_norm": _norm64(after), "update_norm": update, "update_ratio": update / _norm64(before),
+            "loss": float(loss.detach()),
+            "lr": 3e-2,
+            "grad_norm": grad_norm,
+            "param_norm": _norm64(after),
+            "update_norm": update,
+            "update_ratio": update / _norm64(before),
             "exp_avg_norm": _norm64(opt.state[p]["exp_avg"] for p in model.parameters()),
             "exp_avg_sq_norm": _norm64(opt.state[p]["exp_avg_sq"] for p in model.parameters()),
         }
@@ -66,8 +71,16 @@ def test_training_run_end_to_end(collector, receiver):
     assert any(r["id"] == run.id for r in collector.api("/runs?project=e2e")["runs"])
 
     names = {s["name"] for s in collector.api(f"/runs/{run.id}/series")["series"]}
-    canonical = ("loss", "lr", "grad_norm", "param_norm", "update_norm", "update_ratio", "exp_avg_norm",
-                 "exp_avg_sq_norm")
+    canonical = (
+        "loss",
+        "lr",
+        "grad_norm",
+        "param_norm",
+        "update_norm",
+        "update_ratio",
+        "exp_avg_norm",
+        "exp_avg_sq_norm",
+    )
     assert set(canonical) | {"extreme", "extreme_neg", "update_rms", "grad_norm/param/0.weight"} <= names
     assert {n.split("/")[0] for n in names} <= {n.split("/")[0] for n in optiscope.CATALOG} | {"extreme", "extreme_neg"}
 
@@ -88,7 +101,8 @@ def test_training_run_end_to_end(collector, receiver):
 
     alerts = collector.api(f"/runs/{run.id}/alerts")["alerts"]
     assert [(a["rule"], a["series"], a["step"], a["state"], a["value"]) for a in alerts] == [
-        ("non_finite", "loss", NAN_STEP, "firing", "NaN")]
+        ("non_finite", "loss", NAN_STEP, "firing", "NaN")
+    ]
     assert any(a["run_id"] == run.id for a in collector.api("/alerts")["alerts"])
 
     wait_until(lambda: receiver.events, what="webhook delivery")

@@ -1,5 +1,6 @@
 """The environment fingerprint: real git checkouts, a missing or hanging git, torch's flags as the
 script set them, and no part able to raise or to import torch."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def make_repo(path):
     (path / "train.py").write_text("print('hi')\n")
     subprocess.run([*GIT, "-C", str(path), "add", "train.py"], check=True)
     subprocess.run([*GIT, "-C", str(path), "commit", "-q", "-m", "one"], check=True)
-    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(path), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_git_commit_branch_and_dirty(outside_git, monkeypatch):
@@ -150,8 +152,25 @@ def test_a_cuda_build_names_devices_only_once_cuda_is_up(monkeypatch):
 def test_json_values_only():
     env = fingerprint()
     assert json.loads(json.dumps(env, allow_nan=False)) == env
-    expected = {"python", "implementation", "platform", "cpu", "cpu_count", "packages", "driver", "git", "seeds",
-                "torch", "cuda", "cudnn", "hip", "device_count", "devices", "num_threads", "determinism"}
+    expected = {
+        "python",
+        "implementation",
+        "platform",
+        "cpu",
+        "cpu_count",
+        "packages",
+        "driver",
+        "git",
+        "seeds",
+        "torch",
+        "cuda",
+        "cudnn",
+        "hip",
+        "device_count",
+        "devices",
+        "num_threads",
+        "determinism",
+    }
     assert set(env) == expected
     assert env["packages"]["optiscope"] and env["packages"]["numpy"]
 
@@ -175,11 +194,15 @@ def test_a_failing_part_is_none_and_the_rest_stays(monkeypatch):
 
 def test_driver_version_from_the_proc_file(tmp_path):
     proprietary = tmp_path / "a"
-    proprietary.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
-                           "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    proprietary.write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+        "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+    )
     open_module = tmp_path / "b"
-    open_module.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build  "
-                           "(dvs-builder@U16-I3-B03-4-3)  Tue Mar  5 22:15:33 UTC 2024\n")
+    open_module.write_text(
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build  "
+        "(dvs-builder@U16-I3-B03-4-3)  Tue Mar  5 22:15:33 UTC 2024\n"
+    )
     assert environment._driver(str(proprietary)) == "535.104.05"
     assert environment._driver(str(open_module)) == "550.54.15"
     assert environment._driver(str(tmp_path / "absent")) is None
@@ -197,10 +220,12 @@ def test_init_imports_no_torch(tmp_path):
     """The fingerprint runs inside init(): a script that never imports torch must not get it."""
     fake = FakeCollector()
     try:
-        code = ("import sys, optiscope\n"
-                f"run = optiscope.init(url={fake.url!r}, spool=False)\n"
-                "assert run.finish(timeout=30)\n"
-                "assert 'torch' not in sys.modules\n")
+        code = (
+            "import sys, optiscope\n"
+            f"run = optiscope.init(url={fake.url!r}, spool=False)\n"
+            "assert run.finish(timeout=30)\n"
+            "assert 'torch' not in sys.modules\n"
+        )
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         (put,) = fake.puts()  # what the run registered, as the collector received it

@@ -2,6 +2,7 @@
 Alertmanager rendering posted to a real Alertmanager: it routes the alert to a webhook, resolves
 it, and a silence on the run suppresses it.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,25 +24,43 @@ RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z")
 NASTY_NAME = "mlp <&> λ 🚀 <!channel>"
 
 
-def event(state="firing", value=math.inf, name=NASTY_NAME, alert_id=1, run_id="01a2b3", t=1795700902.83,
-          message=None, **alert_extra):
+def event(
+    state="firing",
+    value=math.inf,
+    name=NASTY_NAME,
+    alert_id=1,
+    run_id="01a2b3",
+    t=1795700902.83,
+    message=None,
+    **alert_extra,
+):
     """A native event as the collector writes it (``value`` may also be a raw non-finite float,
     which the renderers must spell rather than crash on)."""
     return {
         "type": f"alert.{state}",
-        "alert": {"id": alert_id, "rule": "non_finite", "severity": "page", "state": state, "series": "loss",
-                  "step": 225, "rank": 0, "value": value,
-                  "message": message or f"loss is {value} at step 225 on rank 0 <b>&</b>", **alert_extra},
-        "run": {"id": run_id, "project": "démo", "name": name,
-                "url": f"http://127.0.0.1:8737/api/v1/runs/{run_id}"},
+        "alert": {
+            "id": alert_id,
+            "rule": "non_finite",
+            "severity": "page",
+            "state": state,
+            "series": "loss",
+            "step": 225,
+            "rank": 0,
+            "value": value,
+            "message": message or f"loss is {value} at step 225 on rank 0 <b>&</b>",
+            **alert_extra,
+        },
+        "run": {"id": run_id, "project": "démo", "name": name, "url": f"http://127.0.0.1:8737/api/v1/runs/{run_id}"},
         "time": t,
     }
 
 
 def strict(body: bytes):
     """Parse as strict JSON: NaN, Infinity and -Infinity tokens are errors, not values."""
+
     def refuse(token):
         raise AssertionError(f"non-standard JSON token {token}")
+
     return json.loads(body, parse_constant=refuse)
 
 
@@ -87,8 +106,12 @@ def slack(ev) -> dict:
 
 def all_mrkdwn(msg: dict) -> list[str]:
     section = msg["blocks"][1]
-    return [msg["text"], section["text"]["text"], *(f["text"] for f in section["fields"]),
-            *(e["text"] for e in msg["blocks"][2]["elements"])]
+    return [
+        msg["text"],
+        section["text"]["text"],
+        *(f["text"] for f in section["fields"]),
+        *(e["text"] for e in msg["blocks"][2]["elements"]),
+    ]
 
 
 def test_slack_message_firing_and_resolved():
@@ -97,9 +120,15 @@ def test_slack_message_firing_and_resolved():
     assert header["type"] == "header" and header["text"]["type"] == "plain_text"
     assert header["text"]["text"].startswith(":rotating_light: Firing [page]: non_finite")
     fields = {f["text"].split("\n", 1)[0]: f["text"].split("\n", 1)[1] for f in firing["blocks"][1]["fields"]}
-    assert fields == {"*Project*": "démo",
-                      "*Run*": "<http://127.0.0.1:8737/api/v1/runs/01a2b3|mlp &lt;&amp;&gt; λ 🚀 &lt;!channel&gt;>",
-                      "*Rule*": "non_finite", "*Series*": "loss", "*Step*": "225", "*Rank*": "0", "*Value*": "NaN"}
+    assert fields == {
+        "*Project*": "démo",
+        "*Run*": "<http://127.0.0.1:8737/api/v1/runs/01a2b3|mlp &lt;&amp;&gt; λ 🚀 &lt;!channel&gt;>",
+        "*Rule*": "non_finite",
+        "*Series*": "loss",
+        "*Step*": "225",
+        "*Rank*": "0",
+        "*Value*": "NaN",
+    }
     assert firing["text"].startswith("Firing [page] non_finite: loss is nan")
 
     resolved = slack(event("resolved", -math.inf))
@@ -134,12 +163,20 @@ def test_slack_stays_inside_block_kit_limits():
 def test_alertmanager_alert_labels_annotations_and_times():
     created, resolved_at = 1795700800.5, 1795700950.25
     firing = am_alert(event("firing", "Infinity", created_at=created))
-    resolved = am_alert(event("resolved", -math.inf, created_at=created, resolved_at=resolved_at,
-                              message="loss is finite again"))
+    resolved = am_alert(
+        event("resolved", -math.inf, created_at=created, resolved_at=resolved_at, message="loss is finite again")
+    )
 
-    assert firing["labels"] == {"alertname": "optiscope_non_finite", "alert_id": "1", "severity": "page",
-                                "project": "démo", "run_id": "01a2b3", "run_name": NASTY_NAME,
-                                "series": "loss", "rank": "0"}
+    assert firing["labels"] == {
+        "alertname": "optiscope_non_finite",
+        "alert_id": "1",
+        "severity": "page",
+        "project": "démo",
+        "run_id": "01a2b3",
+        "run_name": NASTY_NAME,
+        "series": "loss",
+        "rank": "0",
+    }
     assert resolved["labels"] == firing["labels"]  # the same alert to Alertmanager, so it resolves
     for alert in (firing, resolved):
         assert all(LABEL_NAME.fullmatch(k) and isinstance(v, str) and v for k, v in alert["labels"].items())
@@ -183,19 +220,35 @@ class Alertmanager:
 
     def __init__(self, binary: str, hook_url: str, tmp_path):
         config = tmp_path / "alertmanager.yml"
-        config.write_text(json.dumps({  # JSON is YAML
-            "route": {"receiver": "hook", "group_by": ["alertname", "run_id"],
-                      "group_wait": "0s", "group_interval": "1s", "repeat_interval": "1h"},
-            "receivers": [{"name": "hook", "webhook_configs": [{"url": hook_url, "send_resolved": True}]}],
-        }))
+        config.write_text(
+            json.dumps(
+                {  # JSON is YAML
+                    "route": {
+                        "receiver": "hook",
+                        "group_by": ["alertname", "run_id"],
+                        "group_wait": "0s",
+                        "group_interval": "1s",
+                        "repeat_interval": "1h",
+                    },
+                    "receivers": [{"name": "hook", "webhook_configs": [{"url": hook_url, "send_resolved": True}]}],
+                }
+            )
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / "alertmanager.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.path={tmp_path / 'am-data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.path={tmp_path / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -211,8 +264,9 @@ class Alertmanager:
         return r.json()
 
     def post(self, body: bytes) -> httpx.Response:
-        return httpx.post(self.url + "/api/v2/alerts", content=body,
-                          headers={"Content-Type": "application/json"}, timeout=5)
+        return httpx.post(
+            self.url + "/api/v2/alerts", content=body, headers={"Content-Type": "application/json"}, timeout=5
+        )
 
     def stop(self):
         self.proc.terminate()
@@ -241,8 +295,12 @@ def alertmanager(receiver, tmp_path):
 
 def notified(receiver, alert_id: int, status: str) -> list[dict]:
     """The alerts Alertmanager's webhook delivered for our ``alert_id`` with ``status``."""
-    return [a for payload in list(receiver.events) for a in payload["alerts"]
-            if a["labels"].get("alert_id") == str(alert_id) and a["status"] == status]
+    return [
+        a
+        for payload in list(receiver.events)
+        for a in payload["alerts"]
+        if a["labels"].get("alert_id") == str(alert_id) and a["status"] == status
+    ]
 
 
 def test_real_alertmanager_fires_and_resolves(alertmanager, receiver):
@@ -252,8 +310,10 @@ def test_real_alertmanager_fires_and_resolves(alertmanager, receiver):
 
     r = alertmanager.post(render("alertmanager", firing)[0])
     assert r.status_code == 200, r.text
-    active = wait_until(lambda: [a for a in alertmanager.alerts() if a["labels"] == ours["labels"]],
-                        what="the alert in GET /api/v2/alerts")
+    active = wait_until(
+        lambda: [a for a in alertmanager.alerts() if a["labels"] == ours["labels"]],
+        what="the alert in GET /api/v2/alerts",
+    )
     assert active[0]["status"]["state"] == "active"
     assert active[0]["annotations"]["value"] == "NaN" and active[0]["labels"]["run_name"] == NASTY_NAME
     assert active[0]["generatorURL"] == ours["generatorURL"]
@@ -263,8 +323,15 @@ def test_real_alertmanager_fires_and_resolves(alertmanager, receiver):
     assert sent[0]["startsAt"].startswith(ours["startsAt"][:19])  # when it fired, not when it arrived
     assert receiver.events[0]["status"] == "firing"
 
-    resolved = event("resolved", 0.5, alert_id=7, t=time.time(), created_at=now - 30, resolved_at=time.time(),
-                     message="loss is finite again (0.5) at step 300 on rank 0")
+    resolved = event(
+        "resolved",
+        0.5,
+        alert_id=7,
+        t=time.time(),
+        created_at=now - 30,
+        resolved_at=time.time(),
+        message="loss is finite again (0.5) at step 300 on rank 0",
+    )
     r = alertmanager.post(render("alertmanager", resolved)[0])
     assert r.status_code == 200, r.text
     done = wait_until(lambda: notified(receiver, 7, "resolved"), what="the resolved notification")
@@ -275,9 +342,13 @@ def test_real_alertmanager_fires_and_resolves(alertmanager, receiver):
 
 def test_real_alertmanager_silence_on_a_run_suppresses_its_alerts(alertmanager, receiver):
     now = time.time()
-    silence = {"matchers": [{"name": "run_id", "value": "run-muted", "isRegex": False, "isEqual": True}],
-               "startsAt": _utc(now - 60), "endsAt": _utc(now + 3600),
-               "createdBy": "test_formats", "comment": "known-bad run"}
+    silence = {
+        "matchers": [{"name": "run_id", "value": "run-muted", "isRegex": False, "isEqual": True}],
+        "startsAt": _utc(now - 60),
+        "endsAt": _utc(now + 3600),
+        "createdBy": "test_formats",
+        "comment": "known-bad run",
+    }
     r = httpx.post(alertmanager.url + "/api/v2/silences", json=silence, timeout=5)
     assert r.status_code == 200, r.text
     silence_id = r.json()["silenceID"]
@@ -343,7 +414,9 @@ def test_collector_posts_its_alerts_to_a_real_alertmanager(alertmanager, receive
     store = Database(db)
     try:
         time.sleep(1.1)
-        WebhookDispatcher(Outbox(store), allow_internal=True, run_url=lambda r: f"http://x/api/v1/runs/{r}").refresh_alertmanagers()
+        WebhookDispatcher(
+            Outbox(store), allow_internal=True, run_url=lambda r: f"http://x/api/v1/runs/{r}"
+        ).refresh_alertmanagers()
         again = [a for a in alertmanager.alerts() if a["labels"]["alert_id"] == second[0]["labels"]["alert_id"]]
         assert again[0]["endsAt"] > second[0]["endsAt"]
     finally:

@@ -1,5 +1,6 @@
 """Heartbeats: a quiet rank says it is alive, a busy one does not need to, and a collector that
 went away costs neither the spool nor the counters anything."""
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,7 @@ def test_no_heartbeats_while_batches_flow():
             run.log({"loss": float(step)}, step=step)
             time.sleep(0.05)
         t_end = time.monotonic()
-        wait_until(lambda: [h for h in fake.heartbeats() if h.t > t_end], 10,
-                   what="heartbeats once the batches stop")
+        wait_until(lambda: [h for h in fake.heartbeats() if h.t > t_end], 10, what="heartbeats once the batches stop")
         assert len([b for b in fake.batches() if t_start <= b.t <= t_end]) >= 10
         # A heartbeat only ever follows a full interval of silence; so none while batches flow
         # (unless this test's own thread stalled an interval: then that heartbeat is right).
@@ -116,12 +116,22 @@ def test_heartbeat_interval_none_sends_none():
 
 def test_the_collector_acknowledges_heartbeats(sqlite_collector):
     """End to end: the real collector takes the heartbeats, the tags and each rank's environment."""
-    run = optiscope.init(project="hb", url=sqlite_collector.url, tags=["hb-e2e"], heartbeat_interval=0.2,
-                         environment={"cluster": "a"})
-    other = optiscope.init(project="hb", url=sqlite_collector.url, run_id=run.id, rank=1, heartbeat_interval=0.2,
-                           environment={"cluster": "b"})
-    wait_until(lambda: run.counters["heartbeats"] >= 2 and other.counters["heartbeats"] >= 2, 20,
-               what="heartbeats acknowledged by the collector")
+    run = optiscope.init(
+        project="hb", url=sqlite_collector.url, tags=["hb-e2e"], heartbeat_interval=0.2, environment={"cluster": "a"}
+    )
+    other = optiscope.init(
+        project="hb",
+        url=sqlite_collector.url,
+        run_id=run.id,
+        rank=1,
+        heartbeat_interval=0.2,
+        environment={"cluster": "b"},
+    )
+    wait_until(
+        lambda: run.counters["heartbeats"] >= 2 and other.counters["heartbeats"] >= 2,
+        20,
+        what="heartbeats acknowledged by the collector",
+    )
     assert run.counters["rejected_batches"] == 0
     detail = sqlite_collector.api(f"/runs/{run.id}")
     assert "hb-e2e" in detail["tags"]

@@ -1,6 +1,7 @@
 """The shape of the code, checked: small functions and classes, one version, one direction of
 imports. These are the limits CONTRIBUTING.md states; a change that breaks one splits the code
 instead of raising the limit."""
+
 from __future__ import annotations
 
 import ast
@@ -49,8 +50,13 @@ def test_the_sdk_never_imports_the_collector():
     offenders = []
     for path in (ROOT / "sdk" / "src").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "optiscope_server"]
     assert not offenders, offenders
 

@@ -6,6 +6,7 @@ from those, and from the batches themselves (``shuffle=False``, so batch k of an
 its gradient (torch autograd on a float64 copy of the model), and from them every series the
 callback sends. The REST API must return exactly those values, at exactly the optimizer's steps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,6 +49,7 @@ def K():
     if keras.backend.backend() != "torch":
         missing(f"keras was imported with the {keras.backend.backend()!r} backend before this module")
     from optiscope.integrations import keras as integration
+
     return integration
 
 
@@ -125,10 +127,16 @@ class _Recorder(keras.callbacks.Callback if keras else object):
             return [_f64(names[k]) for k in keys] if all(k in names for k in keys) else None
 
         gate = [layer for layer in self.model.layers if isinstance(layer, _Gate)]
-        return {"epoch": self.epoch, "batch": batch, "raw": int(inner._iterations.value.item()),
-                "gate": gate[0].active if gate else None,
-                "w": [_f64(w) for w in ws], "m": slot("momentum"), "v": slot("velocity"),
-                "vh": slot("velocity_hat")}
+        return {
+            "epoch": self.epoch,
+            "batch": batch,
+            "raw": int(inner._iterations.value.item()),
+            "gate": gate[0].active if gate else None,
+            "w": [_f64(w) for w in ws],
+            "m": slot("momentum"),
+            "v": slot("velocity"),
+            "vh": slot("velocity_hat"),
+        }
 
 
 def _forward(ws, xb, gate):
@@ -150,8 +158,22 @@ def _norm(ts) -> float:
     return math.sqrt(sum(float(t.pow(2).sum()) for t in ts))
 
 
-def _reference(rec: _Recorder, x, y, bs: int, *, accumulate: int = 1, beta1=0.9, beta2=0.999, eps=1e-7,
-               amsgrad=False, weight_decay=0.0, clip=None, lr_at=None, adam=True):
+def _reference(
+    rec: _Recorder,
+    x,
+    y,
+    bs: int,
+    *,
+    accumulate: int = 1,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-7,
+    amsgrad=False,
+    weight_decay=0.0,
+    clip=None,
+    lr_at=None,
+    adam=True,
+):
     """Expected series by optimizer step, from the recorder's snapshots and the batches."""
     x64, y64 = torch.from_numpy(x).double(), torch.from_numpy(y).double()
     snaps = rec.snaps
@@ -162,9 +184,17 @@ def _reference(rec: _Recorder, x, y, bs: int, *, accumulate: int = 1, beta1=0.9,
         loss, grads = _loss_and_grad(before["w"], x64[rows], y64[rows], before["gate"])
         # A LossScaleOptimizer that skips a step leaves the count where it was.
         stepped = after["raw"] > before["raw"]
-        batches.append({"raw": before["raw"], "loss": loss, "grads": grads, "n": rows.stop - rows.start,
-                        "update": stepped and (before["raw"] + 1) % accumulate == 0,
-                        "before": before, "after": after})
+        batches.append(
+            {
+                "raw": before["raw"],
+                "loss": loss,
+                "grads": grads,
+                "n": rows.stop - rows.start,
+                "update": stepped and (before["raw"] + 1) % accumulate == 0,
+                "before": before,
+                "after": after,
+            }
+        )
     ref: dict[int, dict] = {}
     for b in batches:
         step = b["raw"] // accumulate
@@ -199,7 +229,7 @@ def _reference(rec: _Recorder, x, y, bs: int, *, accumulate: int = 1, beta1=0.9,
             entry["exp_avg_norm"] = _norm(m)
             entry["exp_avg_sq_norm"] = _norm(v)
             t = step + 1
-            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            bc1, bc2 = 1 - beta1**t, 1 - beta2**t
             den = [after["vh"][i] for i in used] if amsgrad else v
             u = [math.sqrt(bc2) / bc1 * mi / (vi.sqrt() + eps) for mi, vi in zip(m, den)]
             entry["update_rms"] = math.sqrt(sum(float(ui.pow(2).sum()) for ui in u) / sum(ui.numel() for ui in u))
@@ -249,8 +279,20 @@ def _check(got: dict[str, dict[int, float]], ref: dict[int, dict], names: set[st
                 assert got[name][step] == pytest.approx(value, rel=1e-4, abs=1e-12), (name, step)
 
 
-def _fit(K, collector, optimizer, bs, *, every=1, validation=False, seed=0, y_scale=1.0, run=None,
-         drop_gate_from=None, cls=None):
+def _fit(
+    K,
+    collector,
+    optimizer,
+    bs,
+    *,
+    every=1,
+    validation=False,
+    seed=0,
+    y_scale=1.0,
+    run=None,
+    drop_gate_from=None,
+    cls=None,
+):
     x, y = _data(seed, y_scale)
     model = _model(optimizer, seed, gate=drop_gate_from is not None, cls=cls)
     rec = _Recorder()
@@ -258,8 +300,7 @@ def _fit(K, collector, optimizer, bs, *, every=1, validation=False, seed=0, y_sc
     kwargs = {"run": run} if run is not None else {"project": "keras-it", "name": "fit", "url": collector.url}
     cb = K.OptiscopeCallback(every=every, **kwargs)
     fit_kwargs = {"validation_data": (x[:16], y[:16])} if validation else {}
-    model.fit(x, y, batch_size=bs, epochs=EPOCHS, shuffle=False, verbose=0,
-              callbacks=[*extra, cb, rec], **fit_kwargs)
+    model.fit(x, y, batch_size=bs, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[*extra, cb, rec], **fit_kwargs)
     return cb, rec, x, y
 
 
@@ -283,35 +324,57 @@ SCHEDULE = dict(initial_learning_rate=0.02, decay_steps=5, decay_rate=0.5)
 
 CASES = {
     # name: (optimizer factory, batch size, reference options)
-    "adam-schedule-bs16": (lambda: keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(**SCHEDULE)),
-                           16, dict(lr_at=lambda raw: 0.02 * 0.5 ** (raw / 5))),
+    "adam-schedule-bs16": (
+        lambda: keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(**SCHEDULE)),
+        16,
+        dict(lr_at=lambda raw: 0.02 * 0.5 ** (raw / 5)),
+    ),
     # A large epsilon makes Keras's placement (outside the bias correction) visible in update_rms;
     # a short beta2 makes v fall below its running maximum, so amsgrad's velocity_hat matters.
-    "adam-amsgrad-eps-bs20": (lambda: keras.optimizers.Adam(0.01, beta_1=0.8, beta_2=0.9, epsilon=0.05,
-                                                            amsgrad=True), 20,
-                              dict(lr_at=lambda raw: 0.01, beta1=0.8, beta2=0.9, eps=0.05, amsgrad=True)),
+    "adam-amsgrad-eps-bs20": (
+        lambda: keras.optimizers.Adam(0.01, beta_1=0.8, beta_2=0.9, epsilon=0.05, amsgrad=True),
+        20,
+        dict(lr_at=lambda raw: 0.01, beta1=0.8, beta2=0.9, eps=0.05, amsgrad=True),
+    ),
     # From epoch 2 on, one variable gets no gradient while its moments are not zero.
     "adam-dropped-branch-bs16": (lambda: keras.optimizers.Adam(0.01), 16, dict(lr_at=lambda raw: 0.01)),
-    "adamw-bs20-validation": (lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1), 20,
-                              dict(lr_at=lambda raw: 0.01, weight_decay=0.1)),
-    "adamw-global-clipnorm-bs16": (lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1, global_clipnorm=0.5), 16,
-                                   dict(lr_at=lambda raw: 0.01, weight_decay=0.1, clip=0.5)),
-    "adam-accumulate2-bs20": (lambda: keras.optimizers.Adam(0.01, gradient_accumulation_steps=2), 20,
-                              dict(lr_at=lambda raw: 0.01, accumulate=2)),
+    "adamw-bs20-validation": (
+        lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+        20,
+        dict(lr_at=lambda raw: 0.01, weight_decay=0.1),
+    ),
+    "adamw-global-clipnorm-bs16": (
+        lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1, global_clipnorm=0.5),
+        16,
+        dict(lr_at=lambda raw: 0.01, weight_decay=0.1, clip=0.5),
+    ),
+    "adam-accumulate2-bs20": (
+        lambda: keras.optimizers.Adam(0.01, gradient_accumulation_steps=2),
+        20,
+        dict(lr_at=lambda raw: 0.01, accumulate=2),
+    ),
     # A loss scale that overflows float32 (with targets scaled so that the loss is about 100): the
     # first steps are skipped (the count does not move) while the scale halves.
-    "adam-lossscale-skips-bs16": (lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01),
-                                                                              initial_scale=2.0 ** 127), 16,
-                                  dict(lr_at=lambda raw: 0.01)),
+    "adam-lossscale-skips-bs16": (
+        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01), initial_scale=2.0**127),
+        16,
+        dict(lr_at=lambda raw: 0.01),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_adam_series_match_float64_reference(K, sqlite_collector, logged, case):
     make_opt, bs, opts = CASES[case]
-    cb, rec, x, y = _fit(K, sqlite_collector, make_opt(), bs, validation="validation" in case,
-                         y_scale=10.0 if "lossscale" in case else 1.0,
-                         drop_gate_from=2 if "dropped-branch" in case else None)
+    cb, rec, x, y = _fit(
+        K,
+        sqlite_collector,
+        make_opt(),
+        bs,
+        validation="validation" in case,
+        y_scale=10.0 if "lossscale" in case else 1.0,
+        drop_gate_from=2 if "dropped-branch" in case else None,
+    )
     detail = sqlite_collector.api(f"/runs/{cb.run.id}")
     assert (detail["project"], detail["name"], detail["status"]) == ("keras-it", "fit", "finished")
     assert cb.run.counters["dropped"] == 0 and cb.run.counters["bad_values"] == 0
@@ -348,9 +411,9 @@ def test_adam_series_match_float64_reference(K, sqlite_collector, logged, case):
         per_epoch = n_batches // EPOCHS
         running = []
         for e in range(EPOCHS):
-            chunk = batches[e * per_epoch:(e + 1) * per_epoch]
+            chunk = batches[e * per_epoch : (e + 1) * per_epoch]
             for k in range(len(chunk)):
-                running.append(sum(c["loss"] * c["n"] for c in chunk[:k + 1]) / sum(c["n"] for c in chunk[:k + 1]))
+                running.append(sum(c["loss"] * c["n"] for c in chunk[: k + 1]) / sum(c["n"] for c in chunk[: k + 1]))
         assert max(abs(r - b["loss"]) / b["loss"] for r, b in zip(running, batches)) > 1e-2
 
 
@@ -409,6 +472,7 @@ def test_adam_state_found_by_name_when_the_lists_are_absent(K, sqlite_collector,
         return None
 
     from optiscope.integrations import _keras_stats
+
     monkeypatch.setattr(_keras_stats, "_slots_from_lists", no_lists)
     opts = dict(lr_at=lambda raw: 0.01, beta2=0.9, amsgrad=True)
     cb, rec, x, y = _fit(K, sqlite_collector, keras.optimizers.Adam(0.01, beta_2=0.9, amsgrad=True), 16)
@@ -420,6 +484,7 @@ def test_adam_state_found_by_name_when_the_lists_are_absent(K, sqlite_collector,
 @pytest.mark.parametrize("broken", ["_adam_slots", "_statistics", "_lr"])
 def test_unknown_state_never_stops_training(K, sqlite_collector, monkeypatch, caplog, broken):
     """Whatever part fails, fit() completes, the failure is logged once, and the rest is recorded."""
+
     def boom(*args, **kwargs):
         raise KeyError("state this integration does not know")
 
@@ -427,13 +492,19 @@ def test_unknown_state_never_stops_training(K, sqlite_collector, monkeypatch, ca
     caplog.set_level(logging.WARNING, logger="optiscope")
     cb, rec, x, y = _fit(K, sqlite_collector, keras.optimizers.Adam(0.01), 16)
     assert sqlite_collector.api(f"/runs/{cb.run.id}")["status"] == "finished"
-    warnings = [r for r in caplog.records if r.name == "optiscope" and r.exc_info
-                and "state this integration does not know" in str(r.exc_info[1])]
+    warnings = [
+        r
+        for r in caplog.records
+        if r.name == "optiscope" and r.exc_info and "state this integration does not know" in str(r.exc_info[1])
+    ]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     ref, _ = _reference(rec, x, y, 16, lr_at=lambda raw: 0.01)
     got = _series(sqlite_collector, cb.run.id)
-    expected = {"_adam_slots": {"loss", "lr"} | GENERIC_SERIES, "_statistics": {"loss", "lr"},
-                "_lr": {"loss"} | GENERIC_SERIES | ADAM_SERIES}[broken]
+    expected = {
+        "_adam_slots": {"loss", "lr"} | GENERIC_SERIES,
+        "_statistics": {"loss", "lr"},
+        "_lr": {"loss"} | GENERIC_SERIES | ADAM_SERIES,
+    }[broken]
     assert set(got) == expected
     for name in expected:
         assert sorted(got[name]) == list(range(EPOCHS * 4)), name

@@ -2,6 +2,7 @@
 framework on CPU, the callback streaming to the real collector, and the REST API checked against
 what the framework itself computed (its losses, learning rates, gradients and final weights).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ def _series(collector, run_id: str, name: str) -> tuple[list, list]:
     try:
         data = collector.api(f"/runs/{run_id}/series/{name}")
     except urllib.error.HTTPError as e:
-        pytest.fail(f"GET series {name!r} of run {run_id}: {e}; the collector has: {_top_level_names(collector, run_id)}")
+        pytest.fail(
+            f"GET series {name!r} of run {run_id}: {e}; the collector has: {_top_level_names(collector, run_id)}"
+        )
     assert not data["truncated"]
     return data["steps"], data["values"]
 
@@ -59,8 +62,10 @@ def _names(collector, run_id: str) -> set[str]:
 
 
 def test_the_core_imports_no_framework():
-    code = ("import sys, optiscope, optiscope.integrations; "
-            "print(sorted({'lightning', 'pytorch_lightning', 'transformers', 'accelerate', 'keras'} & set(sys.modules)))")
+    code = (
+        "import sys, optiscope, optiscope.integrations; "
+        "print(sorted({'lightning', 'pytorch_lightning', 'transformers', 'accelerate', 'keras'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -102,9 +107,18 @@ def _loader(n: int = 96, batch: int = 8):
 
 
 def _trainer(L, tmp_path, callbacks, **kw):
-    return L.Trainer(callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", devices=1,
-                     gradient_clip_val=CLIP, **kw)
+    return L.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        gradient_clip_val=CLIP,
+        **kw,
+    )
 
 
 def _recorder(L):
@@ -138,7 +152,7 @@ def test_lightning_callback_end_to_end(sqlite_collector, tmp_path, accumulate):
     assert detail["config"] == {"lr": 3e-2, "hidden": 16}  # the module's hparams
 
     # One loss point per optimizer step: the mean of its micro-batch losses.
-    expected = [sum(module.losses[i * accumulate:(i + 1) * accumulate]) / accumulate for i in range(steps)]
+    expected = [sum(module.losses[i * accumulate : (i + 1) * accumulate]) / accumulate for i in range(steps)]
     got_steps, got = _series(sqlite_collector, cb.run.id, "loss")
     assert got_steps == list(range(steps))
     assert got == pytest.approx(expected, rel=1e-6)
@@ -154,7 +168,8 @@ def test_lightning_callback_end_to_end(sqlite_collector, tmp_path, accumulate):
     assert _series(sqlite_collector, cb.run.id, "grad_norm")[1] == pytest.approx(rec.grad_norms, rel=1e-5)
     assert _series(sqlite_collector, cb.run.id, "grad_norm_clipped")[1] == pytest.approx([CLIP] * steps, rel=1e-4)
     assert _series(sqlite_collector, cb.run.id, "param_norm")[1][-1] == pytest.approx(
-        _norm64(module.parameters()), rel=1e-5)
+        _norm64(module.parameters()), rel=1e-5
+    )
 
 
 def test_lightning_and_plain_pytorch_report_the_same_series(sqlite_collector, tmp_path):
@@ -216,12 +231,26 @@ def test_transformers_callback_end_to_end(sqlite_collector, tmp_path):
     steps = 30
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32, bos_token_id=0,
-                                eos_token_id=0))
+        transformers.GPT2Config(
+            n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    )
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-        lr_scheduler_type="linear", warmup_steps=5, max_grad_norm=0.5, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        output_dir=str(tmp_path / "hf"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=5,
+        max_grad_norm=0.5,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     cb = OptiscopeCallback(project="hf", name="gpt2-tiny", url=sqlite_collector.url, every=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(64, 16, 64), callbacks=[cb])
     trainer.train()
@@ -241,11 +270,13 @@ def test_transformers_callback_end_to_end(sqlite_collector, tmp_path):
 
     # The lr the Trainer reports for each step (warmup, then linear decay) is the probe's lr.
     assert len({h["learning_rate"] for h in history}) > 2
-    assert _series(sqlite_collector, cb.run.id, "lr")[1] == pytest.approx([h["learning_rate"] for h in history],
-                                                                           rel=1e-9)
+    assert _series(sqlite_collector, cb.run.id, "lr")[1] == pytest.approx(
+        [h["learning_rate"] for h in history], rel=1e-9
+    )
     # The Trainer's grad_norm is logged under its own name, and agrees with the probe's (pre-clip).
     hf_norms = [h["grad_norm"] for h in history]
     assert _series(sqlite_collector, cb.run.id, "hf_grad_norm")[1] == pytest.approx(hf_norms, rel=1e-9)
     assert _series(sqlite_collector, cb.run.id, "grad_norm")[1] == pytest.approx(hf_norms, rel=1e-5)
     assert _series(sqlite_collector, cb.run.id, "param_norm")[1][-1] == pytest.approx(
-        _norm64(model.parameters()), rel=1e-5)
+        _norm64(model.parameters()), rel=1e-5
+    )

@@ -1,6 +1,7 @@
 """Run lifecycle and metadata against the real collector: a rank whose heartbeat stops is marked
 crashed (and running again if it comes back), tags and per-rank environments, projects, alert
 filters and acknowledgement."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def put(c, run_id, project="p", **extra):
 
 
 def send(c, run_id, seq, records, rank=0):
-    r = httpx.post(f"{c.url}/api/v1/runs/{run_id}/batches",
-                   content=wire.encode_batch(wire.Batch(run_id, rank, seq, records)))
+    r = httpx.post(
+        f"{c.url}/api/v1/runs/{run_id}/batches", content=wire.encode_batch(wire.Batch(run_id, rank, seq, records))
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -105,10 +107,22 @@ def test_a_killed_trainer_is_marked_crashed_and_a_long_quiet_one_is_not(tmp_path
 
 def test_tags_environments_and_projects(collector):
     c = collector
-    put(c, "r1", project="vision", tags=["baseline", "lr-sweep"], config={"lr": 0.1},
-        environment={"python": "3.11.7", "packages": {"torch": "2.13.0", "numpy": "2.4.6"}, "host": "a"})
-    put(c, "r1", project="vision", rank=1, tags=["resumed"],
-        environment={"python": "3.11.7", "packages": {"torch": "2.12.0", "numpy": "2.4.6"}, "host": "b"})
+    put(
+        c,
+        "r1",
+        project="vision",
+        tags=["baseline", "lr-sweep"],
+        config={"lr": 0.1},
+        environment={"python": "3.11.7", "packages": {"torch": "2.13.0", "numpy": "2.4.6"}, "host": "a"},
+    )
+    put(
+        c,
+        "r1",
+        project="vision",
+        rank=1,
+        tags=["resumed"],
+        environment={"python": "3.11.7", "packages": {"torch": "2.12.0", "numpy": "2.4.6"}, "host": "b"},
+    )
     put(c, "r2", project="vision", tags=["lr-sweep"])
     put(c, "r3", project="nlp", tags=["baseline"])
     run = c.api("/runs/r1")
@@ -122,27 +136,35 @@ def test_tags_environments_and_projects(collector):
 
     def ids(q):
         return sorted(r["id"] for r in c.api(f"/runs?{q}")["runs"])
+
     assert ids("tag=lr-sweep") == ["r1", "r2"]
     assert ids("tag=lr-sweep&tag=baseline") == ["r1"]
     assert ids("tag=baseline") == ["r1", "r3"]
     assert ids("tag=baseline&project=nlp") == ["r3"]
     assert ids("tag=nothing") == []
     assert {r["id"]: r["tags"] for r in c.api("/runs?project=vision")["runs"]} == {
-        "r1": ["baseline", "lr-sweep", "resumed"], "r2": ["lr-sweep"]}
+        "r1": ["baseline", "lr-sweep", "resumed"],
+        "r2": ["lr-sweep"],
+    }
 
     bad = httpx.put(f"{c.url}/api/v1/runs/r4", json={"project": "p", "name": "n", "tags": ["has space"]})
     assert bad.status_code == 422 and "tags" in bad.text
-    big = httpx.put(f"{c.url}/api/v1/runs/r4", json={"project": "p", "name": "n",
-                                                     "environment": {"x": "y" * (wire.MAX_ENVIRONMENT_BYTES + 1)}})
+    big = httpx.put(
+        f"{c.url}/api/v1/runs/r4",
+        json={"project": "p", "name": "n", "environment": {"x": "y" * (wire.MAX_ENVIRONMENT_BYTES + 1)}},
+    )
     assert big.status_code == 422 and "environment" in big.text
-    many = httpx.put(f"{c.url}/api/v1/runs/r4", json={"project": "p", "name": "n",
-                                                      "tags": [f"t{i}" for i in range(wire.MAX_TAGS + 1)]})
+    many = httpx.put(
+        f"{c.url}/api/v1/runs/r4",
+        json={"project": "p", "name": "n", "tags": [f"t{i}" for i in range(wire.MAX_TAGS + 1)]},
+    )
     assert many.status_code == 422
 
     nul = httpx.put(f"{c.url}/api/v1/runs/r4", json={"project": "p", "name": "n", "config": {"x": "a\u0000b"}})
     assert nul.status_code == 422  # PostgreSQL's JSON operators would fail on it in every later filter
-    plain = httpx.put(f"{c.url}/api/v1/runs/r4", content=b'{"project": "p", "name": "n"}',
-                      headers={"Content-Type": "text/plain"})
+    plain = httpx.put(
+        f"{c.url}/api/v1/runs/r4", content=b'{"project": "p", "name": "n"}', headers={"Content-Type": "text/plain"}
+    )
     assert plain.status_code == 415 and plain.json()["reason"] == "unsupported_media_type"
     # a config key is one key on both stores: "a.b" is not a path, "1a" not an array index
     put(c, "dots", project="keys", config={"a.b": 6, "a": {"b": 7}, "1a": 1})
@@ -150,6 +172,7 @@ def test_tags_environments_and_projects(collector):
     assert ids("project=keys&config=1a=1") == ["dots"]
     import base64
     import json as _json
+
     odd = base64.urlsafe_b64encode(_json.dumps(["name", "desc", "\ud800", "r1"]).encode()).decode()
     assert httpx.get(f"{c.url}/api/v1/runs?sort=name&cursor={odd}").status_code == 422
 
@@ -176,7 +199,9 @@ def test_alert_filters_pages_and_acknowledgement(collector):
     assert c.api("/alerts?rule=other")["alerts"] == []
     page = c.api("/alerts?limit=3")
     rest = c.api(f"/alerts?limit=3&cursor={page['next_cursor']}")
-    assert [a["id"] for a in page["alerts"] + rest["alerts"]] == [a["id"] for a in every] and rest["next_cursor"] is None
+    assert [a["id"] for a in page["alerts"] + rest["alerts"]] == [a["id"] for a in every] and rest[
+        "next_cursor"
+    ] is None
 
     target = c.api("/alerts?project=p1&state=firing")["alerts"][0]
     r = httpx.post(f"{c.url}/api/v1/alerts/{target['id']}/acknowledge", json={"note": "on it"})

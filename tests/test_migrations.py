@@ -1,6 +1,7 @@
 """Schema migrations (Alembic) on SQLite and the real PostgreSQL: the migrated schema is exactly the
 models', a database made by an earlier collector is upgraded with its history intact, replicas
 starting together migrate once, and ``optiscope db`` applies and reports them."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,6 +58,7 @@ def test_downgrade_and_upgrade_again(tmp_path):
 
 def migrate_to(engine, revision, down=False):
     from alembic import command
+
     cfg = migrate.config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
@@ -71,12 +73,32 @@ def test_a_database_of_an_earlier_collector_is_upgraded_with_its_history(db_url,
     old.create_all(engine)
     t = old.tables
     with engine.begin() as conn:
-        conn.execute(insert(t["runs"]).values(id="old", project="legacy", name="n", status="running",
-                                              config={"lr": 0.1}, created_at=1.0, updated_at=1.0))
+        conn.execute(
+            insert(t["runs"]).values(
+                id="old",
+                project="legacy",
+                name="n",
+                status="running",
+                config={"lr": 0.1},
+                created_at=1.0,
+                updated_at=1.0,
+            )
+        )
         conn.execute(insert(t["run_ranks"]).values(run_id="old", rank=0, status="running", started_at=1.0))
-        conn.execute(insert(t["alerts"]).values(run_id="old", rule="non_finite", severity="page", state="firing",
-                                                series="loss", rank=0, step=5, value=None, message="loss is NaN",
-                                                created_at=2.0))
+        conn.execute(
+            insert(t["alerts"]).values(
+                run_id="old",
+                rule="non_finite",
+                severity="page",
+                state="firing",
+                series="loss",
+                rank=0,
+                step=5,
+                value=None,
+                message="loss is NaN",
+                created_at=2.0,
+            )
+        )
     engine.dispose()
 
     status = subprocess.run([OPTISCOPE, "db", "current", "--db", db_url], capture_output=True, text=True, timeout=60)

@@ -3,6 +3,7 @@
 The reference is computed from the gradients as backward left them (before clipping), the
 parameters before and after ``optimizer.step()`` and the optimizer's own state, in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,10 @@ VARIANTS = [
     pytest.param(dict(fused=True, amsgrad=True), id="fused-amsgrad"),
 ]
 if torch.cuda.is_available():  # capturable needs an accelerator; CI has none, a lent GPU runs these
-    VARIANTS += [pytest.param(dict(capturable=True, foreach=True), id="capturable-foreach"),
-                 pytest.param(dict(capturable=True, foreach=False), id="capturable-for-loop")]
+    VARIANTS += [
+        pytest.param(dict(capturable=True, foreach=True), id="capturable-foreach"),
+        pytest.param(dict(capturable=True, foreach=False), id="capturable-for-loop"),
+    ]
 
 
 # The probe walks memory in blocks: small tensors packed together, large ones cut into chunks.
@@ -37,8 +40,11 @@ if torch.cuda.is_available():  # capturable needs an accelerator; CI has none, a
 # every tensor cut into chunks of 5 coordinates, and a mix of both. The mix also takes the path
 # of optimizers that keep their step count on an accelerator (capturable, fused), where the
 # probe computes bias corrections as device tensors instead of reading the count.
-LAYOUTS = [pytest.param((None, False), id="packed"), pytest.param((blocks.Layout(5, 1), False), id="chunked"),
-           pytest.param((blocks.Layout(16, 8), True), id="mixed-tensor-steps")]
+LAYOUTS = [
+    pytest.param((None, False), id="packed"),
+    pytest.param((blocks.Layout(5, 1), False), id="chunked"),
+    pytest.param((blocks.Layout(16, 8), True), id="mixed-tensor-steps"),
+]
 
 
 @pytest.fixture(params=LAYOUTS)
@@ -78,9 +84,11 @@ def build(seed: int, device: str, opt_cls, variant: dict):
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3)).to(device)
     unused = torch.nn.Parameter(torch.randn(4, generator=g).to(device))  # never gets a gradient
     frozen = torch.nn.Parameter(torch.randn(3, generator=g).to(device), requires_grad=False)
-    groups = [{"params": list(model[0].parameters()), "lr": 1e-2},
-              {"params": list(model[2].parameters()) + [unused, frozen], "lr": 3e-3, "weight_decay": 0.05},
-              {"params": []}]
+    groups = [
+        {"params": list(model[0].parameters()), "lr": 1e-2},
+        {"params": list(model[2].parameters()) + [unused, frozen], "lr": 3e-3, "weight_decay": 0.05},
+        {"params": []},
+    ]
     opt = opt_cls(groups, lr=1e-3, betas=(0.9, 0.95), **variant)
     return model, opt, g
 
@@ -101,7 +109,7 @@ def reference_step(model, opt, g, device, accumulate: int, clip: float | None, n
 
 
 def close(got: dict, ref: dict):
-    assert set(got) == set(ref), (set(got) ^ set(ref))
+    assert set(got) == set(ref), set(got) ^ set(ref)
     for k in ref:
         assert got[k] == pytest.approx(ref[k], rel=2e-5, abs=1e-9, nan_ok=True), k
 
@@ -162,10 +170,14 @@ def test_native_walks_match_float64_reference(opt_cls, variant, accumulate, clip
         close(cap.steps[step], ref)
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
-], ids=["SGD-momentum", "AdamW-amsgrad"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+    ],
+    ids=["SGD-momentum", "AdamW-amsgrad"],
+)
 def test_native_walks_cut_large_tensors_into_items(make, native_built, monkeypatch):
     """Tensors longer than one work item (and not a multiple of its length or of a row) are cut
     into several; the sums over the items still match the reference, NaN and Inf included."""
@@ -231,7 +243,9 @@ def test_tensors_the_native_walks_cannot_read_take_the_other_paths(native_built,
             model(x).pow(2).mean().backward()
             grads = [p.grad.detach().clone() for p in model.parameters()]
             opt.step()
-            assert cap.steps[step]["grad_norm"] == pytest.approx(n64(grads), rel=1e-2 if dtype is torch.bfloat16 else 1e-5)
+            assert cap.steps[step]["grad_norm"] == pytest.approx(
+                n64(grads), rel=1e-2 if dtype is torch.bfloat16 else 1e-5
+            )
     assert (calls.pre, calls.post) == (0, 0)
 
 
@@ -286,9 +300,17 @@ def test_adam_state_the_native_walk_cannot_read_leaves_the_generic_series(native
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), width=st.integers(1, 40), lr=st.floats(1e-5, 1.0),
-       wd=st.sampled_from([0.0, 0.01, 0.3]), steps=st.integers(1, 4), fused=st.booleans(),
-       chunk=st.sampled_from([None, 3, 64]), pack_below=st.integers(1, 50), native=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    width=st.integers(1, 40),
+    lr=st.floats(1e-5, 1.0),
+    wd=st.sampled_from([0.0, 0.01, 0.3]),
+    steps=st.integers(1, 4),
+    fused=st.booleans(),
+    chunk=st.sampled_from([None, 3, 64]),
+    pack_below=st.integers(1, 50),
+    native=st.booleans(),
+)
 def test_probe_on_random_models(seed, width, lr, wd, steps, fused, chunk, pack_below, native):
     torch.manual_seed(seed)
     lay = None if chunk is None else blocks.Layout(chunk, pack_below)
@@ -360,16 +382,21 @@ def test_param_group_added_mid_run_and_set_to_none():
         opt.step()
         assert cap.steps[step]["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
         assert cap.steps[step]["exp_avg_norm"] == pytest.approx(
-            n64(opt.state[p]["exp_avg"] for p in params if p in opt.state), rel=1e-5)
+            n64(opt.state[p]["exp_avg"] for p in params if p in opt.state), rel=1e-5
+        )
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-    lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5),
-    lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
-    lambda ps: torch.optim.NAdam(ps, lr=1e-2),
-    lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
-], ids=["SGD-momentum", "RMSprop", "Adagrad", "NAdam", "Adafactor"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5),
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+        lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+    ],
+    ids=["SGD-momentum", "RMSprop", "Adagrad", "NAdam", "Adafactor"],
+)
 def test_other_optimizers_get_the_generic_series(make):
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
     opt = make(model.parameters())
@@ -457,7 +484,7 @@ def test_grad_scaler_grad_norm_is_of_the_unscaled_gradients(clip):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     cap = Capture()
     probe = OptimizerProbe(opt, cap)
     amp = ScalerProbe(scaler, probe)
@@ -553,8 +580,12 @@ def test_an_unsampled_step_runs_no_operation_at_all():
 
 
 if torch.cuda.is_available():  # generated only where a GPU exists: CI has none, a lent one runs it
-    @pytest.mark.parametrize("variant", [dict(foreach=True), dict(fused=True), dict(capturable=True, foreach=True)],
-                             ids=["foreach", "fused", "capturable"])
+
+    @pytest.mark.parametrize(
+        "variant",
+        [dict(foreach=True), dict(fused=True), dict(capturable=True, foreach=True)],
+        ids=["foreach", "fused", "capturable"],
+    )
     def test_no_host_sync_on_unsampled_steps_cuda(variant):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).cuda()
@@ -584,12 +615,16 @@ def _compiled_regions(fn) -> int:
     return out, sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
-    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, foreach=True),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
-    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-], ids=["AdamW", "Adam-amsgrad-foreach", "AdamW-fused", "SGD-momentum"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, foreach=True),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ],
+    ids=["AdamW", "Adam-amsgrad-foreach", "AdamW-fused", "SGD-momentum"],
+)
 def test_fused_kernels_match_the_reference(make):
     """Large tensors go through compiled kernels once they are ready (compiled in the background,
     the eager blocks serve meanwhile); both must agree with the float64 reference."""
@@ -622,19 +657,24 @@ def _compiled_steps_match_the_reference(model, make) -> None:
     probe.close()
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
-    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, foreach=True),
-    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-], ids=["AdamW", "Adam-amsgrad-foreach", "SGD-momentum"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, foreach=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ],
+    ids=["AdamW", "Adam-amsgrad-foreach", "SGD-momentum"],
+)
 def test_packed_small_tensors_go_through_row_kernels(make):
     """Small tensors whose lengths share a divisor (64 here) are one (rows, 64) matrix: one
     compiled kernel per walk for the whole pack, per-tensor sums equal to the reference."""
     from optiscope.probe.blocks import plan
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.LayerNorm(64), torch.nn.GELU(),
-                                torch.nn.Linear(64, 64))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 64), torch.nn.LayerNorm(64), torch.nn.GELU(), torch.nn.Linear(64, 64)
+    )
     torch.nn.init.normal_(model[1].bias)  # a zero bias has no update ratio to compare
     (pack,) = plan([p.reshape(-1) for p in model.parameters()])
     assert pack.packed and pack.width() == 64
@@ -658,8 +698,13 @@ def test_fused_kernels_can_be_turned_off():
     assert not probe.kernels.enabled and not probe.kernels.ready("post_adam_v", [model.weight] * 5)
 
 
-@given(st.lists(st.lists(st.sampled_from([0.0, 1e-12, 0.5, 2.0, 3.0, math.inf, math.nan]), min_size=1, max_size=9),
-                min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.lists(st.sampled_from([0.0, 1e-12, 0.5, 2.0, 3.0, math.inf, math.nan]), min_size=1, max_size=9),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_batched_medians_are_torch_median(samples):
     """The per-tensor epsilon-headroom medians come from one kthvalue per sample length; each must
     be exactly torch.median of its sample (the lower middle value, NaN when the sample has one)."""

@@ -1,6 +1,7 @@
 """Real Prometheus scrapes the real collector: every dashboard panel's query returns data, the
 alert rules fire on a run whose loss went non-finite, and the SDK's counters are exported per rank
 and fire their rule."""
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,22 @@ def prometheus(sqlite_collector, tmp_path):
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / "alerts" / "optiscope.rules.yml")],
-        "scrape_configs": [{"job_name": "optiscope", "static_configs": [
-            {"targets": [sqlite_collector.url.removeprefix("http://")]}]}],
+        "scrape_configs": [
+            {"job_name": "optiscope", "static_configs": [{"targets": [sqlite_collector.url.removeprefix("http://")]}]}
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            exe,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready():
@@ -104,8 +113,12 @@ def test_dashboard_queries_and_alert_rules(sqlite_collector, prometheus, receive
         return [a for a in alerts if a["state"] == "firing" and a["labels"].get("run_id") == run.id]
 
     names = {a["labels"]["alertname"] for a in wait_until(firing, 30, interval=0.5, what="prometheus alerts")}
-    wait_until(lambda: {"OptiscopeNonFiniteValue", "OptiscopeAlertFiring"} <= {
-        a["labels"]["alertname"] for a in firing()}, 30, interval=0.5, what="both alerts firing")
+    wait_until(
+        lambda: {"OptiscopeNonFiniteValue", "OptiscopeAlertFiring"} <= {a["labels"]["alertname"] for a in firing()},
+        30,
+        interval=0.5,
+        what="both alerts firing",
+    )
     assert names <= {"OptiscopeNonFiniteValue", "OptiscopeAlertFiring"}
 
 
@@ -127,7 +140,9 @@ def sdk_gauges(exposition: str, run_id: str) -> dict[str, dict[str, float]]:
                 if sample.labels["run_id"] == run_id:
                     assert set(sample.labels) == {"project", "run_id", "run_name", "rank"}
                     assert (sample.labels["project"], sample.labels["run_name"]) == ("ops", "spooly")
-                    out.setdefault(fam.name.removeprefix("optiscope_run_sdk_"), {})[sample.labels["rank"]] = sample.value
+                    out.setdefault(fam.name.removeprefix("optiscope_run_sdk_"), {})[sample.labels["rank"]] = (
+                        sample.value
+                    )
     return out
 
 
@@ -140,10 +155,12 @@ def test_sdk_counters_are_exported_per_rank(collector):
     send_sdk_batch(collector.url, "sdkrun", 0, 0, 10, retries=2, spooled_batches=1)
     send_sdk_batch(collector.url, "sdkrun", 1, 0, 10, spooled_batches=1)
     send_sdk_batch(collector.url, "sdkrun", 1, 1, 20, sent_points=4, spooled_batches=2, rejected_batches=1)
-    send_sdk_batch(collector.url, "sdkrun", 0, 1, 20, sent_points=2, retries=5, dropped=3, spooled_batches=2,
-                   spool_full=1)
-    send_sdk_batch(collector.url, "sdkrun", 0, 2, 30, sent_points=4, retries=5, dropped=3, spooled_batches=3,
-                   spool_full=1)
+    send_sdk_batch(
+        collector.url, "sdkrun", 0, 1, 20, sent_points=2, retries=5, dropped=3, spooled_batches=2, spool_full=1
+    )
+    send_sdk_batch(
+        collector.url, "sdkrun", 0, 2, 30, sent_points=4, retries=5, dropped=3, spooled_batches=3, spool_full=1
+    )
     text = collector.metrics()
     assert sdk_gauges(text, "sdkrun") == {
         "sent_points": {"0": 4.0, "1": 4.0},
@@ -165,17 +182,32 @@ def test_sdk_dropping_records_alert(sqlite_collector, prometheus):
     url = sqlite_collector.url
     assert httpx.put(f"{url}/api/v1/runs/lossy", json={"project": "ops", "name": "spooly"}).status_code == 200
     send_sdk_batch(url, "lossy", 0, 0, 1, spooled_batches=1)
-    wait_until(lambda: query(prometheus, 'optiscope_run_sdk_dropped{run_id="lossy", rank="0"} == 0'), 30,
-               interval=0.5, what="the first sample scraped")
+    wait_until(
+        lambda: query(prometheus, 'optiscope_run_sdk_dropped{run_id="lossy", rank="0"} == 0'),
+        30,
+        interval=0.5,
+        what="the first sample scraped",
+    )
     send_sdk_batch(url, "lossy", 0, 1, 2, sent_points=2, spooled_batches=2, dropped=250)
-    wait_until(lambda: query(prometheus, 'optiscope_run_sdk_dropped{run_id="lossy", rank="0"} == 250'), 30,
-               interval=0.5, what="the new value scraped")
+    wait_until(
+        lambda: query(prometheus, 'optiscope_run_sdk_dropped{run_id="lossy", rank="0"} == 250'),
+        30,
+        interval=0.5,
+        what="the new value scraped",
+    )
 
     def firing():
         alerts = get_json(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
         return [a for a in alerts if a["state"] == "firing" and a["labels"].get("run_id") == "lossy"]
 
     alerts = wait_until(firing, 30, interval=0.5, what="OptiscopeSdkDroppingRecords firing")
-    assert [a["labels"] for a in alerts] == [{"alertname": "OptiscopeSdkDroppingRecords", "severity": "warning",
-                                              "project": "ops", "run_id": "lossy", "run_name": "spooly"}]
+    assert [a["labels"] for a in alerts] == [
+        {
+            "alertname": "OptiscopeSdkDroppingRecords",
+            "severity": "warning",
+            "project": "ops",
+            "run_id": "lossy",
+            "run_name": "spooly",
+        }
+    ]
     assert alerts[0]["annotations"]["description"].startswith("The SDK of run lossy (spooly, project ops) dropped ")

@@ -3,6 +3,7 @@
 The properties are checked on the collector's own merge-and-downsample code with hypothesis; the
 HTTP contract against the real collector on SQLite and PostgreSQL.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,13 +29,14 @@ def _rows(points: dict[int, list[tuple[int, float]]], rng) -> list[tuple]:
         i = 0
         while i < len(pts):
             k = int(rng.integers(1, 40))
-            part = pts[i:i + k]
+            part = pts[i : i + k]
             steps = np.array([s for s, _ in part], dtype="<i8")
             vals = np.array([v for _, v in part], dtype="<f8")
             # consecutive steps are stored as their range alone, as the store does
             consecutive = bool(np.all(np.diff(steps) == 1))
-            rows.append((rank, int(steps.min()), int(steps.max()), None if consecutive else steps.tobytes(),
-                         vals.tobytes()))
+            rows.append(
+                (rank, int(steps.min()), int(steps.max()), None if consecutive else steps.tobytes(), vals.tobytes())
+            )
             i += k
     rng.shuffle(rows)  # chunks arrive in any order (late batches, replays)
     return rows
@@ -109,6 +111,7 @@ def test_a_rewritten_step_is_read_once_with_its_newest_value():
 
 # -- the HTTP contract -------------------------------------------------------------------------
 
+
 def _ingest(c, run_id: str, n: int, spike_at: int, nan_at: int, ranks=(0,)) -> None:
     assert httpx.put(f"{c.url}/api/v1/runs/{run_id}", json={"project": "q", "name": run_id}).status_code == 200
     for rank in ranks:
@@ -119,8 +122,11 @@ def _ingest(c, run_id: str, n: int, spike_at: int, nan_at: int, ranks=(0,)) -> N
                 val = 1e4 if s == spike_at else math.nan if s == nan_at else val
                 recs.append((s, 1.7e9 + s, {"loss": val}))
             body = wire.encode_batch(wire.Batch(run_id, rank, seq, recs))
-            r = httpx.post(f"{c.url}/api/v1/runs/{run_id}/batches", content=body,
-                           headers={"Content-Type": "application/vnd.optiscope.batch"})
+            r = httpx.post(
+                f"{c.url}/api/v1/runs/{run_id}/batches",
+                content=body,
+                headers={"Content-Type": "application/vnd.optiscope.batch"},
+            )
             assert r.status_code == 200, r.text
 
 
@@ -166,8 +172,11 @@ def test_run_list_filters_sorting_and_cursor_pages(collector):
     c = collector
     made = []
     for i in range(23):
-        body = {"project": "pa" if i % 2 else "pb", "name": f"run-{i:02d}",
-                "config": {"lr": [1e-3, 3e-4, 0.1 + 0.2][i % 3], "opt": "adamw" if i % 4 else "sgd", "warm": i % 5 == 0}}
+        body = {
+            "project": "pa" if i % 2 else "pb",
+            "name": f"run-{i:02d}",
+            "config": {"lr": [1e-3, 3e-4, 0.1 + 0.2][i % 3], "opt": "adamw" if i % 4 else "sgd", "warm": i % 5 == 0},
+        }
         r = httpx.put(f"{c.url}/api/v1/runs/r{i:02d}", json=body)
         assert r.status_code == 200
         made.append(r.json())
@@ -183,8 +192,9 @@ def test_run_list_filters_sorting_and_cursor_pages(collector):
     assert ids("sort=name&order=asc&limit=5") == [f"r{i:02d}" for i in range(5)]
     # config entries, matched as JSON values: numbers, strings, booleans
     assert sorted(ids("config=lr=0.001&limit=1000")) == [f"r{i:02d}" for i in range(0, 23, 3)]
-    assert sorted(ids("config=lr=0.30000000000000004&config=opt=sgd")) == [f"r{i:02d}" for i in range(23)
-                                                                          if i % 3 == 2 and i % 4 == 0]
+    assert sorted(ids("config=lr=0.30000000000000004&config=opt=sgd")) == [
+        f"r{i:02d}" for i in range(23) if i % 3 == 2 and i % 4 == 0
+    ]
     assert sorted(ids("config=warm=true")) == [f"r{i:02d}" for i in range(0, 23, 5)]
     assert ids("config=nope=1") == []
     # a time range
@@ -219,20 +229,25 @@ def test_deleting_a_run_or_a_project_removes_everything_of_it(collector, db_url,
     for run_id, project in (("keep", "pa"), ("gone", "pa"), ("other1", "pb"), ("other2", "pb")):
         assert httpx.put(f"{c.url}/api/v1/runs/{run_id}", json={"project": project, "name": run_id}).status_code == 200
         recs = [(s, 1.7e9 + s, {"loss": math.nan if s == 3 else 1.0, "grad_norm": 2.0}) for s in range(10)]
-        r = httpx.post(f"{c.url}/api/v1/runs/{run_id}/batches", content=wire.encode_batch(wire.Batch(run_id, 0, 0, recs)),
-                       headers={"Content-Type": "application/vnd.optiscope.batch"})
+        r = httpx.post(
+            f"{c.url}/api/v1/runs/{run_id}/batches",
+            content=wire.encode_batch(wire.Batch(run_id, 0, 0, recs)),
+            headers={"Content-Type": "application/vnd.optiscope.batch"},
+        )
         assert r.status_code == 200 and r.json()["alerts"], r.text  # the NaN loss fired an alert
     engine = sa.create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1))
 
     def rows_of(run_ids) -> dict[str, int]:
         ids = ", ".join(f"'{r}'" for r in run_ids)
-        q = {"runs": f"SELECT count(*) FROM runs WHERE id IN ({ids})",
-             "run_ranks": f"SELECT count(*) FROM run_ranks WHERE run_id IN ({ids})",
-             "series": f"SELECT count(*) FROM series WHERE run_id IN ({ids})",
-             "chunks": f"SELECT count(*) FROM chunks JOIN series ON series.id = chunks.series_id WHERE run_id IN ({ids})",
-             "batches": f"SELECT count(*) FROM batches WHERE run_id IN ({ids})",
-             "alerts": f"SELECT count(*) FROM alerts WHERE run_id IN ({ids})",
-             "outbox": f"SELECT count(*) FROM outbox JOIN alerts ON alerts.id = outbox.alert_id WHERE run_id IN ({ids})"}
+        q = {
+            "runs": f"SELECT count(*) FROM runs WHERE id IN ({ids})",
+            "run_ranks": f"SELECT count(*) FROM run_ranks WHERE run_id IN ({ids})",
+            "series": f"SELECT count(*) FROM series WHERE run_id IN ({ids})",
+            "chunks": f"SELECT count(*) FROM chunks JOIN series ON series.id = chunks.series_id WHERE run_id IN ({ids})",
+            "batches": f"SELECT count(*) FROM batches WHERE run_id IN ({ids})",
+            "alerts": f"SELECT count(*) FROM alerts WHERE run_id IN ({ids})",
+            "outbox": f"SELECT count(*) FROM outbox JOIN alerts ON alerts.id = outbox.alert_id WHERE run_id IN ({ids})",
+        }
         with engine.connect() as conn:
             return {k: conn.execute(sa.text(sql)).scalar() for k, sql in q.items()}
 
@@ -253,8 +268,11 @@ def test_deleting_a_run_or_a_project_removes_everything_of_it(collector, db_url,
     # the id can be used again: a fresh run, with nothing of the old one
     assert httpx.put(f"{c.url}/api/v1/runs/gone", json={"project": "pa", "name": "again"}).status_code == 200
     assert c.api("/runs/gone/series")["series"] == [] and c.api("/runs/gone/alerts")["alerts"] == []
-    r = httpx.post(f"{c.url}/api/v1/runs/gone/batches", content=wire.encode_batch(wire.Batch(
-        "gone", 0, 0, [(s, 1.7e9 + s, {"loss": 5.0}) for s in range(3)])), headers={"Content-Type": "application/vnd.optiscope.batch"})
+    r = httpx.post(
+        f"{c.url}/api/v1/runs/gone/batches",
+        content=wire.encode_batch(wire.Batch("gone", 0, 0, [(s, 1.7e9 + s, {"loss": 5.0}) for s in range(3)])),
+        headers={"Content-Type": "application/vnd.optiscope.batch"},
+    )
     assert r.status_code == 200 and r.json()["duplicate"] is False  # its old idempotency keys went too
     assert c.api("/runs/gone/series/loss")["values"] == [5.0] * 3
     # a project: refused while its runs run, then everything of it goes, and nothing else

@@ -1,5 +1,6 @@
 """The README is the front door: its catalog matches the one definition in the wire module, and the
 commands it names exist."""
+
 from __future__ import annotations
 
 import re

@@ -1,6 +1,7 @@
 """What a run registers: tags and each rank's environment, within the collector's bounds; a new
 registration when watch() finds CUDA up; an older collector that refuses the new fields; and the
 same through the spool's replay and the framework callbacks."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def registered(fake, run, n=1):
 
 
 def test_tags_and_environment_are_registered(fake):
-    run = optiscope.init(project="reg", url=fake.url, tags=["baseline", "lr=3e-4", "team/vision"],
-                         environment={"cluster": "a100-pool"})
+    run = optiscope.init(
+        project="reg", url=fake.url, tags=["baseline", "lr=3e-4", "team/vision"], environment={"cluster": "a100-pool"}
+    )
     doc = registered(fake, run)
     assert set(doc) <= ALLOWED
     assert doc["tags"] == ["baseline", "lr=3e-4", "team/vision"]
@@ -164,8 +166,9 @@ def test_watch_without_cuda_registers_once(fake):
 
 
 def left_in_spool(spool_dir):
-    run = optiscope.init(project="reg", url=f"http://127.0.0.1:{free_port()}", tags=["replayed"],
-                         environment={"cluster": "b"})
+    run = optiscope.init(
+        project="reg", url=f"http://127.0.0.1:{free_port()}", tags=["replayed"], environment={"cluster": "b"}
+    )
     run.log({"loss": 1.0}, step=0)
     assert run.finish(timeout=0.5) is False  # nobody listens: the batch stays in the spool
     (left,) = pending_spools(spool_dir)
@@ -190,8 +193,8 @@ def test_a_replayed_spool_registers_tags_and_environment(spool_dir, refuse):
 
 def test_framework_callbacks_pass_tags_and_environment_through(fake):
     from optiscope.integrations._base import RunOwner
-    owner = RunOwner(project="cb", url=fake.url, tags=["from-callback"], environment={"k": "v"},
-                     heartbeat_interval=0.2)
+
+    owner = RunOwner(project="cb", url=fake.url, tags=["from-callback"], environment={"k": "v"}, heartbeat_interval=0.2)
     run = owner._start_run(lambda: {"lr": 0.1})
     doc = registered(fake, run)
     assert doc["tags"] == ["from-callback"] and doc["environment"]["k"] == "v" and doc["config"] == {"lr": 0.1}

@@ -26,6 +26,7 @@ Bounded for CI (about 15-20 s per database on a developer machine): a fixed numb
 operation and mode, derandomized (the same requests on every run), no example database, no
 shrinking. OPTISCOPE_FUZZ_EXAMPLES=300 digs deeper locally.
 """
+
 from __future__ import annotations
 
 import base64
@@ -52,11 +53,11 @@ from conftest import Collector
 
 MAX_EXAMPLES = int(os.environ.get("OPTISCOPE_FUZZ_EXAMPLES", "30"))  # per operation and mode
 INGEST_EXAMPLES = 6 * MAX_EXAMPLES  # bodies posted by test_ingest_never_answers_5xx_to_damaged_batches
-SEED = 20240601                     # of those bodies
+SEED = 20240601  # of those bodies
 
 PROJECT = "fuzz"
-RUNS = ["fuzz-run", "fuzz-run-2"]            # read by every operation but DELETE
-INGEST_RUN = "fuzz-ingest"                   # the run generated batches are posted to
+RUNS = ["fuzz-run", "fuzz-run-2"]  # read by every operation but DELETE
+INGEST_RUN = "fuzz-ingest"  # the run generated batches are posted to
 DOOMED_PROJECT = "fuzz-doomed"
 DOOMED_RUNS = ["fuzz-doomed-1", "fuzz-doomed-2", "fuzz-doomed-3"]  # for DELETE to delete
 SERIES = ["loss", "lr", "grad_norm", "grad_norm/param/0.weight", "extreme"]
@@ -64,7 +65,6 @@ SERIES = ["loss", "lr", "grad_norm", "grad_norm/param/0.weight", "extreme"]
 # Bounds as the database stores them: rank in an INTEGER (32-bit on PostgreSQL), seq and steps in
 # a BIGINT (signed 64-bit).
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
-
 
 
 # -- ingest bodies: real batches of both wire versions, valid and then damaged ------------------
@@ -112,9 +112,14 @@ def _batch(rng: random.Random, rank_hi: int, seq_hi: int, step_hi: int) -> wire.
     run = rng.choice([INGEST_RUN] * 8 + [RUNS[0], "no-such-run"])
     rank = rng.randint(0, 3) if rng.random() < 0.6 else _int(rng, rank_hi)
     seq = rng.randint(100, 10**9) if rng.random() < 0.5 else _int(rng, seq_hi)  # mostly not yet stored
-    records = [(_int(rng, step_hi), rng.uniform(1.6e9, 1.8e9),
-                {name: _float(rng) for name in rng.sample(_NAMES, rng.randint(0, 4))})
-               for _ in range(rng.randint(0, 6))]
+    records = [
+        (
+            _int(rng, step_hi),
+            rng.uniform(1.6e9, 1.8e9),
+            {name: _float(rng) for name in rng.sample(_NAMES, rng.randint(0, 4))},
+        )
+        for _ in range(rng.randint(0, 6))
+    ]
     return wire.Batch(run, rank, seq, records)
 
 
@@ -132,7 +137,7 @@ def binary_batch(rng: random.Random) -> tuple[str, bytes]:
         for _ in range(rng.randint(1, 4)):
             body[rng.randrange(len(body))] = rng.randrange(256)
     elif how == "truncate":
-        del body[rng.randrange(len(body)):]
+        del body[rng.randrange(len(body)) :]
     elif how == "append":
         body += rng.randbytes(rng.randint(1, 16))
     return batch.run, bytes(body)
@@ -142,8 +147,13 @@ def json_batch(rng: random.Random) -> tuple[str, bytes]:
     """(run, a version 1 body); in half of them one field or record part swapped for any JSON value,
     deep nesting, or the text cut off. JSON integers have no width: ids and steps go past 64 bits."""
     batch = _batch(rng, 2**70, 2**70, 2**70)
-    doc = {"v": 1, "run": batch.run, "rank": batch.rank, "seq": batch.seq,
-           "records": [[s, t, {k: wire.encode_value(v) for k, v in vals.items()}] for s, t, vals in batch.records]}
+    doc = {
+        "v": 1,
+        "run": batch.run,
+        "rank": batch.rank,
+        "seq": batch.seq,
+        "records": [[s, t, {k: wire.encode_value(v) for k, v in vals.items()}] for s, t, vals in batch.records],
+    }
     how = rng.choice(["none"] * 4 + ["field", "record", "nesting", "truncate"])
     if how == "field":
         doc[rng.choice(["v", "run", "rank", "seq", "records", "extra"])] = _any_json(rng)
@@ -159,7 +169,7 @@ def json_batch(rng: random.Random) -> tuple[str, bytes]:
         depth = rng.choice([10, 1_000, 5_000])  # past the JSON decoder's recursion limit
         text = text[:-1] + ', "records": ' + "[" * depth + "]" * depth + "}"
     elif how == "truncate":
-        text = text[:rng.randrange(len(text))]
+        text = text[: rng.randrange(len(text))]
     return batch.run, text.encode()
 
 
@@ -169,20 +179,26 @@ def ingest_body(rng: random.Random) -> tuple[str, bytes]:
 
 
 # schemathesis draws the bodies of this media type from here (the run id in the path is its own).
-schemathesis.openapi.media_type(wire.CONTENT_TYPE,
-                                st.integers(0, 2**32).map(lambda seed: ingest_body(random.Random(seed))[1]))
+schemathesis.openapi.media_type(
+    wire.CONTENT_TYPE, st.integers(0, 2**32).map(lambda seed: ingest_body(random.Random(seed))[1])
+)
 
 
 # -- the live collector, seeded -----------------------------------------------------------------
 def _post_batch(c: Collector, run: str, rank: int, seq: int, records) -> None:
-    r = httpx.post(f"{c.url}/api/v1/runs/{run}/batches", content=wire.encode_batch(wire.Batch(run, rank, seq, records)),
-                   headers={"Content-Type": wire.CONTENT_TYPE}, timeout=30)
+    r = httpx.post(
+        f"{c.url}/api/v1/runs/{run}/batches",
+        content=wire.encode_batch(wire.Batch(run, rank, seq, records)),
+        headers={"Content-Type": wire.CONTENT_TYPE},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
 
 
 def _register(c: Collector, run: str, project: str, rank: int = 0, **extra) -> None:
-    r = httpx.put(f"{c.url}/api/v1/runs/{run}", json={"project": project, "name": run, "rank": rank, **extra},
-                  timeout=30)
+    r = httpx.put(
+        f"{c.url}/api/v1/runs/{run}", json={"project": project, "name": run, "rank": rank, **extra}, timeout=30
+    )
     assert r.status_code == 200, r.text
 
 
@@ -193,13 +209,26 @@ def seed(c: Collector) -> dict[str, list]:
         _register(c, run, PROJECT, config={"lr": 0.1 * (i + 1), "opt": "adamw", "layers": [1, 2], "on": True})
         _register(c, run, PROJECT, rank=1)
         for rank in (0, 1):
-            records = [(s, 1_700_000_000.0 + s, {"loss": 1.0 / (s + 1), "lr": 0.1, "grad_norm": float(s),
-                                                 "grad_norm/param/0.weight": 0.5})
-                       for s in range(50)]
+            records = [
+                (
+                    s,
+                    1_700_000_000.0 + s,
+                    {"loss": 1.0 / (s + 1), "lr": 0.1, "grad_norm": float(s), "grad_norm/param/0.weight": 0.5},
+                )
+                for s in range(50)
+            ]
             _post_batch(c, run, rank, 0, records)
         # non-finite values: stored as data, and a NaN loss fires an alert
-        _post_batch(c, run, 0, 1, [(50, 1_700_000_050.0, {"loss": math.nan, "extreme": math.inf}),
-                                   (51, 1_700_000_051.0, {"extreme": -math.inf})])
+        _post_batch(
+            c,
+            run,
+            0,
+            1,
+            [
+                (50, 1_700_000_050.0, {"loss": math.nan, "extreme": math.inf}),
+                (51, 1_700_000_051.0, {"extreme": -math.inf}),
+            ],
+        )
     r = httpx.post(f"{c.url}/api/v1/runs/{RUNS[1]}/finish", json={"status": "finished", "rank": 0}, timeout=30)
     assert r.status_code == 200, r.text
     for i, run in enumerate(DOOMED_RUNS):
@@ -310,17 +339,42 @@ def test_no_server_error_on_any_generated_request(fuzz_collector, tmp_path):
     # The schemathesis CLI, as one would run it by hand. This module is its hooks file: importing
     # it registers ingest_body() for application/vnd.optiscope.batch.
     here = Path(__file__).resolve()
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(here), "NO_COLOR": "1", "COLUMNS": "120",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(here.parent), os.environ.get("PYTHONPATH")]))}
-    args = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config_path), "run", str(schema_path),
-            "--url", c.url, "--checks", "not_a_server_error", "--phases", "coverage,fuzzing",
-            "--continue-on-failure", "--workers", "1", "--request-timeout", "30", "--no-color"]
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": str(here),
+        "NO_COLOR": "1",
+        "COLUMNS": "120",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(here.parent), os.environ.get("PYTHONPATH")])),
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(config_path),
+        "run",
+        str(schema_path),
+        "--url",
+        c.url,
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "coverage,fuzzing",
+        "--continue-on-failure",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "30",
+        "--no-color",
+    ]
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     alive = c.proc.poll() is None
     if r.returncode != 0 or not alive:
-        pytest.fail(f"schemathesis exited with {r.returncode}; collector {'up' if alive else 'DOWN'}\n"
-                    f"{r.stdout[-30000:]}\n{r.stderr[-4000:]}\n--- collector log (end) ---\n{c.read_log()}",
-                    pytrace=False)
+        pytest.fail(
+            f"schemathesis exited with {r.returncode}; collector {'up' if alive else 'DOWN'}\n"
+            f"{r.stdout[-30000:]}\n{r.stderr[-4000:]}\n--- collector log (end) ---\n{c.read_log()}",
+            pytrace=False,
+        )
 
 
 def test_ingest_never_answers_5xx_to_damaged_batches(fuzz_collector):
@@ -348,11 +402,17 @@ def test_ingest_never_answers_5xx_to_damaged_batches(fuzz_collector):
             doc = doc if isinstance(doc, dict) else {}
             outcomes[(r.status_code, doc.get("reason") or ("duplicate" if doc.get("duplicate") else ""))] += 1
             if r.status_code >= 500:
-                crashes.append(f"case {i}: {r.status_code} for POST {path}{' (gzip-compressed)' if gzipped else ''}, "
-                               f"{len(body)} bytes: {body[:300]!r}")
+                crashes.append(
+                    f"case {i}: {r.status_code} for POST {path}{' (gzip-compressed)' if gzipped else ''}, "
+                    f"{len(body)} bytes: {body[:300]!r}"
+                )
     if crashes:
-        pytest.fail(f"{len(crashes)} of {INGEST_EXAMPLES} ingest requests got a server error:\n"
-                    + "\n".join(crashes[:30]) + f"\n--- collector log (end) ---\n{c.read_log()}", pytrace=False)
+        pytest.fail(
+            f"{len(crashes)} of {INGEST_EXAMPLES} ingest requests got a server error:\n"
+            + "\n".join(crashes[:30])
+            + f"\n--- collector log (end) ---\n{c.read_log()}",
+            pytrace=False,
+        )
     # The bodies were sensible: batches were stored, not only rejected, and the rejections varied.
     assert outcomes[(200, "")] >= INGEST_EXAMPLES // 20, outcomes
     assert len({reason for (status, reason) in outcomes if status >= 400}) >= 8, outcomes

@@ -1,4 +1,5 @@
 """The SDK never blocks or crashes training: absent collectors, junk values, forks, bounded finish."""
+
 from __future__ import annotations
 
 import logging
@@ -34,16 +35,27 @@ def test_env_fallbacks(monkeypatch, http_receiver):
 
 def test_public_surface():
     assert sorted(optiscope.__all__) == ["CATALOG", "Run", "__version__", "init"]
-    assert {"loss", "lr", "grad_norm", "param_norm", "update_norm", "update_ratio", "exp_avg_norm",
-            "exp_avg_sq_norm"} <= set(optiscope.CATALOG)
+    assert {
+        "loss",
+        "lr",
+        "grad_norm",
+        "param_norm",
+        "update_norm",
+        "update_ratio",
+        "exp_avg_norm",
+        "exp_avg_sq_norm",
+    } <= set(optiscope.CATALOG)
 
 
 def test_sdk_core_imports_without_torch_or_server():
     import subprocess
     import sys
-    code = ("import sys, optiscope, optiscope.transport, optiscope.detect, optiscope.wire; "
-            "bad = [m for m in ('torch', 'fastapi', 'sqlalchemy') if m in sys.modules]; "
-            "sys.exit(1 if bad else 0)")
+
+    code = (
+        "import sys, optiscope, optiscope.transport, optiscope.detect, optiscope.wire; "
+        "bad = [m for m in ('torch', 'fastapi', 'sqlalchemy') if m in sys.modules]; "
+        "sys.exit(1 if bad else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -93,16 +105,26 @@ def test_junk_never_raises(caplog):
 
 
 def test_queue_is_bounded_and_drops_oldest(spool_dir):
-    run = optiscope.init(project="bounded", url=f"http://127.0.0.1:{free_port()}", max_queue=100,
-                         max_batch_records=10_000, flush_interval=60)
+    run = optiscope.init(
+        project="bounded",
+        url=f"http://127.0.0.1:{free_port()}",
+        max_queue=100,
+        max_batch_records=10_000,
+        flush_interval=60,
+    )
     for step in range(1000):
         run.log({"x": float(step)}, step=step)
     assert run._processor.queued == 100
     assert run.counters["dropped"] == 900
     run.finish(timeout=1)  # nothing listens: what was queued stays in the spool
     (left,) = sp.pending_spools(spool_dir)
-    steps = [s for seg in sorted(left.glob("*.seg")) for body in sp.read_frames(seg)
-             for s, _, values in wire.decode_batch(body).records if "x" in values]
+    steps = [
+        s
+        for seg in sorted(left.glob("*.seg"))
+        for body in sp.read_frames(seg)
+        for s, _, values in wire.decode_batch(body).records
+        if "x" in values
+    ]
     assert steps == list(range(900, 1000))  # the newest records are the ones kept, in order
 
 
@@ -168,13 +190,15 @@ def test_an_uncaught_exception_marks_the_run_crashed(sqlite_collector, tmp_path)
     """Frameworks without an exception hook (Keras, Transformers) rely on this at exit."""
     import subprocess
     import sys
+
     script = tmp_path / "train.py"
     script.write_text(
         "import optiscope\n"
         f"run = optiscope.init(project='crash', url={sqlite_collector.url!r})\n"
         "print(run.id, flush=True)\n"
         "run.log({'loss': 1.0}, step=0)\n"
-        "raise RuntimeError('training failed')\n")
+        "raise RuntimeError('training failed')\n"
+    )
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "training failed" in r.stderr
     run_id = r.stdout.strip()
@@ -208,6 +232,7 @@ def test_ranks_of_one_training_on_one_host_share_a_run(sqlite_collector, tmp_pat
     log concurrently with their own spools on one host: one run, each rank's points exactly once."""
     import subprocess
     import sys
+
     script = tmp_path / "rank.py"
     script.write_text(
         "import os, optiscope\n"
@@ -217,12 +242,20 @@ def test_ranks_of_one_training_on_one_host_share_a_run(sqlite_collector, tmp_pat
         "assert run.rank == r and run.id == os.environ['OPTISCOPE_RUN_ID']\n"
         "for step in range(300):\n"
         "    run.log({'x': 1000.0 * r + step}, step=step)\n"
-        "assert run.finish(timeout=30), run.counters\n")
+        "assert run.finish(timeout=30), run.counters\n"
+    )
     run_id = "ddp-run-01"
     spool = tmp_path / "spool"
-    procs = [subprocess.Popen([sys.executable, str(script)], env={
-        **os.environ, "RANK": str(r), "OPTISCOPE_RUN_ID": run_id, "OPTISCOPE_SPOOL_DIR": str(spool)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**os.environ, "RANK": str(r), "OPTISCOPE_RUN_ID": run_id, "OPTISCOPE_SPOOL_DIR": str(spool)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err

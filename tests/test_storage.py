@@ -1,5 +1,6 @@
 """Chunked storage, through the real collector on SQLite and PostgreSQL: what a series reads back
 after overwrites, several ranks, sparse series, ranges and limits, for both wire versions."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,11 @@ def test_newest_write_wins_at_read_time(collector):
     c = collector
     assert register(c).status_code == 200
     every = list(range(10))
-    r = post(c, columns(0, every, {"x": [float(s) for s in every], "sparse": [1.0 if s % 3 == 0 else None for s in every]}),
-             headers={"Content-Type": wire.CONTENT_TYPE})
+    r = post(
+        c,
+        columns(0, every, {"x": [float(s) for s in every], "sparse": [1.0 if s % 3 == 0 else None for s in every]}),
+        headers={"Content-Type": wire.CONTENT_TYPE},
+    )
     assert r.status_code == 200 and r.json()["points"] == 14
     # a later batch rewrites steps 4..6, and within itself logs step 5 twice: the later record wins
     assert post(c, columns(1, [4, 5, 5, 6], {"x": [40.0, 50.0, 55.0, 60.0]})).status_code == 200
@@ -63,7 +67,12 @@ def test_ranks_out_of_order_steps_and_non_finite_values(collector):
     assert post(c, columns(0, [3, 5], {"g": [-math.inf, nan_bits]}, rank=0)).status_code == 200
     data = c.api("/runs/run1/series/g")
     assert list(zip(data["steps"], data["ranks"], data["values"])) == [
-        (3, 0, "-Infinity"), (3, 1, "Infinity"), (5, 0, "NaN"), (5, 1, 2.0), (7, 1, "NaN")]
+        (3, 0, "-Infinity"),
+        (3, 1, "Infinity"),
+        (5, 0, "NaN"),
+        (5, 1, 2.0),
+        (7, 1, "NaN"),
+    ]
     assert c.api("/runs/run1/series/g?rank=0")["steps"] == [3, 5]
     # steps out of order in one batch: the newest point is the highest step, not the last record
     assert c.api("/runs/run1")["last"]["g"] == {"step": 7, "value": "NaN"}
@@ -118,24 +127,39 @@ def test_points_of_a_database_from_before_chunks_are_kept(db_url, tmp_path):
     from optiscope_server.storage.tables import metadata, runs, series
 
     from conftest import Collector
+
     engine = create_engine(db_url)
     metadata.create_all(engine, tables=[runs, series])
     with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE points (series_id INTEGER NOT NULL REFERENCES series (id), rank INTEGER NOT NULL, "
-                          "step BIGINT NOT NULL, value DOUBLE PRECISION, PRIMARY KEY (series_id, rank, step))"))
-        conn.execute(insert(runs).values(id="old", project="p", name="n", status="finished", config={},
-                                         created_at=1.0, updated_at=1.0))
+        conn.execute(
+            text(
+                "CREATE TABLE points (series_id INTEGER NOT NULL REFERENCES series (id), rank INTEGER NOT NULL, "
+                "step BIGINT NOT NULL, value DOUBLE PRECISION, PRIMARY KEY (series_id, rank, step))"
+            )
+        )
+        conn.execute(
+            insert(runs).values(
+                id="old", project="p", name="n", status="finished", config={}, created_at=1.0, updated_at=1.0
+            )
+        )
         conn.execute(insert(series).values(run_id="old", name="loss"))
         sid = conn.execute(text("SELECT id FROM series")).scalar()
         rows = [(0, 0, 1.0), (0, 1, None), (0, 2, float("inf")), (0, 4, 4.0), (1, 0, -1.0)]
-        conn.execute(text("INSERT INTO points VALUES (:sid, :rank, :step, :value)"),
-                     [{"sid": sid, "rank": r, "step": s, "value": v} for r, s, v in rows])
+        conn.execute(
+            text("INSERT INTO points VALUES (:sid, :rank, :step, :value)"),
+            [{"sid": sid, "rank": r, "step": s, "value": v} for r, s, v in rows],
+        )
     engine.dispose()
     c = Collector(db_url, cwd=tmp_path).start()
     try:
         data = c.api("/runs/old/series/loss")
         assert list(zip(data["steps"], data["ranks"], data["values"])) == [
-            (0, 0, 1.0), (0, 1, -1.0), (1, 0, "NaN"), (2, 0, "Infinity"), (4, 0, 4.0)]
+            (0, 0, 1.0),
+            (0, 1, -1.0),
+            (1, 0, "NaN"),
+            (2, 0, "Infinity"),
+            (4, 0, 4.0),
+        ]
         assert c.api("/runs/old")["last"]["loss"] == {"step": 4, "value": 4.0}
     finally:
         c.stop()
@@ -151,6 +175,7 @@ def test_sqlite_log_is_checkpointed_beside_the_writer(tmp_path):
     thread does, after which the log is reused from its start. Closing leaves an empty log."""
     from optiscope_server.collector import Collector
     from optiscope_server.settings import Settings
+
     db = tmp_path / "o.db"
     wal = tmp_path / "o.db-wal"
     store = Collector(Settings(db_url=f"sqlite:///{db}"))

@@ -1,6 +1,7 @@
 """Webhook target checks (optiscope_server.alerting.targets) against real sockets on 127.0.0.1: which
 addresses are refused, that the checked address is the one connected to, that redirects are not
 followed, that a silent receiver times out, and that HTTPS verifies the URL's hostname."""
+
 from __future__ import annotations
 
 import socket
@@ -22,19 +23,37 @@ def reason(url: str, **kw) -> str:
     return e.value.reason
 
 
-@pytest.mark.parametrize("host", [
-    "127.0.0.1", "[::1]", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "[fe80::1]",
-    "0.0.0.0", "[::]", "[::ffff:127.0.0.1]", "[::ffff:10.0.0.1]", "224.0.0.1", "[ff02::1]",
-    "255.255.255.255", "240.0.0.1", "[fc00::1]", "localhost",
-    "2130706433", "0x7f.1",                     # other spellings of 127.0.0.1 the resolver accepts
-    "[64:ff9b::7f00:1]", "[2002:a01:203::]",    # NAT64 of 127.0.0.1, 6to4 of 10.1.2.3
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "[::1]",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "[fe80::1]",
+        "0.0.0.0",
+        "[::]",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:10.0.0.1]",
+        "224.0.0.1",
+        "[ff02::1]",
+        "255.255.255.255",
+        "240.0.0.1",
+        "[fc00::1]",
+        "localhost",
+        "2130706433",
+        "0x7f.1",  # other spellings of 127.0.0.1 the resolver accepts
+        "[64:ff9b::7f00:1]",
+        "[2002:a01:203::]",  # NAT64 of 127.0.0.1, 6to4 of 10.1.2.3
+    ],
+)
 def test_internal_addresses_are_refused(host):
     assert reason(f"http://{host}:8080/hook") == "internal_address"
 
 
-@pytest.mark.parametrize("host", ["169.254.169.254", "[fd00:ec2::254]", "100.100.100.200",
-                                  "[::ffff:169.254.169.254]"])
+@pytest.mark.parametrize("host", ["169.254.169.254", "[fd00:ec2::254]", "100.100.100.200", "[::ffff:169.254.169.254]"])
 def test_metadata_addresses_are_refused_even_when_internal_is_allowed(host):
     assert reason(f"http://{host}/latest/meta-data/") == "metadata"
     assert reason(f"http://{host}/latest/meta-data/", allow_internal=True) == "metadata"
@@ -46,8 +65,9 @@ def test_metadata_names_are_refused_before_resolving(host):
     assert reason(f"http://{host}/computeMetadata/v1/", allow_internal=True) == "metadata"
 
 
-@pytest.mark.parametrize("host", ["8.8.8.8", "93.184.215.14", "[2606:4700:4700::1111]",
-                                  "[::ffff:8.8.8.8]", "[64:ff9b::808:808]"])
+@pytest.mark.parametrize(
+    "host", ["8.8.8.8", "93.184.215.14", "[2606:4700:4700::1111]", "[::ffff:8.8.8.8]", "[64:ff9b::808:808]"]
+)
 def test_public_addresses_are_accepted(host):
     t = resolve(f"https://{host}/hook?x=1")  # resolve only: nothing is sent
     assert (t.scheme, t.port, t.path) == ("https", 443, "/hook?x=1")
@@ -59,14 +79,22 @@ def test_allow_internal_allows_loopback():
     assert (t.host, t.port, t.addresses) == ("127.0.0.1", 9, ["127.0.0.1"])
 
 
-@pytest.mark.parametrize("url,why", [
-    ("file:///etc/passwd", "bad_scheme"), ("ftp://8.8.8.8/", "bad_scheme"),
-    ("gopher://8.8.8.8:70/_x", "bad_scheme"), ("8.8.8.8/hook", "bad_scheme"),
-    ("http:///hook", "no_host"), ("http://:80/hook", "no_host"),
-    ("http://nonexistent.invalid/hook", "unresolvable"),
-    ("http://8.8.8.8:99999/", "bad_port"), ("http://8.8.8.8:http/", "bad_port"),
-    ("http://user:pw@8.8.8.8/", "userinfo"), ("http://8.8.8.8@127.0.0.1/", "userinfo"),
-])
+@pytest.mark.parametrize(
+    "url,why",
+    [
+        ("file:///etc/passwd", "bad_scheme"),
+        ("ftp://8.8.8.8/", "bad_scheme"),
+        ("gopher://8.8.8.8:70/_x", "bad_scheme"),
+        ("8.8.8.8/hook", "bad_scheme"),
+        ("http:///hook", "no_host"),
+        ("http://:80/hook", "no_host"),
+        ("http://nonexistent.invalid/hook", "unresolvable"),
+        ("http://8.8.8.8:99999/", "bad_port"),
+        ("http://8.8.8.8:http/", "bad_port"),
+        ("http://user:pw@8.8.8.8/", "userinfo"),
+        ("http://8.8.8.8@127.0.0.1/", "userinfo"),
+    ],
+)
 def test_malformed_targets_are_refused_with_a_reason(url, why):
     assert reason(url, allow_internal=True) == why
 
@@ -78,6 +106,7 @@ def test_refusal_message_names_host_and_address():
 
 # --- sending, against real local servers ----------------------------------------------------
 # (http_receiver: conftest's factory of tests/http_receiver.py servers on 127.0.0.1, closed after each test)
+
 
 @pytest.fixture
 def listener():
@@ -98,8 +127,13 @@ def nothing_connected(s: socket.socket) -> bool:
 
 def test_post_delivers_body_and_headers(http_receiver):
     r = http_receiver(status=202)
-    status, err = post(f"http://127.0.0.1:{r.port}/hook?a=1", b'{"x": 1}',
-                       {"Content-Type": "application/json", "X-Sig": "abc"}, timeout=5, allow_internal=True)
+    status, err = post(
+        f"http://127.0.0.1:{r.port}/hook?a=1",
+        b'{"x": 1}',
+        {"Content-Type": "application/json", "X-Sig": "abc"},
+        timeout=5,
+        allow_internal=True,
+    )
     assert (status, err) == (202, None)
     [req] = r.requests
     assert req.method == "POST" and req.path == "/hook?a=1" and req.body == b'{"x": 1}'
@@ -159,6 +193,7 @@ def test_endless_answer_is_cut_off(listener):
                     conn.sendall(b"x")
                 except OSError:
                     return
+
     t = threading.Thread(target=drip, daemon=True)
     t.start()
     t0 = time.monotonic()
@@ -172,8 +207,9 @@ def test_endless_answer_is_cut_off(listener):
 
 def test_header_injection_is_refused(http_receiver):
     r = http_receiver(status=204)
-    status, err = post(f"http://127.0.0.1:{r.port}/", b"", {"X-A": "1\r\nX-Injected: 2"}, timeout=5,
-                       allow_internal=True)
+    status, err = post(
+        f"http://127.0.0.1:{r.port}/", b"", {"X-A": "1\r\nX-Injected: 2"}, timeout=5, allow_internal=True
+    )
     assert status is None and err.startswith("bad_request: ")
     assert r.requests == []
 
@@ -193,8 +229,7 @@ def fake_names(monkeypatch):
         lookups.append(host)
         queue = answers[host]
         ips = queue.pop(0) if len(queue) > 1 else queue[0]
-        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
-                for ip in ips]
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ips]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return answers, lookups
@@ -228,13 +263,34 @@ def test_next_checked_address_is_tried_when_one_refuses(http_receiver, fake_name
 
 # --- HTTPS: the certificate is checked against the URL's hostname ------------------------------
 
+
 @pytest.fixture
 def tls_receiver(http_receiver, tmp_path):
     openssl = need_tool("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     return http_receiver(status=204, tls=ctx), cert
@@ -256,4 +312,3 @@ def test_https_verifies_the_hostname_not_the_address(tls_receiver, monkeypatch):
     status, err = post(f"https://127.0.0.1:{r.port}/h", b"{}", {}, timeout=5, allow_internal=True)
     assert status is None and err.startswith("tls: ") and "mismatch" in err.lower(), err
     assert len(r.requests) == 1
-

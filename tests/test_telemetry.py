@@ -1,4 +1,5 @@
 """The collector traces itself with OpenTelemetry: a server span per request, a child span for store work."""
+
 from __future__ import annotations
 
 from fastapi.testclient import TestClient

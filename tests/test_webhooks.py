@@ -1,6 +1,7 @@
 """Alert delivery against the real collector: Standard Webhooks signatures verified the way a
 receiver verifies them (and the signing primitive against published test vectors), the same id on
 every retry, 410 Gone disabling an endpoint, secret rotation, target address checks, formats."""
+
 from __future__ import annotations
 
 import base64
@@ -27,11 +28,16 @@ def test_hmac_primitive_matches_githubs_published_test_vector():
 
 def test_signature_matches_the_standard_webhooks_example():
     # the Standard Webhooks specification's example message
-    sig = signing.signature(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
-                          b'{"test": 2432232314}')
+    sig = signing.signature(
+        ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
+    )
     assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-    two = signing.signature([signing.new_secret(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
-                          "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}')
+    two = signing.signature(
+        [signing.new_secret(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        1614265330,
+        b'{"test": 2432232314}',
+    )
     assert two.split(" ")[1] == sig and two.split(" ")[0] != sig  # rotation: one signature per secret
 
 
@@ -64,8 +70,9 @@ def add_hook(c: Collector, url: str, **extra) -> dict:
 @pytest.fixture
 def fast(db_url, tmp_path):
     """A collector whose failed deliveries are retried within a second, targets on loopback allowed."""
-    c = Collector(db_url, cwd=tmp_path, extra_args=["--allow-internal-webhooks",
-                                                    "--webhook-retry-schedule", "0.3,0.3,0.3"]).start()
+    c = Collector(
+        db_url, cwd=tmp_path, extra_args=["--allow-internal-webhooks", "--webhook-retry-schedule", "0.3,0.3,0.3"]
+    ).start()
     yield c
     c.stop()
 
@@ -73,8 +80,9 @@ def fast(db_url, tmp_path):
 def test_signed_delivery_verifies_and_keeps_its_id_across_retries(fast, receiver):
     hook = add_hook(fast, receiver.url, project="p")
     assert hook["secret"].startswith("whsec_") and hook["secrets"] == 1 and hook["project"] == "p"
-    assert "secret" not in [k for k, v in httpx.get(f"{fast.url}/api/v1/webhooks").json()["webhooks"][0].items()
-                            if v is not None]  # never shown again
+    assert "secret" not in [
+        k for k, v in httpx.get(f"{fast.url}/api/v1/webhooks").json()["webhooks"][0].items() if v is not None
+    ]  # never shown again
     receiver.status = 500
     fire(fast, "r1")
     wait_until(lambda: len(receiver.attempts) >= 2, what="a retry")
@@ -117,8 +125,10 @@ def test_an_endpoint_answering_410_is_disabled_and_can_be_enabled_again(fast, re
     hook = add_hook(fast, receiver.url)
     receiver.status = 410
     fire(fast, "r1")
-    wait_until(lambda: httpx.get(f"{fast.url}/api/v1/webhooks").json()["webhooks"][0]["disabled_at"],
-               what="the endpoint disabled")
+    wait_until(
+        lambda: httpx.get(f"{fast.url}/api/v1/webhooks").json()["webhooks"][0]["disabled_at"],
+        what="the endpoint disabled",
+    )
     time.sleep(1.5)  # longer than the whole retry schedule: nothing is retried
     assert len(receiver.attempts) == 1
     listed = httpx.get(f"{fast.url}/api/v1/webhooks").json()["webhooks"][0]
@@ -136,13 +146,16 @@ def test_an_endpoint_answering_410_is_disabled_and_can_be_enabled_again(fast, re
 
 
 def test_internal_targets_are_refused_at_send_time_unless_allowed(tmp_path, receiver):
-    c = Collector(f"sqlite:///{tmp_path / 'x.db'}", cwd=tmp_path,
-                  extra_args=["--webhook-retry-schedule", "0.2"]).start()
+    c = Collector(
+        f"sqlite:///{tmp_path / 'x.db'}", cwd=tmp_path, extra_args=["--webhook-retry-schedule", "0.2"]
+    ).start()
     try:
         add_hook(c, receiver.url)  # accepted (a name's address can change): checked at every send
         fire(c, "r1")
-        wait_until(lambda: 'optiscope_webhook_deliveries_total{outcome="failed"} 2.0' in c.metrics(),
-                   what="both attempts refused")
+        wait_until(
+            lambda: 'optiscope_webhook_deliveries_total{outcome="failed"} 2.0' in c.metrics(),
+            what="both attempts refused",
+        )
         assert receiver.attempts == []
     finally:
         c.stop()
@@ -151,12 +164,18 @@ def test_internal_targets_are_refused_at_send_time_unless_allowed(tmp_path, rece
 def test_configured_webhooks_are_rows_signed_with_the_configured_secret(tmp_path):
     slack, native = Receiver(), Receiver()
     secret = signing.new_secret()
-    c = Collector(f"sqlite:///{tmp_path / 'x.db'}", webhooks=[native.url, f"slack={slack.url}"], cwd=tmp_path,
-                  extra_args=["--webhook-secret", secret]).start()
+    c = Collector(
+        f"sqlite:///{tmp_path / 'x.db'}",
+        webhooks=[native.url, f"slack={slack.url}"],
+        cwd=tmp_path,
+        extra_args=["--webhook-secret", secret],
+    ).start()
     try:
         listed = httpx.get(f"{c.url}/api/v1/webhooks").json()["webhooks"]
         assert {(w["format"], w["source"], w["project"], w["secrets"]) for w in listed} == {
-            ("native", "config", None, 1), ("slack", "config", None, 1)}
+            ("native", "config", None, 1),
+            ("slack", "config", None, 1),
+        }
         assert httpx.delete(f"{c.url}/api/v1/webhooks/{listed[0]['id']}").status_code == 409
         fire(c, "r1", project="any")
         wait_until(lambda: native.events and slack.events, what="both deliveries")
@@ -178,6 +197,7 @@ def test_configured_webhooks_are_rows_signed_with_the_configured_secret(tmp_path
 def test_webhook_input_is_checked(fast):
     def status(body):
         return httpx.post(f"{fast.url}/api/v1/webhooks", json=body).status_code
+
     assert status({"url": "ftp://example.com/x"}) == 422
     assert status({"url": "http://user:pw@example.com/x"}) == 422
     assert status({"url": "https://example.com/x", "format": "teams"}) == 422
@@ -194,21 +214,42 @@ def test_deliveries_beyond_a_shortened_schedule_are_given_up_not_left_blocking(t
     from optiscope_server.alerting import Outbox, WebhookDispatcher
     from optiscope_server.storage import Database
     from optiscope_server.storage.tables import alerts, outbox, runs
+
     store = Database(f"sqlite:///{tmp_path / 's.db'}")
     try:
         with store.engine.begin() as conn:
-            conn.execute(insert(runs).values(id="r", project="p", name="r", status="running", config={},
-                                             created_at=1.0, updated_at=1.0))
-            aid = conn.execute(insert(alerts).values(run_id="r", rule="x", severity="page", state="firing",
-                                                     series="loss", rank=0, step=1, value=1.0, message="m",
-                                                     created_at=1.0)).inserted_primary_key[0]
-            event = '{"type": "alert.firing", "alert": {"id": 1, "rule": "x", "severity": "page", "state": "firing", ' \
-                    '"series": "loss", "step": 1, "rank": 0, "value": 1.0, "message": "m"}, ' \
-                    '"run": {"id": "r", "project": "p", "name": "r", "url": "u"}, "time": 1.0}'
-            conn.execute(insert(outbox), [{"alert_id": aid, "target": receiver.url, "payload": event,
-                                           "attempts": 5, "next_attempt_at": 0.0} for _ in range(100)]
-                         + [{"alert_id": aid, "target": receiver.url, "payload": event, "attempts": 0,
-                             "next_attempt_at": 0.0}])
+            conn.execute(
+                insert(runs).values(
+                    id="r", project="p", name="r", status="running", config={}, created_at=1.0, updated_at=1.0
+                )
+            )
+            aid = conn.execute(
+                insert(alerts).values(
+                    run_id="r",
+                    rule="x",
+                    severity="page",
+                    state="firing",
+                    series="loss",
+                    rank=0,
+                    step=1,
+                    value=1.0,
+                    message="m",
+                    created_at=1.0,
+                )
+            ).inserted_primary_key[0]
+            event = (
+                '{"type": "alert.firing", "alert": {"id": 1, "rule": "x", "severity": "page", "state": "firing", '
+                '"series": "loss", "step": 1, "rank": 0, "value": 1.0, "message": "m"}, '
+                '"run": {"id": "r", "project": "p", "name": "r", "url": "u"}, "time": 1.0}'
+            )
+            conn.execute(
+                insert(outbox),
+                [
+                    {"alert_id": aid, "target": receiver.url, "payload": event, "attempts": 5, "next_attempt_at": 0.0}
+                    for _ in range(100)
+                ]
+                + [{"alert_id": aid, "target": receiver.url, "payload": event, "attempts": 0, "next_attempt_at": 0.0}],
+            )
         d = WebhookDispatcher(Outbox(store), schedule=(1.0, 2.0), allow_internal=True)
         for _ in range(3):
             d.deliver_due()
@@ -218,4 +259,3 @@ def test_deliveries_beyond_a_shortened_schedule_are_given_up_not_left_blocking(t
         assert left == ["retry schedule exhausted"] * 100
     finally:
         store.close()
-

@@ -1,5 +1,6 @@
 """Wire format: round trips of both versions (NaN, +Inf, -Inf included, bit-exact in version 2) and
 a clear reason for every malformed batch."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ from optiscope import wire
 
 names = st.from_regex(wire.NAME_RE, fullmatch=True)
 values = st.floats(allow_nan=True, allow_infinity=True)
-records = st.lists(st.tuples(st.integers(0, 2**53), st.floats(0, 2e9), st.dictionaries(names, values, max_size=8)),
-                   max_size=20)
+records = st.lists(
+    st.tuples(st.integers(0, 2**53), st.floats(0, 2e9), st.dictionaries(names, values, max_size=8)), max_size=20
+)
 run_ids = st.from_regex(wire.RUN_ID_RE, fullmatch=True)
 
 
@@ -80,7 +82,9 @@ def test_damaged_binary_bodies_are_refused_with_a_reason(recs, data):
 def test_non_finite_spelling_and_bare_tokens():
     assert [wire.encode_value(x) for x in (math.nan, math.inf, -math.inf, 1.5)] == ["NaN", "Infinity", "-Infinity", 1.5]
     # Python's json.dumps writes bare NaN/Infinity tokens; a lenient decoder accepts them too.
-    body = json.dumps({"v": 1, "run": "r1", "rank": 0, "seq": 0, "records": [[0, 0.0, {"a": math.nan, "b": -math.inf}]]})
+    body = json.dumps(
+        {"v": 1, "run": "r1", "rank": 0, "seq": 0, "records": [[0, 0.0, {"a": math.nan, "b": -math.inf}]]}
+    )
     rec = wire.decode_batch(body).records[0][2]
     assert math.isnan(rec["a"]) and rec["b"] == -math.inf
 
@@ -92,8 +96,13 @@ def test_one_spelling_for_documents_and_text():
     safe = wire.json_safe(doc)
     assert safe == {"a": [1.5, "NaN", {"b": ["Infinity", "-Infinity"]}], "c": "NaN", "d": 2, "e": None, "f": True}
     json.dumps(safe, allow_nan=False)  # strict JSON
-    assert [wire.value_text(x) for x in (0.1, 2.0, math.nan, math.inf, -math.inf)] == \
-        ["0.1", "2.0", "NaN", "Infinity", "-Infinity"]
+    assert [wire.value_text(x) for x in (0.1, 2.0, math.nan, math.inf, -math.inf)] == [
+        "0.1",
+        "2.0",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+    ]
     for x in (math.inf, -math.inf, 0.25):
         assert wire.decode_value(wire.encode_value(x)) == x
     assert math.isnan(wire.decode_value(wire.encode_value(math.nan)))
@@ -121,27 +130,30 @@ def test_json_is_decoded_into_columns_too():
 GOOD = {"v": 1, "run": "r1", "rank": 0, "seq": 0, "records": [[0, 1.0, {"loss": 1.0}]]}
 
 
-@pytest.mark.parametrize("mutate,reason", [
-    (lambda d: "not json", "malformed_json"),
-    (lambda d: [1, 2], "malformed_batch"),
-    (lambda d: {**d, "v": 2}, "unsupported_version"),
-    (lambda d: {**d, "extra": 1}, "unknown_field"),
-    (lambda d: {**d, "run": "bad id!"}, "bad_field"),
-    (lambda d: {**d, "seq": -1}, "bad_field"),
-    (lambda d: {**d, "rank": "0"}, "bad_field"),
-    (lambda d: {**d, "records": {}}, "bad_field"),
-    (lambda d: {**d, "records": [[0, 1.0]]}, "malformed_record"),
-    (lambda d: {**d, "records": [[-1, 1.0, {}]]}, "bad_step"),
-    (lambda d: {**d, "records": [[1.5, 1.0, {}]]}, "bad_step"),
-    (lambda d: {**d, "records": [[0, "now", {}]]}, "bad_time"),
-    (lambda d: {**d, "records": [[0, 1.0, {"bad name": 1.0}]]}, "bad_name"),
-    (lambda d: {**d, "records": [[0, 1.0, {"x" * 201: 1.0}]]}, "bad_name"),
-    (lambda d: {**d, "records": [[0, 1.0, {"loss\n": 1.0}]]}, "bad_name"),
-    (lambda d: {**d, "records": [[0, 1.0, {"loss": "1.0"}]]}, "bad_value"),
-    (lambda d: {**d, "records": [[0, 1.0, {"loss": None}]]}, "bad_value"),
-    (lambda d: {**d, "records": [[0, 1.0, {"loss": True}]]}, "bad_value"),
-    (lambda d: {**d, "records": [[0, 1.0, {}]] * (wire.MAX_RECORDS_PER_BATCH + 1)}, "too_many_records"),
-])
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda d: "not json", "malformed_json"),
+        (lambda d: [1, 2], "malformed_batch"),
+        (lambda d: {**d, "v": 2}, "unsupported_version"),
+        (lambda d: {**d, "extra": 1}, "unknown_field"),
+        (lambda d: {**d, "run": "bad id!"}, "bad_field"),
+        (lambda d: {**d, "seq": -1}, "bad_field"),
+        (lambda d: {**d, "rank": "0"}, "bad_field"),
+        (lambda d: {**d, "records": {}}, "bad_field"),
+        (lambda d: {**d, "records": [[0, 1.0]]}, "malformed_record"),
+        (lambda d: {**d, "records": [[-1, 1.0, {}]]}, "bad_step"),
+        (lambda d: {**d, "records": [[1.5, 1.0, {}]]}, "bad_step"),
+        (lambda d: {**d, "records": [[0, "now", {}]]}, "bad_time"),
+        (lambda d: {**d, "records": [[0, 1.0, {"bad name": 1.0}]]}, "bad_name"),
+        (lambda d: {**d, "records": [[0, 1.0, {"x" * 201: 1.0}]]}, "bad_name"),
+        (lambda d: {**d, "records": [[0, 1.0, {"loss\n": 1.0}]]}, "bad_name"),
+        (lambda d: {**d, "records": [[0, 1.0, {"loss": "1.0"}]]}, "bad_value"),
+        (lambda d: {**d, "records": [[0, 1.0, {"loss": None}]]}, "bad_value"),
+        (lambda d: {**d, "records": [[0, 1.0, {"loss": True}]]}, "bad_value"),
+        (lambda d: {**d, "records": [[0, 1.0, {}]] * (wire.MAX_RECORDS_PER_BATCH + 1)}, "too_many_records"),
+    ],
+)
 def test_malformed_json_batches_have_a_reason(mutate, reason):
     doc = mutate(dict(GOOD))
     body = doc if isinstance(doc, str) else json.dumps(doc)
@@ -152,8 +164,14 @@ def test_malformed_json_batches_have_a_reason(mutate, reason):
 
 
 def _cols(**kw) -> wire.Columns:
-    c = dict(run="r1", rank=0, seq=0, steps=array("q", [0, 1, 2]), times=array("d", [0.0, 1.0, 2.0]),
-             series=[wire.Column("loss", array("d", [1.0, 2.0, 3.0]))])
+    c = dict(
+        run="r1",
+        rank=0,
+        seq=0,
+        steps=array("q", [0, 1, 2]),
+        times=array("d", [0.0, 1.0, 2.0]),
+        series=[wire.Column("loss", array("d", [1.0, 2.0, 3.0]))],
+    )
     c.update(kw)
     return wire.Columns(**c)
 
@@ -168,25 +186,28 @@ GOOD_BIN = wire.encode_columns(_cols())
 _SERIES0 = wire._HEAD.size + 2 + 3 * 16  # header, run id "r1", steps and times of three records
 
 
-@pytest.mark.parametrize("body,reason", [
-    (_patch(GOOD_BIN, 4, "<B", 3), "unsupported_version"),
-    (_patch(GOOD_BIN, 5, "<B", 1), "bad_field"),                                    # flags
-    (wire.encode_columns(_cols(run="bad id!")), "bad_field"),
-    (_patch(GOOD_BIN, 20, "<I", wire.MAX_RECORDS_PER_BATCH + 1), "too_many_records"),
-    (_patch(GOOD_BIN, 24, "<I", wire.MAX_SERIES_PER_BATCH + 1), "too_many_series"),
-    (_patch(GOOD_BIN, 24, "<I", 2), "truncated"),                                   # a series announced, not sent
-    (GOOD_BIN[:-1], "truncated"),
-    (GOOD_BIN + b"x", "trailing_bytes"),
-    (wire.encode_columns(_cols(steps=array("q", [0, -1, 2]))), "bad_step"),
-    (wire.encode_columns(_cols(times=array("d", [0.0, math.nan, 2.0]))), "bad_time"),
-    (wire.encode_columns(_cols(series=[wire.Column("bad name", array("d", [1.0, 2.0, 3.0]))])), "bad_name"),
-    (wire.encode_columns(_cols(series=[wire.Column("x" * 201, array("d", [1.0, 2.0, 3.0]))])), "bad_name"),
-    (wire.encode_columns(_cols(series=[wire.Column("a", array("d", [1.0, 2.0, 3.0]))] * 2)), "duplicate_series"),
-    (_patch(GOOD_BIN, _SERIES0 + 1, "<B", 7), "bad_field"),                         # kind
-    (wire.encode_columns(_cols(series=[wire.Column("a", array("d", [1.0]), bytes([0b1001]))])), "bad_mask"),
-    (wire.encode_columns(_cols(series=[wire.Column("a", array("d"), bytes([0]))])), "bad_mask"),
-    (wire.encode_columns(_cols(series=[wire.Column("a", array("d", [1.0]), bytes([0b11]))])), "truncated"),
-])
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (_patch(GOOD_BIN, 4, "<B", 3), "unsupported_version"),
+        (_patch(GOOD_BIN, 5, "<B", 1), "bad_field"),  # flags
+        (wire.encode_columns(_cols(run="bad id!")), "bad_field"),
+        (_patch(GOOD_BIN, 20, "<I", wire.MAX_RECORDS_PER_BATCH + 1), "too_many_records"),
+        (_patch(GOOD_BIN, 24, "<I", wire.MAX_SERIES_PER_BATCH + 1), "too_many_series"),
+        (_patch(GOOD_BIN, 24, "<I", 2), "truncated"),  # a series announced, not sent
+        (GOOD_BIN[:-1], "truncated"),
+        (GOOD_BIN + b"x", "trailing_bytes"),
+        (wire.encode_columns(_cols(steps=array("q", [0, -1, 2]))), "bad_step"),
+        (wire.encode_columns(_cols(times=array("d", [0.0, math.nan, 2.0]))), "bad_time"),
+        (wire.encode_columns(_cols(series=[wire.Column("bad name", array("d", [1.0, 2.0, 3.0]))])), "bad_name"),
+        (wire.encode_columns(_cols(series=[wire.Column("x" * 201, array("d", [1.0, 2.0, 3.0]))])), "bad_name"),
+        (wire.encode_columns(_cols(series=[wire.Column("a", array("d", [1.0, 2.0, 3.0]))] * 2)), "duplicate_series"),
+        (_patch(GOOD_BIN, _SERIES0 + 1, "<B", 7), "bad_field"),  # kind
+        (wire.encode_columns(_cols(series=[wire.Column("a", array("d", [1.0]), bytes([0b1001]))])), "bad_mask"),
+        (wire.encode_columns(_cols(series=[wire.Column("a", array("d"), bytes([0]))])), "bad_mask"),
+        (wire.encode_columns(_cols(series=[wire.Column("a", array("d", [1.0]), bytes([0b11]))])), "truncated"),
+    ],
+)
 def test_malformed_binary_batches_have_a_reason(body, reason):
     with pytest.raises(wire.WireError) as e:
         wire.decode_columns(body)
@@ -195,13 +216,20 @@ def test_malformed_binary_batches_have_a_reason(body, reason):
 
 
 def test_masked_series_and_limits_decode():
-    cols = _cols(series=[wire.Column("every", array("d", [1.0, math.nan, -math.inf])),
-                         wire.Column("sparse", array("d", [math.inf]), bytes([0b100]))])
+    cols = _cols(
+        series=[
+            wire.Column("every", array("d", [1.0, math.nan, -math.inf])),
+            wire.Column("sparse", array("d", [math.inf]), bytes([0b100])),
+        ]
+    )
     back = wire.decode_batch(wire.encode_columns(cols))
     assert back.records[0][2] == {"every": 1.0} and back.records[2][2]["sparse"] == math.inf
     assert math.isnan(back.records[1][2]["every"]) and back.records[2][2]["every"] == -math.inf
-    many = _cols(steps=array("q"), times=array("d"),
-                 series=[wire.Column(f"s{i}", array("d")) for i in range(wire.MAX_SERIES_PER_BATCH)])
+    many = _cols(
+        steps=array("q"),
+        times=array("d"),
+        series=[wire.Column(f"s{i}", array("d")) for i in range(wire.MAX_SERIES_PER_BATCH)],
+    )
     assert len(wire.decode_columns(wire.encode_columns(many)).series) == wire.MAX_SERIES_PER_BATCH
 
 
@@ -218,11 +246,13 @@ def test_ranks_and_seqs_beyond_what_the_store_holds_are_refused():
         with pytest.raises(wire.WireError) as e:
             wire.decode_batch(doc)
         assert e.value.reason == "bad_field"
-    for body, reason in (('{"v":1,"run":"r","rank":0,"seq":0,"records":[[9223372036854775808,0,{}]]}', "bad_step"),
-                         ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,1e999999,{}]]}', "bad_time"),
-                         ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,' + "9" * 400 + ',{}]]}', "bad_time"),
-                         ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,1,{"a":' + "9" * 400 + '}]]}', "bad_value"),
-                         ("[" * 100_000 + "]" * 100_000, "malformed_json")):
+    for body, reason in (
+        ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[9223372036854775808,0,{}]]}', "bad_step"),
+        ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,1e999999,{}]]}', "bad_time"),
+        ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,' + "9" * 400 + ",{}]]}", "bad_time"),
+        ('{"v":1,"run":"r","rank":0,"seq":0,"records":[[0,1,{"a":' + "9" * 400 + "}]]}", "bad_value"),
+        ("[" * 100_000 + "]" * 100_000, "malformed_json"),
+    ):
         with pytest.raises(wire.WireError) as e:
             wire.decode_batch(body)
         assert e.value.reason == reason, body[:80]

@@ -1,5 +1,6 @@
 """The collector is SIGKILLed and restarted several times during a run, and DataLoader workers fork
 while the exporter runs: every logged point is stored exactly once, and nothing hangs."""
+
 from __future__ import annotations
 
 import signal
@@ -15,8 +16,7 @@ from conftest import Collector, wait_until
 def test_collector_killed_and_restarted_during_a_run(tmp_path, spool_dir):
     db = f"sqlite:///{tmp_path / 'o.db'}"
     c = Collector(db, cwd=tmp_path).start()
-    run = optiscope.init(project="restarts", url=c.url, flush_interval=0.02, max_batch_records=25,
-                         backoff_max=0.3)
+    run = optiscope.init(project="restarts", url=c.url, flush_interval=0.02, max_batch_records=25, backoff_max=0.3)
     steps = 2000
     try:
         for step in range(steps):
@@ -48,8 +48,7 @@ def test_dataloader_workers_fork_while_the_exporter_runs(sqlite_collector):
             run.log({"from_worker": float(i)}, step=i)  # in a forked worker: must be a silent no-op
             return torch.tensor([float(i)])
 
-    loader = torch.utils.data.DataLoader(Data(), batch_size=8, num_workers=2,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(Data(), batch_size=8, num_workers=2, multiprocessing_context="fork")
     step = 0
     for _ in range(3):  # three epochs: workers are forked three times while the exporter is busy
         for batch in loader:

@@ -1,5 +1,6 @@
 """A fault proxy in front of the real collector: 70% of requests answered 503, some connections
 reset (before and after the collector committed), some answers slow. Every point arrives once."""
+
 from __future__ import annotations
 
 import http.client
@@ -29,8 +30,17 @@ class FaultProxy:
             roll = self.rng.random()
         # 70% 503; of the rest, resets on either side of the commit, slow answers, and
         # untouched ones. Only "slow" and "pass" reach the SDK as a success (1 in 5).
-        kind = ("503" if roll < 0.70 else "reset-before" if roll < 0.76 else
-                "reset-after" if roll < 0.82 else "slow" if roll < 0.88 else "pass")
+        kind = (
+            "503"
+            if roll < 0.70
+            else "reset-before"
+            if roll < 0.76
+            else "reset-after"
+            if roll < 0.82
+            else "slow"
+            if roll < 0.88
+            else "pass"
+        )
         with self.lock:
             self.outcomes[kind] = self.outcomes.get(kind, 0) + 1
         if kind == "503":
@@ -47,8 +57,15 @@ class FaultProxy:
         conn.close()
         if kind == "reset-after":  # the collector committed; the answer is lost on the way back
             return RESET
-        return resp.status, {k: v for k, v in resp.getheaders()
-                             if k.lower() not in ("connection", "transfer-encoding", "content-length")}, payload
+        return (
+            resp.status,
+            {
+                k: v
+                for k, v in resp.getheaders()
+                if k.lower() not in ("connection", "transfer-encoding", "content-length")
+            },
+            payload,
+        )
 
     def close(self):
         self.http.close()
@@ -65,8 +82,9 @@ def test_every_point_arrives_once_through_a_failing_proxy(sqlite_collector):
     try:
         # A short backoff cap keeps the many retries (about four failures per success) quick;
         # the retry logic is the same as with the default cap.
-        run = optiscope.init(project="proxy", url=proxy.url, flush_interval=0.01, max_batch_records=20,
-                             backoff_max=0.05)
+        run = optiscope.init(
+            project="proxy", url=proxy.url, flush_interval=0.01, max_batch_records=20, backoff_max=0.05
+        )
         steps = 600
         for step in range(steps):
             run.log({"x": float(step)}, step=step)

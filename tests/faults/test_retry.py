@@ -1,4 +1,5 @@
 """Retries: only what can succeed later, at the pace the collector asks for, counted as series."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,6 +64,7 @@ def test_client_errors_are_not_retried(make_flaky):
 
 def test_a_batch_over_the_collectors_limit_is_split(tmp_path):
     from conftest import Collector
+
     c = Collector(f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path, extra_args=["--max-body-bytes", "6000"]).start()
     try:
         run = optiscope.init(project="split", url=c.url, flush_interval=60, max_batch_records=400)

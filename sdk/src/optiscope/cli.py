@@ -1,6 +1,7 @@
 """The ``optiscope`` command. ``sync`` is the SDK's own; other subcommands (``serve``, ``db``,
 ``token``) come from installed packages through the ``optiscope.commands`` entry point group (the
 collector, package optiscope-server, declares them), so the SDK never imports the collector."""
+
 from __future__ import annotations
 
 import sys
@@ -21,14 +22,16 @@ def plugin_commands() -> dict[str, EntryPoint]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: optiscope serve [--host HOST] [--port PORT] [--db URL] [--webhook URL ...]\n"
-              "       optiscope db upgrade|current [--db URL]\n"
-              "       optiscope token create --project P --scope ingest|read|admin ... | list | revoke ID\n"
-              "       optiscope sync [--url URL] [--token TOKEN] [--dir SPOOL_DIR]\n\n"
-              "  serve    run the collector (needs the optiscope-server package)\n"
-              "  db       apply or show the collector database's schema migrations\n"
-              "  token    make, list and revoke the collector's API tokens\n"
-              "  sync     send what killed or disconnected runs left in the spool")
+        print(
+            "usage: optiscope serve [--host HOST] [--port PORT] [--db URL] [--webhook URL ...]\n"
+            "       optiscope db upgrade|current [--db URL]\n"
+            "       optiscope token create --project P --scope ingest|read|admin ... | list | revoke ID\n"
+            "       optiscope sync [--url URL] [--token TOKEN] [--dir SPOOL_DIR]\n\n"
+            "  serve    run the collector (needs the optiscope-server package)\n"
+            "  db       apply or show the collector database's schema migrations\n"
+            "  token    make, list and revoke the collector's API tokens\n"
+            "  sync     send what killed or disconnected runs left in the spool"
+        )
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "sync":
@@ -56,7 +59,9 @@ def sync(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="optiscope sync", description=sync.__doc__)
     p.add_argument("--url", default=os.environ.get("OPTISCOPE_URL", DEFAULT_URL))
     p.add_argument("--token", default=os.environ.get("OPTISCOPE_TOKEN"))
-    p.add_argument("--dir", default=None, help="spool directory (default: OPTISCOPE_SPOOL_DIR or ~/.cache/optiscope/spool)")
+    p.add_argument(
+        "--dir", default=None, help="spool directory (default: OPTISCOPE_SPOOL_DIR or ~/.cache/optiscope/spool)"
+    )
     args = p.parse_args(argv)
     client = HttpClient(args.url, args.token)
     left = 0

@@ -3,6 +3,7 @@
 After ``init()`` returns, nothing here raises into the training loop: errors are logged once and
 the run goes on unobserved rather than crashing the job.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,10 +45,21 @@ def new_run_id() -> str:
 
 
 class Run:
-    def __init__(self, project: str, name: str | None, url: str, token: str | None,
-                 config: Mapping[str, Any] | None, rank: int = 0, run_id: str | None = None,
-                 tags: Iterable[str] | None = None, environment: bool | Mapping[str, Any] = True,
-                 detect: bool = False, offline: bool = False, **exporter_options):
+    def __init__(
+        self,
+        project: str,
+        name: str | None,
+        url: str,
+        token: str | None,
+        config: Mapping[str, Any] | None,
+        rank: int = 0,
+        run_id: str | None = None,
+        tags: Iterable[str] | None = None,
+        environment: bool | Mapping[str, Any] = True,
+        detect: bool = False,
+        offline: bool = False,
+        **exporter_options,
+    ):
         self.id = run_id or new_run_id()
         self.project, self.url, self.rank = project, url.rstrip("/"), rank
         self.name = name or f"run-{self.id[-6:]}"
@@ -58,14 +70,24 @@ class Run:
         self._auto_step = 0
         self._finished = False
         self._warned: set[str] = set()
-        doc = {"project": project, "name": self.name, "rank": rank,
-               "config": json.loads(json.dumps(self.config, default=str)),
-               "host": socket.gethostname(), "pid": self._pid}
+        doc = {
+            "project": project,
+            "name": self.name,
+            "rank": rank,
+            "config": json.loads(json.dumps(self.config, default=str)),
+            "host": socket.gethostname(),
+            "pid": self._pid,
+        }
         kept, dropped = rundoc.clean_tags(tags)
         if dropped:
-            self._warn_once("tags", "%d tags dropped (e.g. %r): a tag is 1-100 of letters, digits and _.:/=+- "
-                            "(not starting with a symbol other than _), at most %d per run",
-                            len(dropped), dropped[0], wire.MAX_TAGS)
+            self._warn_once(
+                "tags",
+                "%d tags dropped (e.g. %r): a tag is 1-100 of letters, digits and _.:/=+- "
+                "(not starting with a symbol other than _), at most %d per run",
+                len(dropped),
+                dropped[0],
+                wire.MAX_TAGS,
+            )
         if kept:
             doc["tags"] = kept
         self._env_extra = dict(environment) if isinstance(environment, Mapping) else {}
@@ -78,6 +100,7 @@ class Run:
         self._detectors = None
         if detect:
             from .detect import default_detectors  # numpy: only when asked
+
             self._detectors = default_detectors(self.config)
         self._start_transport(token, offline, detect, exporter_options)
         atexit.register(self._atexit)
@@ -95,19 +118,28 @@ class Run:
         spool = root = None
         if spool_opt:
             from .transport.spool import DEFAULT_MAX_BYTES, Spool, default_root
+
             root = spool_root or default_root()
             try:
                 spool = Spool(root, self.id, self.rank, self._doc, max_bytes=spool_max or DEFAULT_MAX_BYTES)
             except OSError:
-                self._warn_once("spool", "cannot create the spool under %s; batches are kept in memory only",
-                                root, exc_info=True)
+                self._warn_once(
+                    "spool", "cannot create the spool under %s; batches are kept in memory only", root, exc_info=True
+                )
         writer = BatchWriter(self.id, self.rank, self._doc, spool=spool)
         collector = {k: options[k] for k in COLLECTOR_OPTIONS if k in options}
         # offline: the collector's bounds have nothing to bound; they are accepted all the same
-        self._exporter = SpoolExporter(writer) if offline else CollectorExporter(
-            HttpClient(self.url, token), writer, replay_root=root, **collector)
-        self._processor = BatchProcessor(self._exporter, writer.counters, observe=self._detect if detect else None,
-                                         **{k: options[k] for k in PROCESSOR_OPTIONS if k in options})
+        self._exporter = (
+            SpoolExporter(writer)
+            if offline
+            else CollectorExporter(HttpClient(self.url, token), writer, replay_root=root, **collector)
+        )
+        self._processor = BatchProcessor(
+            self._exporter,
+            writer.counters,
+            observe=self._detect if detect else None,
+            **{k: options[k] for k in PROCESSOR_OPTIONS if k in options},
+        )
 
     @property
     def api_url(self) -> str:
@@ -131,30 +163,47 @@ class Run:
     def _environment(self, earlier: dict | None = None) -> dict:
         """This rank's fingerprint with the user's entries on top, within the collector's bound."""
         from .probe.environment import fingerprint  # stdlib only: torch is read, never imported
+
         env = fingerprint(earlier)
         try:
             env, cut = rundoc.bound_environment({**env, **self._env_extra})
         except Exception:  # e.g. a circular structure among the user's entries: keep the fingerprint
-            self._warn_once("environment_extra", "the environment entries given to init() cannot be "
-                            "sent as JSON; they are left out", exc_info=True)
+            self._warn_once(
+                "environment_extra",
+                "the environment entries given to init() cannot be sent as JSON; they are left out",
+                exc_info=True,
+            )
             env, cut = rundoc.bound_environment(env)
         if cut:
-            self._warn_once("environment_size", "the environment is over %d bytes as JSON; left out: %s",
-                            wire.MAX_ENVIRONMENT_BYTES, ", ".join(map(str, cut))[:200])
+            self._warn_once(
+                "environment_size",
+                "the environment is over %d bytes as JSON; left out: %s",
+                wire.MAX_ENVIRONMENT_BYTES,
+                ", ".join(map(str, cut))[:200],
+            )
         return env
 
     def _refresh_environment(self) -> None:
         # The model usually reaches the GPU between init() and watch(), and the fingerprint names
         # devices only once CUDA is up (it never brings CUDA up itself): take it again, register again.
         from .probe.environment import devices_pending
+
         if self._env_on and devices_pending(self._doc.get("environment")):
             self._doc = {**self._doc, "environment": self._environment(self._doc.get("environment"))}
             self._exporter.update_run_doc(self._doc)
             self._processor.wake()
 
     # -- public ------------------------------------------------------------------------------
-    def watch(self, optimizer, model=None, every: int = DEFAULT_EVERY, activations=True, scaler=None,
-              start_step: int | None = None, vitals: bool = True) -> Run:
+    def watch(
+        self,
+        optimizer,
+        model=None,
+        every: int = DEFAULT_EVERY,
+        activations=True,
+        scaler=None,
+        start_step: int | None = None,
+        vitals: bool = True,
+    ) -> Run:
         """Attach to a ``torch.optim.Optimizer`` through its step hooks; full statistics on one
         optimizer step in ``every``.
 
@@ -171,25 +220,37 @@ class Run:
         try:
             from .probe.activations import ActivationProbe  # imports torch: only here
             from .probe.optimizer import OptimizerProbe
+
             names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
             # OPTISCOPE_FUSED=0: never compile the fused statistics kernels (eager blocks only)
-            probe = OptimizerProbe(optimizer, self._emit, every=every, names=names, start_step=start_step,
-                                   fused=os.environ.get("OPTISCOPE_FUSED", "1") != "0", vitals=vitals)
+            probe = OptimizerProbe(
+                optimizer,
+                self._emit,
+                every=every,
+                names=names,
+                start_step=start_step,
+                fused=os.environ.get("OPTISCOPE_FUSED", "1") != "0",
+                vitals=vitals,
+            )
             self._probes.append(probe)
             if model is not None and activations is not False:
-                act = ActivationProbe(model, probe.sampling_next,
-                                      modules=None if activations is True else list(activations), native=probe.native,
-                                      vitals=vitals)
+                act = ActivationProbe(
+                    model,
+                    probe.sampling_next,
+                    modules=None if activations is True else list(activations),
+                    native=probe.native,
+                    vitals=vitals,
+                )
                 probe.contributors.append(act)
                 self._closers.append(act.close)
             if scaler is not None:
                 from .probe.amp import ScalerProbe
+
                 amp = ScalerProbe(scaler, probe)
                 probe.contributors.append(amp)
                 self._closers.append(amp.close)
         except Exception:
-            self._warn_once("watch", "could not attach to the optimizer; training continues unobserved",
-                            exc_info=True)
+            self._warn_once("watch", "could not attach to the optimizer; training continues unobserved", exc_info=True)
         try:
             self._refresh_environment()
         except Exception:
@@ -285,10 +346,20 @@ class Run:
             self.finish(timeout=FINISH_TIMEOUT, status="crashed" if crashed else "finished")
 
 
-def init(project: str | None = None, name: str | None = None, url: str | None = None,
-         token: str | None = None, config: Mapping[str, Any] | None = None, run_id: str | None = None,
-         rank: int | None = None, tags: Iterable[str] | None = None, environment: bool | Mapping[str, Any] = True,
-         detect: bool = False, offline: bool = False, **options) -> Run:
+def init(
+    project: str | None = None,
+    name: str | None = None,
+    url: str | None = None,
+    token: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    rank: int | None = None,
+    tags: Iterable[str] | None = None,
+    environment: bool | Mapping[str, Any] = True,
+    detect: bool = False,
+    offline: bool = False,
+    **options,
+) -> Run:
     """Start a run. ``url``, ``token`` and ``project`` fall back to ``OPTISCOPE_URL``,
     ``OPTISCOPE_TOKEN`` and ``OPTISCOPE_PROJECT``; the collector need not be reachable yet.
 
@@ -327,6 +398,17 @@ def init(project: str | None = None, name: str | None = None, url: str | None = 
     heartbeat = options.get("heartbeat_interval")
     if heartbeat is not None and not heartbeat > 0:
         raise ValueError(f"optiscope: heartbeat_interval must be > 0 seconds or None, got {heartbeat!r}")
-    return Run(project, name, url, token, config, rank=rank, run_id=run_id, tags=tags, environment=environment,
-               detect=detect, offline=offline, **options)
-
+    return Run(
+        project,
+        name,
+        url,
+        token,
+        config,
+        rank=rank,
+        run_id=run_id,
+        tags=tags,
+        environment=environment,
+        detect=detect,
+        offline=offline,
+        **options,
+    )

@@ -21,6 +21,7 @@ into null or dropped.
 
 This module imports only the standard library: both sides depend on it.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,8 @@ WIRE_VERSION = 2  # what encode_batch writes; decode_batch reads versions 1 and 
 #: Bounds a sender must respect and a receiver enforces (documented in the README).
 MAX_NAME_LEN = 200
 MAX_RECORDS_PER_BATCH = 10_000
-MAX_VALUES_PER_RECORD = 4_096   # version 1
-MAX_SERIES_PER_BATCH = 10_000   # version 2
+MAX_VALUES_PER_RECORD = 4_096  # version 1
+MAX_SERIES_PER_BATCH = 10_000  # version 2
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,199}$")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 MAX_RANK = 2**31 - 1  # ranks are signed 32-bit integers in the store
@@ -96,65 +97,162 @@ CATALOG: dict[str, SeriesSpec] = {
         SeriesSpec("loss", "global", "the loss value the user logs", "as logged", "when logged", True),
         SeriesSpec("lr", "param group 0", "optimizer.param_groups[0]['lr']", "1", "every step", True),
         SeriesSpec("lr/group/{i}", "param group i >= 1", "optimizer.param_groups[i]['lr']", "1", "every step"),
-        SeriesSpec("step_time", "global", "host wall time between the ends of two consecutive optimizer steps",
-                   "s", "every step after the first", True),
-        SeriesSpec("loss_scale", "global (GradScaler watched)", "the GradScaler's scale at the step", "1",
-                   "every step", True),
-        SeriesSpec("skipped_steps", "global (GradScaler watched)",
-                   "iterations whose optimizer step GradScaler skipped (non-finite gradients), cumulative", "count",
-                   "every step", True),
-        SeriesSpec("grad_norm", "global", "sqrt(sum over parameters of ||g||^2), gradients before any clipping "
-                   "(with vitals off, missing on the one sampled step where clipping first appears after sampled "
-                   "steps without it)", "1", "every step (sampled steps only with vitals off)", True),
-        SeriesSpec("grad_norm_clipped", "global",
-                   "the same norm of the gradients the optimizer steps with (after clipping; equal to grad_norm "
-                   "when nothing clips)", "1", _S, True),
-        SeriesSpec("grad_nonfinite_tensors", "global", "number of parameter tensors whose gradient holds NaN or +-Inf",
-                   "count", _S, True),
+        SeriesSpec(
+            "step_time",
+            "global",
+            "host wall time between the ends of two consecutive optimizer steps",
+            "s",
+            "every step after the first",
+            True,
+        ),
+        SeriesSpec(
+            "loss_scale", "global (GradScaler watched)", "the GradScaler's scale at the step", "1", "every step", True
+        ),
+        SeriesSpec(
+            "skipped_steps",
+            "global (GradScaler watched)",
+            "iterations whose optimizer step GradScaler skipped (non-finite gradients), cumulative",
+            "count",
+            "every step",
+            True,
+        ),
+        SeriesSpec(
+            "grad_norm",
+            "global",
+            "sqrt(sum over parameters of ||g||^2), gradients before any clipping "
+            "(with vitals off, missing on the one sampled step where clipping first appears after sampled "
+            "steps without it)",
+            "1",
+            "every step (sampled steps only with vitals off)",
+            True,
+        ),
+        SeriesSpec(
+            "grad_norm_clipped",
+            "global",
+            "the same norm of the gradients the optimizer steps with (after clipping; equal to grad_norm "
+            "when nothing clips)",
+            "1",
+            _S,
+            True,
+        ),
+        SeriesSpec(
+            "grad_nonfinite_tensors",
+            "global",
+            "number of parameter tensors whose gradient holds NaN or +-Inf",
+            "count",
+            _S,
+            True,
+        ),
         SeriesSpec("param_norm", "global", "sqrt(sum over parameters of ||theta||^2) after the step", "1", _S, True),
         SeriesSpec("update_norm", "global", "||theta_after - theta_before||_2 over all parameters", "1", _S, True),
         SeriesSpec("update_ratio", "global", "update_norm / param_norm before the step", "1", _S, True),
-        SeriesSpec("update_cosine", "global",
-                   "cos(theta_after - theta_before, -g), g the gradient the optimizer steps with", "1", _S, True),
-        SeriesSpec("exp_avg_norm", "global (Adam family)", "||m||_2 of Adam's first moment after the step", "1", _S, True),
-        SeriesSpec("exp_avg_sq_norm", "global (Adam family)", "||v||_2 of Adam's second moment after the step",
-                   "1", _S, True),
-        SeriesSpec("update_rms", _ADAM, f"sqrt(mean of u^2) over all coordinates; {_U} (v = max_exp_avg_sq "
-                   "with amsgrad)", "1", _S, True),
+        SeriesSpec(
+            "update_cosine",
+            "global",
+            "cos(theta_after - theta_before, -g), g the gradient the optimizer steps with",
+            "1",
+            _S,
+            True,
+        ),
+        SeriesSpec(
+            "exp_avg_norm", "global (Adam family)", "||m||_2 of Adam's first moment after the step", "1", _S, True
+        ),
+        SeriesSpec(
+            "exp_avg_sq_norm", "global (Adam family)", "||v||_2 of Adam's second moment after the step", "1", _S, True
+        ),
+        SeriesSpec(
+            "update_rms",
+            _ADAM,
+            f"sqrt(mean of u^2) over all coordinates; {_U} (v = max_exp_avg_sq with amsgrad)",
+            "1",
+            _S,
+            True,
+        ),
         SeriesSpec("update_bimodality", _ADAM, "share of coordinates with |u| > 0.9", "1", _S, True),
-        SeriesSpec("v_underestimation", _ADAM,
-                   "sqrt(mean of g^2 / max(v_hat_{t-1}, eps^2)), before the step, over tensors that have a "
-                   "v_hat_{t-1} (absent on the first step)", "1", _S, True),
-        SeriesSpec("eps_headroom", _ADAM,
-                   "log10(median(sqrt(v_hat)) / eps); the median of a uniform strided sample of about 16,384 "
-                   "coordinates (one stride over all tensors)", "decades", _S, True),
+        SeriesSpec(
+            "v_underestimation",
+            _ADAM,
+            "sqrt(mean of g^2 / max(v_hat_{t-1}, eps^2)), before the step, over tensors that have a "
+            "v_hat_{t-1} (absent on the first step)",
+            "1",
+            _S,
+            True,
+        ),
+        SeriesSpec(
+            "eps_headroom",
+            _ADAM,
+            "log10(median(sqrt(v_hat)) / eps); the median of a uniform strided sample of about 16,384 "
+            "coordinates (one stride over all tensors)",
+            "decades",
+            _S,
+            True,
+        ),
         SeriesSpec("bias_correction1", _ADAM, "1 - beta1^t of the first parameter of param group 0", "1", _S),
         SeriesSpec("bias_correction2", _ADAM, "1 - beta2^t of the first parameter of param group 0", "1", _S),
-        SeriesSpec("act_headroom_bits", "global (model watched)",
-                   "min over watched modules of log2(finfo(dtype).max / max|output|); NaN if any output held NaN, "
-                   "-inf if one overflowed; on steps that are not sampled, over float16/float8 outputs only",
-                   "bits", "sampled steps; every step where a float16/float8 output exists (vitals)", True),
-        SeriesSpec("act_absmax/module/{name}", "one watched module",
-                   "max |output| over the forward passes of the step (every leaf module by default)", "as output", _S),
-        SeriesSpec("act_headroom_bits/module/{name}", "one watched module",
-                   "log2(finfo(output dtype).max / act_absmax)", "bits", _S),
-        SeriesSpec(sdk_series("{counter}"), "the run's SDK process (one per rank)",
-                   "the exporter's cumulative counters when the batch was made: " + ", ".join(SDK_COUNTERS),
-                   "count", "every batch"),
-        SeriesSpec(declare_series("{change}"), "global (Run.declare)",
-                   "1 at the step where the run declared a planned change: data (a data-mixture switch) or "
-                   "schedule (an intended LR change); the detectors read what follows as expected", "1",
-                   "when declared"),
-        SeriesSpec("state_norm/{key}", "other optimizers", "||state[key]||_2 over all parameters, for each "
-                   "floating-point state tensor kind (momentum_buffer, square_avg, sum, ...)", "1", _S),
-        SeriesSpec("{stat}/group/{i}", "param group i, when more than one has gradients",
-                   "the global formula over the group's parameters, for stat in grad_norm, update_ratio, "
-                   "update_cosine, exp_avg_norm, exp_avg_sq_norm, update_rms, update_bimodality, "
-                   "v_underestimation, eps_headroom", "as global", _S),
-        SeriesSpec("{stat}/param/{name}", "one parameter tensor (named from model.named_parameters())",
-                   "the global formula over one tensor, for stat in grad_norm, param_norm, update_ratio, "
-                   "update_rms, v_underestimation, eps_headroom (median of all coordinates up to 1,024, "
-                   "else of 1,024 at stride floor(n / 1,024))", "as global", _S),
+        SeriesSpec(
+            "act_headroom_bits",
+            "global (model watched)",
+            "min over watched modules of log2(finfo(dtype).max / max|output|); NaN if any output held NaN, "
+            "-inf if one overflowed; on steps that are not sampled, over float16/float8 outputs only",
+            "bits",
+            "sampled steps; every step where a float16/float8 output exists (vitals)",
+            True,
+        ),
+        SeriesSpec(
+            "act_absmax/module/{name}",
+            "one watched module",
+            "max |output| over the forward passes of the step (every leaf module by default)",
+            "as output",
+            _S,
+        ),
+        SeriesSpec(
+            "act_headroom_bits/module/{name}",
+            "one watched module",
+            "log2(finfo(output dtype).max / act_absmax)",
+            "bits",
+            _S,
+        ),
+        SeriesSpec(
+            sdk_series("{counter}"),
+            "the run's SDK process (one per rank)",
+            "the exporter's cumulative counters when the batch was made: " + ", ".join(SDK_COUNTERS),
+            "count",
+            "every batch",
+        ),
+        SeriesSpec(
+            declare_series("{change}"),
+            "global (Run.declare)",
+            "1 at the step where the run declared a planned change: data (a data-mixture switch) or "
+            "schedule (an intended LR change); the detectors read what follows as expected",
+            "1",
+            "when declared",
+        ),
+        SeriesSpec(
+            "state_norm/{key}",
+            "other optimizers",
+            "||state[key]||_2 over all parameters, for each "
+            "floating-point state tensor kind (momentum_buffer, square_avg, sum, ...)",
+            "1",
+            _S,
+        ),
+        SeriesSpec(
+            "{stat}/group/{i}",
+            "param group i, when more than one has gradients",
+            "the global formula over the group's parameters, for stat in grad_norm, update_ratio, "
+            "update_cosine, exp_avg_norm, exp_avg_sq_norm, update_rms, update_bimodality, "
+            "v_underestimation, eps_headroom",
+            "as global",
+            _S,
+        ),
+        SeriesSpec(
+            "{stat}/param/{name}",
+            "one parameter tensor (named from model.named_parameters())",
+            "the global formula over one tensor, for stat in grad_norm, param_norm, update_ratio, "
+            "update_rms, v_underestimation, eps_headroom (median of all coordinates up to 1,024, "
+            "else of 1,024 at stride floor(n / 1,024))",
+            "as global",
+            _S,
+        ),
     )
 }
 
@@ -182,9 +280,19 @@ class Batch:
 
 
 _NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-_NONFINITE_IN = {"NaN": math.nan, "nan": math.nan, "Infinity": math.inf, "+Infinity": math.inf,
-                 "inf": math.inf, "+inf": math.inf, "Inf": math.inf, "+Inf": math.inf,
-                 "-Infinity": -math.inf, "-inf": -math.inf, "-Inf": -math.inf}
+_NONFINITE_IN = {
+    "NaN": math.nan,
+    "nan": math.nan,
+    "Infinity": math.inf,
+    "+Infinity": math.inf,
+    "inf": math.inf,
+    "+inf": math.inf,
+    "Inf": math.inf,
+    "+Inf": math.inf,
+    "-Infinity": -math.inf,
+    "-inf": -math.inf,
+    "-Inf": -math.inf,
+}
 
 
 def encode_value(x: float) -> float | str:
@@ -254,8 +362,7 @@ def encode_batch(batch: Batch, version: int = WIRE_VERSION) -> bytes:
         "run": batch.run,
         "rank": batch.rank,
         "seq": batch.seq,
-        "records": [[step, t, {k: encode_value(v) for k, v in values.items()}]
-                    for step, t, values in batch.records],
+        "records": [[step, t, {k: encode_value(v) for k, v in values.items()}] for step, t, values in batch.records],
     }
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
@@ -285,8 +392,10 @@ def _decode_json(body: bytes | str) -> Batch:
     if not isinstance(doc, dict):
         raise WireError("malformed_batch", "a batch is a JSON object")
     if doc.get("v") != 1:
-        raise WireError("unsupported_version", f"JSON wire version {doc.get('v')!r} is not supported "
-                                               "(JSON is version 1; version 2 is binary)")
+        raise WireError(
+            "unsupported_version",
+            f"JSON wire version {doc.get('v')!r} is not supported (JSON is version 1; version 2 is binary)",
+        )
     unknown = set(doc) - {"v", "run", "rank", "seq", "records"}
     if unknown:
         raise WireError("unknown_field", f"unknown batch fields: {sorted(unknown)}")
@@ -313,8 +422,11 @@ def _decode_json(body: bytes | str) -> Batch:
         out = {}
         for name, v in values.items():
             if not valid_name(name):
-                raise WireError("bad_name", f"record {i}: invalid series name {name[:80]!r} "
-                                            f"(letters, digits, _ . : / -, at most {MAX_NAME_LEN})")
+                raise WireError(
+                    "bad_name",
+                    f"record {i}: invalid series name {name[:80]!r} "
+                    f"(letters, digits, _ . : / -, at most {MAX_NAME_LEN})",
+                )
             try:
                 out[name] = decode_value(v)
             except WireError as e:
@@ -351,8 +463,8 @@ class Column:
     """One series of a batch: its values for the records the mask marks (every record when None)."""
 
     name: str
-    values: array[float]          # typecode "d", one per present record, in record order
-    mask: bytes | None = None     # ceil(n/8) bytes, bit i (LSB first) set = record i has a value
+    values: array[float]  # typecode "d", one per present record, in record order
+    mask: bytes | None = None  # ceil(n/8) bytes, bit i (LSB first) set = record i has a value
 
     def indices(self, n_records: int) -> list[int]:
         if self.mask is None:
@@ -368,8 +480,8 @@ class Columns:
     run: str
     rank: int
     seq: int
-    steps: array[int]             # typecode "q", one per record
-    times: array[float]           # typecode "d", one per record
+    steps: array[int]  # typecode "q", one per record
+    times: array[float]  # typecode "d", one per record
     series: list[Column] = field(default_factory=list)
 
     def n_points(self) -> int:
@@ -399,8 +511,14 @@ def to_columns(batch: Batch) -> Columns:
                 m[i >> 3] |= 1 << (i & 7)
             mask = bytes(m)
         series.append(Column(name, vals, mask))
-    return Columns(batch.run, batch.rank, batch.seq, array("q", (r[0] for r in batch.records)),
-                   array("d", (r[1] for r in batch.records)), series)
+    return Columns(
+        batch.run,
+        batch.rank,
+        batch.seq,
+        array("q", (r[0] for r in batch.records)),
+        array("d", (r[1] for r in batch.records)),
+        series,
+    )
 
 
 def from_columns(cols: Columns) -> Batch:
@@ -415,8 +533,12 @@ def encode_columns(cols: Columns) -> bytes:
     """Version 2 body. The caller keeps the invariants decode_columns checks (valid, distinct names;
     masks of ceil(n/8) bytes; one value per set bit)."""
     run = cols.run.encode("ascii")
-    parts = [_HEAD.pack(MAGIC, 2, 0, len(run), cols.rank, cols.seq, len(cols.steps), len(cols.series)), run,
-             _le(cols.steps).tobytes(), _le(cols.times).tobytes()]
+    parts = [
+        _HEAD.pack(MAGIC, 2, 0, len(run), cols.rank, cols.seq, len(cols.steps), len(cols.series)),
+        run,
+        _le(cols.steps).tobytes(),
+        _le(cols.times).tobytes(),
+    ]
     for c in cols.series:
         name = c.name.encode("ascii")
         parts.append(_SERIES.pack(len(name), 0 if c.mask is None else 1) + name)
@@ -429,7 +551,7 @@ def encode_columns(cols: Columns) -> bytes:
 def _take(body: memoryview, pos: int, n: int, what: str) -> tuple[memoryview, int]:
     if pos + n > len(body):
         raise WireError("truncated", f"body ends inside {what} (needs {pos + n} bytes, has {len(body)})")
-    return body[pos:pos + n], pos + n
+    return body[pos : pos + n], pos + n
 
 
 def _floats(raw: memoryview) -> array[float]:
@@ -499,19 +621,21 @@ def _decode_series(view: memoryview, pos: int, n: int, n_series: int) -> tuple[l
             raise WireError("truncated", f"body ends inside series {k}")
         name_len, kind = view[pos], view[pos + 1]
         pos += 2
-        name = bytes(view[pos:pos + name_len]).decode("latin-1")
+        name = bytes(view[pos : pos + name_len]).decode("latin-1")
         pos += name_len
         if len(name) != name_len:
             raise WireError("truncated", f"body ends inside the name of series {k}")
         if NAME_RE.fullmatch(name) is None:
-            raise WireError("bad_name", f"series {k}: invalid series name {name[:80]!r} "
-                                        f"(letters, digits, _ . : / -, at most {MAX_NAME_LEN})")
+            raise WireError(
+                "bad_name",
+                f"series {k}: invalid series name {name[:80]!r} (letters, digits, _ . : / -, at most {MAX_NAME_LEN})",
+            )
         if name in seen:
             raise WireError("duplicate_series", f"series {name!r} appears twice in one batch")
         seen.add(name)
         mask, count = None, n
         if kind == 1:
-            mask = bytes(view[pos:pos + mask_len])
+            mask = bytes(view[pos : pos + mask_len])
             pos += mask_len
             if len(mask) != mask_len:
                 raise WireError("truncated", f"body ends inside the mask of {name!r}")
@@ -525,7 +649,7 @@ def _decode_series(view: memoryview, pos: int, n: int, n_series: int) -> tuple[l
         if pos + 8 * count > end:
             raise WireError("truncated", f"body ends inside the values of {name!r}")
         values = array("d")
-        values.frombytes(view[pos:pos + 8 * count])
+        values.frombytes(view[pos : pos + 8 * count])
         pos += 8 * count
         series.append(Column(name, values if _LE else _le(values), mask))
     return series, pos

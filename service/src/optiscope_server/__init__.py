@@ -1,4 +1,5 @@
 """optiscope-server: the collector (ingest, store, REST, Prometheus metrics, alerting)."""
+
 from importlib.metadata import version
 
 #: The installed distribution's version: declared once, in service/pyproject.toml.

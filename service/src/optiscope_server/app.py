@@ -1,4 +1,5 @@
 """The collector's HTTP app: the routers of ``api`` over the parts a ``Collector`` wires together."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -16,8 +17,9 @@ from .settings import Settings
 from .telemetry import default_provider, instrument
 
 
-def create_app(settings: Settings, tracer_provider: TracerProvider | None = None,
-               detectors: DetectorFactory | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, tracer_provider: TracerProvider | None = None, detectors: DetectorFactory | None = None
+) -> FastAPI:
     """The app. The collector's parts are built and started when the app starts (its lifespan),
     and closed when it stops."""
 
@@ -27,9 +29,13 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
         yield
         collector.close()
 
-    app = FastAPI(title="optiscope collector", version=__version__, lifespan=lifespan,
-                  dependencies=[Depends(refuse_nul)],
-                  description="Ingest, history, metrics and alerts for optimizer-state observability.")
+    app = FastAPI(
+        title="optiscope collector",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(refuse_nul)],
+        description="Ingest, history, metrics and alerts for optimizer-state observability.",
+    )
     app.state.tracer_provider = tracer_provider or default_provider(settings.otel_console)
     app.state.tracer = instrument(app, app.state.tracer_provider)
     errors.install(app)

@@ -2,6 +2,7 @@
 (schema migrations) and ``optiscope token`` (API tokens). The ``optiscope`` command of the SDK finds
 them through the ``optiscope.commands`` entry points this package declares; ``optiscope-server`` is
 ``optiscope serve``."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def serve(argv: list[str]) -> int:
     finally:
         engine.dispose()
     if settings.require_auth and not (settings.token or has_tokens):
-        print(f"optiscope serve: refusing to listen on {args.host} without authentication; create a token "
-              "(optiscope token create), or set --token or OPTISCOPE_TOKEN, or listen on 127.0.0.1", file=sys.stderr)
+        print(
+            f"optiscope serve: refusing to listen on {args.host} without authentication; create a token "
+            "(optiscope token create), or set --token or OPTISCOPE_TOKEN, or listen on 127.0.0.1",
+            file=sys.stderr,
+        )
         return 2
     import uvicorn  # only the serving command needs it
 
@@ -62,8 +66,11 @@ def check_webhooks(settings: Settings) -> None:
 def db(argv: list[str]) -> int:
     """``optiscope db upgrade|current``."""
     p = argparse.ArgumentParser(prog="optiscope db", description="The collector's database schema.")
-    p.add_argument("action", choices=["upgrade", "current"],
-                   help="upgrade: apply pending migrations; current: print the schema revision and the newest")
+    p.add_argument(
+        "action",
+        choices=["upgrade", "current"],
+        help="upgrade: apply pending migrations; current: print the schema revision and the newest",
+    )
     add_db_argument(p)
     args = p.parse_args(argv)
     engine = make_engine(args.db, migrate=False)
@@ -93,8 +100,13 @@ def token(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("create", help="make a token; it is printed once and only its hash is kept")
     c.add_argument("--project", required=True)
-    c.add_argument("--scope", action="append", choices=SCOPES, required=True,
-                   help="repeatable: ingest (trainers), read (dashboards, queries), admin (everything in the project)")
+    c.add_argument(
+        "--scope",
+        action="append",
+        choices=SCOPES,
+        required=True,
+        help="repeatable: ingest (trainers), read (dashboards, queries), admin (everything in the project)",
+    )
     c.add_argument("--name", default=None, help="what the token is for (default: the scopes)")
     ls = sub.add_parser("list", help="tokens (never their secrets)")
     ls.add_argument("--project", default=None)
@@ -111,11 +123,13 @@ def token(argv: list[str]) -> int:
             if not wire.valid_name(args.project):
                 print(f"optiscope token: invalid project name {args.project!r}", file=sys.stderr)
                 return 2
-            secret, row = create_token(engine, args.project, args.scope, args.name or "+".join(args.scope),
-                                       _actor())
+            secret, row = create_token(engine, args.project, args.scope, args.name or "+".join(args.scope), _actor())
             print(secret)
-            print(f"id {row['id']}, project {row['project']}, scopes {row['scopes']}: store it now, it is not "
-                  "shown again", file=sys.stderr)
+            print(
+                f"id {row['id']}, project {row['project']}, scopes {row['scopes']}: store it now, it is not "
+                "shown again",
+                file=sys.stderr,
+            )
         elif args.action == "list":
             rows = list_tokens(engine, args.project)
             if args.json:
@@ -133,8 +147,6 @@ def token(argv: list[str]) -> int:
     finally:
         engine.dispose()
     return 0
-
-
 
 
 def main() -> None:

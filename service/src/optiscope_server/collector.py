@@ -4,6 +4,7 @@
 endpoints and starts the two background threads (webhook delivery, crash reaping); ``close`` stops
 them in the reverse order.
 """
+
 from __future__ import annotations
 
 from .alerting import AlertStore, DetectorRunner, Outbox, WebhookDispatcher, endpoints
@@ -30,17 +31,22 @@ class Collector:
         self.verifier = Verifier(self.db.engine)
         self.metrics = Metrics(LatestValues(self.db), settings.metrics_max_runs, settings.metrics_active_window)
         self.dispatcher = WebhookDispatcher(
-            self.outbox, on_result=lambda ok: self.metrics.webhooks.labels("delivered" if ok else "failed").inc(),
-            schedule=settings.webhook_schedule, allow_internal=settings.allow_internal_webhooks,
-            run_url=settings.run_url)
+            self.outbox,
+            on_result=lambda ok: self.metrics.webhooks.labels("delivered" if ok else "failed").inc(),
+            schedule=settings.webhook_schedule,
+            allow_internal=settings.allow_internal_webhooks,
+            run_url=settings.run_url,
+        )
         self._started = False
-        self.reaper = Reaper(self.ranks, settings.heartbeat_timeout,
-                             lambda: self.metrics.crashed.labels("heartbeat").inc())
+        self.reaper = Reaper(
+            self.ranks, settings.heartbeat_timeout, lambda: self.metrics.crashed.labels("heartbeat").inc()
+        )
 
     def start(self) -> Collector:
         self._started = True
-        endpoints.sync_config(self.db.engine, [endpoints.parse_spec(w) for w in self.settings.webhooks],
-                              self.settings.webhook_secrets)
+        endpoints.sync_config(
+            self.db.engine, [endpoints.parse_spec(w) for w in self.settings.webhooks], self.settings.webhook_secrets
+        )
         self.dispatcher.start()
         self.reaper.start()
         return self

@@ -5,6 +5,7 @@ acknowledged, not stored) → store its chunks → run the detectors → write a
 commit → remember what the commit made true → answer. Every step runs in one transaction, under the
 run's lock, so batches of one run reach the detectors in order and a failure stores nothing.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,13 +22,20 @@ from .storage.chunks import BatchColumns
 class IngestResult:
     duplicate: bool
     points: int = 0
-    alerts: list[int] = field(default_factory=list)   # ids of alerts that fired or resolved
-    fired: list[str] = field(default_factory=list)    # rule of each alert that fired
+    alerts: list[int] = field(default_factory=list)  # ids of alerts that fired or resolved
+    fired: list[str] = field(default_factory=list)  # rule of each alert that fired
 
 
 class Ingestor:
-    def __init__(self, db: Database, runs: RunStore, series: SeriesStore, ranks: RankStore,
-                 detection: DetectorRunner, alerts: AlertStore):
+    def __init__(
+        self,
+        db: Database,
+        runs: RunStore,
+        series: SeriesStore,
+        ranks: RankStore,
+        detection: DetectorRunner,
+        alerts: AlertStore,
+    ):
         self.db, self.runs, self.series, self.ranks = db, runs, series, ranks
         self.detection, self.alerts = detection, alerts
 

@@ -1,6 +1,7 @@
 """OpenTelemetry tracing of the collector itself: one server span per request, child spans for
 store work. Spans go to the console with OPTISCOPE_OTEL_CONSOLE=1 (``Settings.otel_console``), or to any exporter a caller
 attaches to the provider (tests use an in-memory one)."""
+
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
@@ -23,9 +24,11 @@ def instrument(app: FastAPI, provider: TracerProvider) -> trace.Tracer:
 
     @app.middleware("http")
     async def _trace(request: Request, call_next):
-        with tracer.start_as_current_span(f"{request.method} {request.url.path}", kind=SpanKind.SERVER,
-                                          attributes={"http.request.method": request.method,
-                                                      "url.path": request.url.path}) as span:
+        with tracer.start_as_current_span(
+            f"{request.method} {request.url.path}",
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "url.path": request.url.path},
+        ) as span:
             response = await call_next(request)
             route = request.scope.get("route")
             if route is not None:  # low-cardinality name: the route template, not the concrete path

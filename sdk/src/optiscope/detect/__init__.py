@@ -8,6 +8,7 @@ collector runs it; ``rule``, ``severity``, ``needs``/``needs_prefixes`` (the ser
 ``restore_firing`` (the open incidents the collector's store has) are what the collector reads and
 restores. The collector runs the same code for every run; a trainer may run it in-process.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,15 +19,37 @@ from .nonfinite import NonFiniteDetector
 from .rules import EarlyDivergence, LossRegression, LrAboveSchedule, LrOffSchedule, OverflowForecast
 from .warnings import EpsHeadroomCollapse, UpdateBimodality, UpdateRatioOutlier, VUnderestimationBurst
 
-__all__ = ["AlertEvent", "Detector", "EarlyDivergence", "EpsHeadroomCollapse", "LossRegression", "LrAboveSchedule",
-           "LrOffSchedule", "NonFiniteDetector", "OpenIncidents", "OverflowForecast", "SeriesColumns", "UpdateBimodality", "UpdateRatioOutlier", "VUnderestimationBurst",
-           "default_detectors"]
+__all__ = [
+    "AlertEvent",
+    "Detector",
+    "EarlyDivergence",
+    "EpsHeadroomCollapse",
+    "LossRegression",
+    "LrAboveSchedule",
+    "LrOffSchedule",
+    "NonFiniteDetector",
+    "OpenIncidents",
+    "OverflowForecast",
+    "SeriesColumns",
+    "UpdateBimodality",
+    "UpdateRatioOutlier",
+    "VUnderestimationBurst",
+    "default_detectors",
+]
 
 
 def default_detectors(config: Mapping[str, Any] | None = None) -> list[Detector]:
     """The rules the collector runs for every run, given the run's config (its declared schedule,
     planned data changes): paging rules first, then warnings."""
-    return [NonFiniteDetector(), OverflowForecast(config), LrAboveSchedule(config), EarlyDivergence(config),
-            LossRegression(config),
-            LrOffSchedule(config), VUnderestimationBurst(config), UpdateBimodality(config), UpdateRatioOutlier(config),
-            EpsHeadroomCollapse(config)]
+    return [
+        NonFiniteDetector(),
+        OverflowForecast(config),
+        LrAboveSchedule(config),
+        EarlyDivergence(config),
+        LossRegression(config),
+        LrOffSchedule(config),
+        VUnderestimationBurst(config),
+        UpdateBimodality(config),
+        UpdateRatioOutlier(config),
+        EpsHeadroomCollapse(config),
+    ]

@@ -1,5 +1,6 @@
 """The detector protocol, the alert event every detector returns, and the open-incident state
 every detector keeps."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -11,14 +12,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class AlertEvent:
-    rule: str            # stable identifier of the rule, e.g. "non_finite"
-    severity: str        # "page" or "warning"
-    state: str           # "firing" or "resolved"
-    series: str          # the series that triggered it
+    rule: str  # stable identifier of the rule, e.g. "non_finite"
+    severity: str  # "page" or "warning"
+    state: str  # "firing" or "resolved"
+    series: str  # the series that triggered it
     step: int
     rank: int
-    value: float         # the triggering value (may be NaN or +-Inf)
-    message: str         # one human sentence
+    value: float  # the triggering value (may be NaN or +-Inf)
+    message: str  # one human sentence
     #: what triggered it: the window of steps, the values and thresholds compared, the baseline
     evidence: Mapping[str, Any] = field(default_factory=dict, compare=False)
 

@@ -1,4 +1,5 @@
 """Non-finite loss or gradient norm: the most important point a run will ever send."""
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,27 @@ class NonFiniteDetector(OpenIncidents):
 
     def _event(self, name: str, step: int, rank: int, v: float) -> AlertEvent:
         if math.isfinite(v):
-            return AlertEvent(self.rule, self.severity, "resolved", name, step, rank, v,
-                              f"{name} is finite again ({v:.6g}) at step {step} on rank {rank}")
+            return AlertEvent(
+                self.rule,
+                self.severity,
+                "resolved",
+                name,
+                step,
+                rank,
+                v,
+                f"{name} is finite again ({v:.6g}) at step {step} on rank {rank}",
+            )
         spelled = "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")  # for people, not the wire
-        return AlertEvent(self.rule, self.severity, "firing", name, step, rank, v,
-                          f"{name} is {spelled} at step {step} on rank {rank}")
+        return AlertEvent(
+            self.rule,
+            self.severity,
+            "firing",
+            name,
+            step,
+            rank,
+            v,
+            f"{name} is {spelled} at step {step} on rank {rank}",
+        )
 
     def update(self, step: int, values: Mapping[str, float], rank: int = 0) -> list[AlertEvent]:
         events = []
@@ -46,7 +63,9 @@ class NonFiniteDetector(OpenIncidents):
         return events
 
     def update_columns(self, steps: np.ndarray, series: SeriesColumns, rank: int = 0) -> list[AlertEvent]:
-        found: list[tuple[int, int, AlertEvent]] = []  # (record index, watched position, event): sorted into the order update() gives
+        found: list[
+            tuple[int, int, AlertEvent]
+        ] = []  # (record index, watched position, event): sorted into the order update() gives
         for pos, name in enumerate(self.watched):
             if name not in series:
                 continue

@@ -3,6 +3,7 @@
 Each is a ``StreamDetector`` (per rank, one alert per incident); thresholds are class attributes
 so a collector or a user can tune them, and every firing event carries its evidence.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,12 @@ class LossRegression(StreamDetector):
     FIRE, RESOLVE, SUSTAIN, TREND, HEALING = 0.4, 0.2, 10, 20, 0.0
 
     def _new_state(self, rank: int) -> dict[str, Any]:
-        return {"p": Progress(grace=GRACE_STEPS), "switches": _Switches(self.config), "above": 0,
-                "raw": deque(maxlen=2 * self.TREND)}
+        return {
+            "p": Progress(grace=GRACE_STEPS),
+            "switches": _Switches(self.config),
+            "above": 0,
+            "raw": deque(maxlen=2 * self.TREND),
+        }
 
     def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
         p: Progress = st["p"]
@@ -70,17 +75,37 @@ class LossRegression(StreamDetector):
             return []
         st["above"] = st["above"] + 1 if g >= self.FIRE else 0
         raw = list(st["raw"])  # recovering: the last TREND losses are lower than the TREND before
-        recovering = len(raw) < 2 * self.TREND and p.shock_step >= 0 or \
-            len(raw) == 2 * self.TREND and median(raw[self.TREND:]) < median(raw[:self.TREND]) - self.HEALING * p.progress
+        recovering = (
+            len(raw) < 2 * self.TREND
+            and p.shock_step >= 0
+            or len(raw) == 2 * self.TREND
+            and median(raw[self.TREND :]) < median(raw[: self.TREND]) - self.HEALING * p.progress
+        )
         if st["above"] >= self.SUSTAIN and not recovering:
-            return self._set(True, rank, "loss", step, values["loss"],
-                             f"the loss has given back {g:.0%} of its progress (smoothed {p.S:.4g}, best "
-                             f"{p.m:.4g}, baseline {p.L0:.4g}) for {st['above']} steps at step {step} on rank {rank}",
-                             {"window": [step - st["above"] + 1, step], "gave_back": rounded(g),
-                              "fire_at": self.FIRE, **p.evidence()})
+            return self._set(
+                True,
+                rank,
+                "loss",
+                step,
+                values["loss"],
+                f"the loss has given back {g:.0%} of its progress (smoothed {p.S:.4g}, best "
+                f"{p.m:.4g}, baseline {p.L0:.4g}) for {st['above']} steps at step {step} on rank {rank}",
+                {
+                    "window": [step - st["above"] + 1, step],
+                    "gave_back": rounded(g),
+                    "fire_at": self.FIRE,
+                    **p.evidence(),
+                },
+            )
         if g < self.RESOLVE:
-            return self._set(False, rank, "loss", step, values["loss"],
-                             f"the loss recovered (smoothed {p.S:.4g}, best {p.m:.4g}) at step {step} on rank {rank}")
+            return self._set(
+                False,
+                rank,
+                "loss",
+                step,
+                values["loss"],
+                f"the loss recovered (smoothed {p.S:.4g}, best {p.m:.4g}) at step {step} on rank {rank}",
+            )
         return []
 
 
@@ -126,13 +151,29 @@ class LrOffSchedule(StreamDetector):
         st["below"] = st["below"] + 1 if r <= self.RESOLVE else 0
         lr = values["lr"]
         if st["above"] >= self.SUSTAIN:
-            return self._set(True, rank, "lr", step, lr,
-                             f"the learning rate {lr:.3g} is {r:.3g}x the declared schedule at step {step} on rank {rank}",
-                             {"window": [step - st["above"] + 1, step], "ratio": rounded(r),
-                              "declared": rounded(lr / r), "fire_at": self.FIRE})
+            return self._set(
+                True,
+                rank,
+                "lr",
+                step,
+                lr,
+                f"the learning rate {lr:.3g} is {r:.3g}x the declared schedule at step {step} on rank {rank}",
+                {
+                    "window": [step - st["above"] + 1, step],
+                    "ratio": rounded(r),
+                    "declared": rounded(lr / r),
+                    "fire_at": self.FIRE,
+                },
+            )
         if st["below"] >= self.SUSTAIN:
-            return self._set(False, rank, "lr", step, lr, f"the learning rate is back on the declared schedule "
-                             f"at step {step} on rank {rank}")
+            return self._set(
+                False,
+                rank,
+                "lr",
+                step,
+                lr,
+                f"the learning rate is back on the declared schedule at step {step} on rank {rank}",
+            )
         return []
 
 
@@ -152,8 +193,15 @@ class LrAboveSchedule(StreamDetector):
     NOISE_K, LONG = 6.0, 200
 
     def _new_state(self, rank: int) -> dict[str, Any]:
-        return {"s": _Schedule(self.config), "p": Progress(grace=GRACE_STEPS, long=self.LONG),
-                "switches": _Switches(self.config), "slow": 0, "short": 0, "last": deque(maxlen=2 * self.SHORT), "ratio": None}
+        return {
+            "s": _Schedule(self.config),
+            "p": Progress(grace=GRACE_STEPS, long=self.LONG),
+            "switches": _Switches(self.config),
+            "slow": 0,
+            "short": 0,
+            "last": deque(maxlen=2 * self.SHORT),
+            "ratio": None,
+        }
 
     def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
         p: Progress = st["p"]
@@ -180,24 +228,44 @@ class LrAboveSchedule(StreamDetector):
         low = p.unprecedented()
         fast = (low - p.m) / p.progress if low is not None else -math.inf
         rising = -math.inf
-        if len(last) == 2 * self.SHORT and median(last[self.SHORT:]) > median(last[:self.SHORT]):
-            rising = (median(last[self.SHORT:]) - p.m) / p.progress
+        if len(last) == 2 * self.SHORT and median(last[self.SHORT :]) > median(last[: self.SHORT]):
+            rising = (median(last[self.SHORT :]) - p.m) / p.progress
         st["short"] = st["short"] + 1 if rising >= self.SHORT_BAR else 0
         if r >= self.RATIO and (st["slow"] >= self.SUSTAIN or st["short"] >= self.SUSTAIN or fast >= self.FAST):
             spreads = (p.S - p.m) / p.noise if p.noise > 0 else math.inf
-            why = f"smoothed, {g:.0%} of its progress given back, {spreads:.3g} noise spreads above its best" \
-                if st["slow"] >= self.SUSTAIN else \
-                f"{rising:.0%} given back over the last {self.SHORT} steps, and rising" if st["short"] >= self.SUSTAIN \
+            why = (
+                f"smoothed, {g:.0%} of its progress given back, {spreads:.3g} noise spreads above its best"
+                if st["slow"] >= self.SUSTAIN
+                else f"{rising:.0%} given back over the last {self.SHORT} steps, and rising"
+                if st["short"] >= self.SUSTAIN
                 else f"{fast:.0%} given back on each of the last two steps"
-            return self._set(True, rank, "lr", step, values.get("lr", math.nan),
-                             f"the learning rate is {r:.3g}x the declared schedule and the loss is regressing "
-                             f"({why}) at step {step} on rank {rank}",
-                             {"ratio": rounded(r), "ratio_at": self.RATIO, "gave_back": rounded(g),
-                              "gave_back_last_two": rounded(fast), "window": [step - max(st["slow"], 2) + 1, step],
-                              **p.evidence()})
+            )
+            return self._set(
+                True,
+                rank,
+                "lr",
+                step,
+                values.get("lr", math.nan),
+                f"the learning rate is {r:.3g}x the declared schedule and the loss is regressing "
+                f"({why}) at step {step} on rank {rank}",
+                {
+                    "ratio": rounded(r),
+                    "ratio_at": self.RATIO,
+                    "gave_back": rounded(g),
+                    "gave_back_last_two": rounded(fast),
+                    "window": [step - max(st["slow"], 2) + 1, step],
+                    **p.evidence(),
+                },
+            )
         if r < self.RATIO and g < self.RESOLVE:
-            return self._set(False, rank, "lr", step, values.get("lr", math.nan),
-                             f"the learning rate is back on schedule and the loss recovered at step {step} on rank {rank}")
+            return self._set(
+                False,
+                rank,
+                "lr",
+                step,
+                values.get("lr", math.nan),
+                f"the learning rate is back on schedule and the loss recovered at step {step} on rank {rank}",
+            )
         return []
 
 
@@ -217,15 +285,23 @@ class OverflowForecast(StreamDetector):
     def _new_state(self, rank: int) -> deque[tuple[int, float]]:
         return deque(maxlen=self.WINDOW)
 
-    def _record(self, pts: deque[tuple[int, float]], step: int, values: Mapping[str, float],
-                rank: int) -> list[AlertEvent]:
+    def _record(
+        self, pts: deque[tuple[int, float]], step: int, values: Mapping[str, float], rank: int
+    ) -> list[AlertEvent]:
         h = values["act_headroom_bits"]
         if math.isnan(h):
             return []  # a NaN output: the loss goes NaN with it, and non_finite pages for that
         if h <= 0:
-            return self._set(True, rank, "act_headroom_bits", step, h,
-                             f"an activation reached its dtype's largest value (headroom {h:.3g} bits) at step "
-                             f"{step} on rank {rank}", {"headroom_bits": rounded(h), "window": [step, step]})
+            return self._set(
+                True,
+                rank,
+                "act_headroom_bits",
+                step,
+                h,
+                f"an activation reached its dtype's largest value (headroom {h:.3g} bits) at step "
+                f"{step} on rank {rank}",
+                {"headroom_bits": rounded(h), "window": [step, step]},
+            )
         pts.append((step, h))
         if len(pts) < self.WINDOW or step < GRACE_STEPS:
             return []
@@ -238,14 +314,31 @@ class OverflowForecast(StreamDetector):
         now = my + slope * (step - mx)
         eta = now / -slope if slope < 0 else math.inf
         if eta <= self.HORIZON and now <= self.MARGIN:
-            return self._set(True, rank, "act_headroom_bits", step, h,
-                             f"activation headroom is {now:.2f} bits and falling {-slope * 100:.2f} bits per 100 "
-                             f"steps: the dtype's ceiling in about {eta:.0f} steps (step {step}, rank {rank})",
-                             {"window": [xs[0], step], "headroom_bits": rounded(now), "bits_per_step": rounded(slope),
-                              "steps_to_ceiling": rounded(eta), "horizon_steps": self.HORIZON})
+            return self._set(
+                True,
+                rank,
+                "act_headroom_bits",
+                step,
+                h,
+                f"activation headroom is {now:.2f} bits and falling {-slope * 100:.2f} bits per 100 "
+                f"steps: the dtype's ceiling in about {eta:.0f} steps (step {step}, rank {rank})",
+                {
+                    "window": [xs[0], step],
+                    "headroom_bits": rounded(now),
+                    "bits_per_step": rounded(slope),
+                    "steps_to_ceiling": rounded(eta),
+                    "horizon_steps": self.HORIZON,
+                },
+            )
         if eta > 2 * self.HORIZON:
-            return self._set(False, rank, "act_headroom_bits", step, h,
-                             f"activation headroom is stable at {now:.2f} bits (step {step}, rank {rank})")
+            return self._set(
+                False,
+                rank,
+                "act_headroom_bits",
+                step,
+                h,
+                f"activation headroom is stable at {now:.2f} bits (step {step}, rank {rank})",
+            )
         return []
 
 
@@ -265,9 +358,15 @@ class EarlyDivergence(StreamDetector):
     FAST = 0.5  # a sudden collapse: each of the last two losses gave back FAST, each grad norm GRAD x its baseline
 
     def _new_state(self, rank: int) -> dict[str, Any]:
-        return {"p": Progress(grace=GRACE_STEPS, long=self.LONG), "switches": _Switches(self.config),
-                "loss": deque(maxlen=2 * self.SHORT), "gn": deque(maxlen=self.LONG + self.SHORT),
-                "hold_until": -1, "healing": False, "on": 0}
+        return {
+            "p": Progress(grace=GRACE_STEPS, long=self.LONG),
+            "switches": _Switches(self.config),
+            "loss": deque(maxlen=2 * self.SHORT),
+            "gn": deque(maxlen=self.LONG + self.SHORT),
+            "hold_until": -1,
+            "healing": False,
+            "on": 0,
+        }
 
     def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
         p: Progress = st["p"]
@@ -293,36 +392,62 @@ class EarlyDivergence(StreamDetector):
         ls, gs = list(st["loss"]), list(st["gn"])
         if len(ls) < 2 * self.SHORT or len(gs) < self.LONG // 2 + self.SHORT:
             return []
-        now, before = median(ls[self.SHORT:]), median(ls[:self.SHORT])
+        now, before = median(ls[self.SHORT :]), median(ls[: self.SHORT])
         g = (now - p.m) / p.progress
         if st["healing"]:
             st["healing"] = g >= self.LOSS / 2
             return []
-        gn_now, gn_base = median(gs[-self.SHORT:]), median(gs[:-self.SHORT])
+        gn_now, gn_base = median(gs[-self.SHORT :]), median(gs[: -self.SHORT])
         agree = g >= self.LOSS and now > before and gn_now >= self.GRAD * gn_base
         st["on"] = st["on"] + 1 if agree else 0
         # a sudden collapse: the last two losses are each beyond every loss of the LONG steps before
         # (a heavy-tailed loss has bad batches, rarely two unprecedented ones in a row), FAST of the
         # progress given back, and both gradient norms GRAD x their baseline
         low = p.unprecedented(self.LONG // 2)
-        fast = self.FAST > 0 and low is not None and low - p.m >= self.FAST * p.progress and \
-            min(gs[-2:]) >= self.GRAD * gn_base
+        fast = (
+            self.FAST > 0
+            and low is not None
+            and low - p.m >= self.FAST * p.progress
+            and min(gs[-2:]) >= self.GRAD * gn_base
+        )
         what = None
         if st["on"] >= self.SUSTAIN:
-            what = (f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and rising) "
-                    f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree")
+            what = (
+                f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and rising) "
+                f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree"
+            )
         elif fast and low is not None:
-            what = (f"the last two losses (each above every loss of the {len(p.long) - 2} steps before, "
-                    f"{(low - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
-                    f"({min(gs[-2:]) / gn_base:.2g}x their baseline) agree")
+            what = (
+                f"the last two losses (each above every loss of the {len(p.long) - 2} steps before, "
+                f"{(low - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
+                f"({min(gs[-2:]) / gn_base:.2g}x their baseline) agree"
+            )
         if what is not None:
-            return self._set(True, rank, "loss", step, loss,
-                             f"{what} that training is diverging at step {step} on rank {rank}",
-                             {"window": [step - self.SHORT + 1, step], "gave_back": rounded(g),
-                              "loss_median": rounded(now), "loss_median_before": rounded(before),
-                              "grad_norm_median": rounded(gn_now), "grad_norm_baseline": rounded(gn_base),
-                              "grad_norm_ratio_at": self.GRAD, **p.evidence()})
+            return self._set(
+                True,
+                rank,
+                "loss",
+                step,
+                loss,
+                f"{what} that training is diverging at step {step} on rank {rank}",
+                {
+                    "window": [step - self.SHORT + 1, step],
+                    "gave_back": rounded(g),
+                    "loss_median": rounded(now),
+                    "loss_median_before": rounded(before),
+                    "grad_norm_median": rounded(gn_now),
+                    "grad_norm_baseline": rounded(gn_base),
+                    "grad_norm_ratio_at": self.GRAD,
+                    **p.evidence(),
+                },
+            )
         if g < self.LOSS / 2 and gn_now < self.GRAD * gn_base:
-            return self._set(False, rank, "loss", step, loss, f"loss and gradient norm are back to their baselines at "
-                             f"step {step} on rank {rank}")
+            return self._set(
+                False,
+                rank,
+                "loss",
+                step,
+                loss,
+                f"loss and gradient norm are back to their baselines at step {step} on rank {rank}",
+            )
         return []

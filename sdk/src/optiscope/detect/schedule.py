@@ -6,6 +6,7 @@ gives at the step or the next one: a run that follows its declared schedule unde
 conventions is never above it. Unknown schedule names fall back to the declared peak, which
 every schedule family stays under.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,12 @@ def declared_schedule(config: Mapping[str, Any] | None) -> Callable[[int], float
     warm = max(0, int(_number(config, WARMUP_KEYS) or 0))
     total = _number(config, TOTAL_KEYS)
     low = max(0.0, _number(config, MIN_KEYS) or 0.0)
-    name = str(config.get("schedule") or config.get("lr_schedule") or config.get("lr_scheduler_type")
-               or ("linear_warmup_constant" if warm else "constant")).lower()
+    name = str(
+        config.get("schedule")
+        or config.get("lr_schedule")
+        or config.get("lr_scheduler_type")
+        or ("linear_warmup_constant" if warm else "constant")
+    ).lower()
     # "constant" with warmup steps and no explicit schedule name was chosen above; an explicit
     # "constant" is taken at its word
 

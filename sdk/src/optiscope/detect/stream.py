@@ -8,6 +8,7 @@ as a streaming function of one record, and both entry points give the same trans
 The series through which a run declares a planned change (``Run.declare``) are defined in
 ``optiscope.wire`` (``DECLARE_DATA``, ``DECLARE_SCHEDULE``) and re-exported here.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,15 +86,34 @@ class StreamDetector(OpenIncidents):
         st = self._state(rank)
         return [ev for i in sorted(rows) for ev in self._record(st, int(steps[i]), rows[i], rank)]
 
-    def _set(self, on: bool, rank: int, series: str, step: int, value: float, message: str,
-             evidence: Mapping[str, Any] | None = None) -> list[AlertEvent]:
+    def _set(
+        self,
+        on: bool,
+        rank: int,
+        series: str,
+        step: int,
+        value: float,
+        message: str,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> list[AlertEvent]:
         """The transition, if ``on`` differs from the incident's state: one alert per incident."""
         key = (rank, series)
         if on == (key in self.firing):
             return []
         (self.firing.add if on else self.firing.discard)(key)
-        return [AlertEvent(self.rule, self.severity, "firing" if on else "resolved", series, step, rank,
-                           float(value), message, dict(evidence or {}))]
+        return [
+            AlertEvent(
+                self.rule,
+                self.severity,
+                "firing" if on else "resolved",
+                series,
+                step,
+                rank,
+                float(value),
+                message,
+                dict(evidence or {}),
+            )
+        ]
 
 
 class Progress:
@@ -186,7 +206,11 @@ class Progress:
         return (self.S - self.m) / self.progress
 
     def evidence(self) -> dict[str, Any]:
-        return {"smoothed_loss": rounded(self.S), "best_smoothed_loss": rounded(self.m),
-                "baseline_loss": rounded(self.L0 if self.L0 is not None else math.nan),
-                "loss_noise_mad": rounded(self.noise), "median_window_steps": self.window,
-                "baseline_from_step": self.start}
+        return {
+            "smoothed_loss": rounded(self.S),
+            "best_smoothed_loss": rounded(self.m),
+            "baseline_loss": rounded(self.L0 if self.L0 is not None else math.nan),
+            "loss_noise_mad": rounded(self.noise),
+            "median_window_steps": self.window,
+            "baseline_from_step": self.start,
+        }

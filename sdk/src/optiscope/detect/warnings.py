@@ -13,6 +13,7 @@ number would be wrong for most runs, and a median moves by one rank, not by its 
 outlier enters it. A sample that crosses the firing line does not enter the baseline (a burst
 would otherwise raise the bar it is judged against); a declared change restarts it.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,8 +96,9 @@ class _Sampled(StreamDetector):
             self._tracked += 1
         return tr
 
-    def _point(self, st: _RankState, name: str, step: int, v: float, values: Mapping[str, float],
-               rank: int) -> list[AlertEvent]:
+    def _point(
+        self, st: _RankState, name: str, step: int, v: float, values: Mapping[str, float], rank: int
+    ) -> list[AlertEvent]:
         tr = self._track(st, name)
         if tr is None or not math.isfinite(v):
             return []  # non-finite: non_finite pages for the loss and gradient; no baseline, no streak
@@ -116,14 +118,34 @@ class _Sampled(StreamDetector):
             tr.base.append(v)
         tr.below = tr.below + 1 if v < clear_at else 0
         if tr.above >= self.SUSTAIN:
-            return self._set(True, rank, name, step, v, self._message(name, v, b, step, rank),
-                             {"window": [tr.since, step], "values": [rounded(x) for x in tr.recent],
-                              "baseline": rounded(b), "baseline_samples": len(tr.base),
-                              "ratio": rounded(v / b if b > 0 else math.inf), "ratio_at": self.RATIO,
-                              "min_value": self.ABS, "threshold": rounded(fire_at), "samples": tr.above})
+            return self._set(
+                True,
+                rank,
+                name,
+                step,
+                v,
+                self._message(name, v, b, step, rank),
+                {
+                    "window": [tr.since, step],
+                    "values": [rounded(x) for x in tr.recent],
+                    "baseline": rounded(b),
+                    "baseline_samples": len(tr.base),
+                    "ratio": rounded(v / b if b > 0 else math.inf),
+                    "ratio_at": self.RATIO,
+                    "min_value": self.ABS,
+                    "threshold": rounded(fire_at),
+                    "samples": tr.above,
+                },
+            )
         if tr.below >= self.SUSTAIN:
-            return self._set(False, rank, name, step, v, f"{name} is back near its running median ({v:.3g}, "
-                             f"median {b:.3g}) at step {step} on rank {rank}")
+            return self._set(
+                False,
+                rank,
+                name,
+                step,
+                v,
+                f"{name} is back near its running median ({v:.3g}, median {b:.3g}) at step {step} on rank {rank}",
+            )
         return []
 
     def _message(self, name: str, v: float, b: float, step: int, rank: int) -> str:
@@ -151,8 +173,10 @@ class VUnderestimationBurst(_Sampled):
     RATIO, ABS, RESOLVE_RATIO, RESOLVE_ABS = 4.0, 3.0, 2.0, 2.0
 
     def _message(self, name: str, v: float, b: float, step: int, rank: int) -> str:
-        return (f"Adam's second moment lags the gradient (v_underestimation {v:.3g} against a running median of "
-                f"{b:.3g}) at step {step} on rank {rank}")
+        return (
+            f"Adam's second moment lags the gradient (v_underestimation {v:.3g} against a running median of "
+            f"{b:.3g}) at step {step} on rank {rank}"
+        )
 
 
 class UpdateBimodality(_Sampled):
@@ -175,8 +199,10 @@ class UpdateBimodality(_Sampled):
     RATIO, ABS, RESOLVE_RATIO, RESOLVE_ABS = 4.0, 0.1, 2.0, 0.05
 
     def _message(self, name: str, v: float, b: float, step: int, rank: int) -> str:
-        return (f"{v:.1%} of Adam's update coordinates are sign-like (|u| > 0.9; running median {b:.1%}) at step "
-                f"{step} on rank {rank}")
+        return (
+            f"{v:.1%} of Adam's update coordinates are sign-like (|u| > 0.9; running median {b:.1%}) at step "
+            f"{step} on rank {rank}"
+        )
 
 
 class UpdateRatioOutlier(_Sampled):
@@ -199,8 +225,10 @@ class UpdateRatioOutlier(_Sampled):
     BASELINE = 16  # per tensor: MAX_TRACKED tracks of 16 floats
 
     def _message(self, name: str, v: float, b: float, step: int, rank: int) -> str:
-        return (f"tensor {name[len(self.needs_prefixes[0]):]} was updated by {v:.3g} of its norm, against a running "
-                f"median of {b:.3g}, at step {step} on rank {rank}")
+        return (
+            f"tensor {name[len(self.needs_prefixes[0]) :]} was updated by {v:.3g} of its norm, against a running "
+            f"median of {b:.3g}, at step {step} on rank {rank}"
+        )
 
 
 class EpsHeadroomCollapse(_Sampled):
@@ -224,17 +252,18 @@ class EpsHeadroomCollapse(_Sampled):
     FIRE, RESOLVE, REL_GRAD = 0.5, 1.0, 1e-5
     BASELINE = 16
 
-    def _point(self, st: _RankState, name: str, step: int, h: float, values: Mapping[str, float],
-               rank: int) -> list[AlertEvent]:
+    def _point(
+        self, st: _RankState, name: str, step: int, h: float, values: Mapping[str, float], rank: int
+    ) -> list[AlertEvent]:
         if name.startswith("grad_norm"):  # the gradient a headroom is judged with, for later records
-            tr = st.tracks.get("eps_headroom" + name[len("grad_norm"):])
+            tr = st.tracks.get("eps_headroom" + name[len("grad_norm") :])
             if tr is not None:
                 tr.grad = h
             return []
         tr = self._track(st, name)
         if tr is None or math.isnan(h) or h == -math.inf:
             return []
-        g = values.get("grad_norm" + name[len("eps_headroom"):], tr.grad)
+        g = values.get("grad_norm" + name[len("eps_headroom") :], tr.grad)
         tr.grad = g
         if "grad_norm" in values:
             st.global_grad = values["grad_norm"]
@@ -255,14 +284,32 @@ class EpsHeadroomCollapse(_Sampled):
         tr.below = tr.below + 1 if h >= self.RESOLVE else 0
         b = median(tr.base) if tr.base else math.nan
         if tr.above >= self.SUSTAIN:
-            what = "the model's" if name == "eps_headroom" else f"tensor {name[len(self.needs_prefixes[0]):]}'s"
-            return self._set(True, rank, name, step, h,
-                             f"{what} second moment is at epsilon's scale ({h:.2f} decades of headroom, gradient "
-                             f"norm {g:.3g}): Adam's update is eps-dominated at step {step} on rank {rank}",
-                             {"window": [tr.since, step], "values": [rounded(x) for x in tr.recent],
-                              "baseline": rounded(b), "threshold": self.FIRE, "resolve_at": self.RESOLVE,
-                              "grad_norm": rounded(g), "samples": tr.above})
+            what = "the model's" if name == "eps_headroom" else f"tensor {name[len(self.needs_prefixes[0]) :]}'s"
+            return self._set(
+                True,
+                rank,
+                name,
+                step,
+                h,
+                f"{what} second moment is at epsilon's scale ({h:.2f} decades of headroom, gradient "
+                f"norm {g:.3g}): Adam's update is eps-dominated at step {step} on rank {rank}",
+                {
+                    "window": [tr.since, step],
+                    "values": [rounded(x) for x in tr.recent],
+                    "baseline": rounded(b),
+                    "threshold": self.FIRE,
+                    "resolve_at": self.RESOLVE,
+                    "grad_norm": rounded(g),
+                    "samples": tr.above,
+                },
+            )
         if tr.below >= self.SUSTAIN:
-            return self._set(False, rank, name, step, h, f"{name} is back to {h:.2f} decades of headroom at step "
-                             f"{step} on rank {rank}")
+            return self._set(
+                False,
+                rank,
+                name,
+                step,
+                h,
+                f"{name} is back to {h:.2f} decades of headroom at step {step} on rank {rank}",
+            )
         return []

@@ -1,5 +1,6 @@
 """What every framework callback shares: the run it is given or creates, and the guard that keeps
 any error of ours out of training."""
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ class RunOwner:
         self.every = every
         self.init_kwargs = init_kwargs
         self._owned = False  # whether this callback created self.run, so ends it
-        self._done = False   # ... and has ended it: a later fit gets a new run
+        self._done = False  # ... and has ended it: a later fit gets a new run
         self._warned = False
 
     def _safely(self, fn: Callable, *args) -> None:

@@ -2,6 +2,7 @@
 of a sampled step and the series computed from them. Kept apart from the callback, which is about
 when work may run without stalling Keras; this is about what is computed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -77,12 +78,18 @@ class KerasStatistics:
             try:
                 kept = [(i, s) for i, s in enumerate(self._adam_slots(variables)) if s is not None]
                 if kept:
-                    snap["adam"] = {"slots": [s for _, s in kept], "index": [i for i, _ in kept],
-                                    "m_prev": list(torch._foreach_mul([s[0].value.detach() for _, s in kept], 1.0))}
+                    snap["adam"] = {
+                        "slots": [s for _, s in kept],
+                        "index": [i for i, _ in kept],
+                        "m_prev": list(torch._foreach_mul([s[0].value.detach() for _, s in kept], 1.0)),
+                    }
             except Exception:
                 self._adam_off = True
-                self._warn("adam_state", "cannot find Keras Adam's moments; only the generic statistics are "
-                                         "recorded", exc_info=True)
+                self._warn(
+                    "adam_state",
+                    "cannot find Keras Adam's moments; only the generic statistics are recorded",
+                    exc_info=True,
+                )
         return snap
 
     def _statistics(self, snap: dict[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -109,8 +116,11 @@ class KerasStatistics:
                 out.update(self._adam_statistics(snap["adam"], snap["step"], seen if any(seen) else None))
             except Exception:
                 self._adam_off = True
-                self._warn("adam_stats", "Adam statistics disabled after an error; the generic statistics are "
-                                         "still recorded", exc_info=True)
+                self._warn(
+                    "adam_stats",
+                    "Adam statistics disabled after an error; the generic statistics are still recorded",
+                    exc_info=True,
+                )
         return out
 
     def _adam_statistics(self, adam: dict[str, Any], step: int, seen: list[bool] | None) -> dict[str, torch.Tensor]:
@@ -157,9 +167,9 @@ class KerasStatistics:
         for mi, di in zip(m, den):
             torch.div(mi, di, out=di)
         # Python floats when the betas are (the usual case): no host-to-device copy; else device math.
-        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
         count = sum(x.numel() for x in m)
-        u_sq = _sq_norms(den).sum() * bc2 / bc1 ** 2
+        u_sq = _sq_norms(den).sum() * bc2 / bc1**2
         out = {
             "grad_norm_clipped": grad_norm,
             "exp_avg_norm": _sq_norms(m).sum().sqrt(),

@@ -38,6 +38,7 @@ interpreter exit; a caller that catches the error can use the run as a context m
 ``with optiscope.init(...) as run: model.fit(..., callbacks=[OptiscopeCallback(run)])``.
 Under ``torch.distributed``, only rank 0 records (one run per job).
 """
+
 from __future__ import annotations
 
 import logging
@@ -125,10 +126,10 @@ class _LossCapture:
 class _Pending:
     """One batch between its beginning and the point where its end is handled."""
 
-    raw: int                  # the optimizer's raw iteration count before the batch
-    step: int                 # optimizer step index (raw // accumulation steps)
-    update: bool              # this batch applies an optimizer update (always, without accumulation)
-    lr: Any = None            # device 0-d tensor or host number, read at the batch's beginning
+    raw: int  # the optimizer's raw iteration count before the batch
+    step: int  # optimizer step index (raw // accumulation steps)
+    update: bool  # this batch applies an optimizer update (always, without accumulation)
+    lr: Any = None  # device 0-d tensor or host number, read at the batch's beginning
     snap: dict | None = None  # sampled steps: the state before the step
 
 
@@ -143,8 +144,10 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
     def __init__(self, run: Run | None = None, every: int = DEFAULT_EVERY, **init_kwargs):
         super().__init__()
         if run is not None and init_kwargs:
-            raise TypeError(f"OptiscopeCallback: pass either run or optiscope.init() arguments, not both "
-                            f"(got run and {sorted(init_kwargs)})")
+            raise TypeError(
+                f"OptiscopeCallback: pass either run or optiscope.init() arguments, not both "
+                f"(got run and {sorted(init_kwargs)})"
+            )
         self.run = run
         self.every = max(1, int(every))
         self._init_kwargs = init_kwargs
@@ -152,9 +155,12 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
         self._warned: set[str] = set()
         self._enabled = keras.backend.backend() == "torch"
         if not self._enabled:
-            self._warn("backend", "OptiscopeCallback needs the torch backend (KERAS_BACKEND=torch set "
-                                  "before importing keras); Keras uses %r: nothing is recorded",
-                       keras.backend.backend())
+            self._warn(
+                "backend",
+                "OptiscopeCallback needs the torch backend (KERAS_BACKEND=torch set "
+                "before importing keras); Keras uses %r: nothing is recorded",
+                keras.backend.backend(),
+            )
         self._reset()
 
     def _reset(self) -> None:
@@ -205,8 +211,11 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if not self._enabled:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_rank() != 0:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_rank() != 0
+        ):
             self._enabled = False  # one run per job: rank 0 records
             return
         self._reset()
@@ -264,9 +273,14 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
             # catches a custom train_step that does not step the optimizer exactly once per batch.
             actual = self._read_raw()
             if actual != self._raw:
-                self._warn("count", "the optimizer's step count is %d where the batches seen make it %d (a "
-                                    "custom train_step that does not step once per batch?); step numbers "
-                                    "are re-synchronised at each epoch end", actual, self._raw)
+                self._warn(
+                    "count",
+                    "the optimizer's step count is %d where the batches seen make it %d (a "
+                    "custom train_step that does not step once per batch?); step numbers "
+                    "are re-synchronised at each epoch end",
+                    actual,
+                    self._raw,
+                )
                 self._raw = actual
         except Exception:
             self._warn("count_read", "cannot read the optimizer's step count", exc_info=True)
@@ -318,8 +332,11 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
                         p.snap = self._snapshot(p.step)
                 except Exception:
                     self._stats_off = True
-                    self._warn("snapshot", "optimizer statistics disabled after an error; loss and lr are still "
-                                           "recorded", exc_info=True)
+                    self._warn(
+                        "snapshot",
+                        "optimizer statistics disabled after an error; loss and lr are still recorded",
+                        exc_info=True,
+                    )
         self._pending = p
         self._raw = raw + 1
 
@@ -332,8 +349,11 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
             if loss is not None:
                 self._acc_loss.append(loss)
             elif self._capture is not None:
-                self._warn("no_loss", "no loss reached the loss tracker during a train step (a custom "
-                                      "train_step?); the loss is not recorded for such steps")
+                self._warn(
+                    "no_loss",
+                    "no loss reached the loss tracker during a train step (a custom "
+                    "train_step?); the loss is not recorded for such steps",
+                )
             if not p.update:
                 return  # a gradient-accumulation micro-batch: its loss waits for the update
             # A LossScaleOptimizer skipped the step when its count did not move: not an optimizer
@@ -343,8 +363,9 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
             values: dict[str, Any] = {}
             if self._acc_loss:
                 losses, self._acc_loss = self._acc_loss, []
-                values["loss"] = losses[0] if len(losses) == 1 else torch.stack(
-                    [x.reshape(()).to(F64) for x in losses]).mean()
+                values["loss"] = (
+                    losses[0] if len(losses) == 1 else torch.stack([x.reshape(()).to(F64) for x in losses]).mean()
+                )
             if p.lr is not None:
                 values["lr"] = p.lr
             if p.snap is not None and not skipped and not self._stats_off:
@@ -353,8 +374,11 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
                         values.update(self._statistics(p.snap))
                 except Exception:
                     self._stats_off = True
-                    self._warn("stats", "optimizer statistics disabled after an error; loss and lr are still "
-                                        "recorded", exc_info=True)
+                    self._warn(
+                        "stats",
+                        "optimizer statistics disabled after an error; loss and lr are still recorded",
+                        exc_info=True,
+                    )
             if values and self.run is not None:  # a batch is pending only while a run records
                 self.run.log(values, step=p.step)
         except Exception:

@@ -2,6 +2,7 @@
 
 Importing this module imports Lightning; ``import optiscope`` never does.
 """
+
 from __future__ import annotations
 
 from typing import Any

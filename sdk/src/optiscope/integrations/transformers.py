@@ -2,6 +2,7 @@
 
 Importing this module imports transformers; ``import optiscope`` never does.
 """
+
 from __future__ import annotations
 
 import json

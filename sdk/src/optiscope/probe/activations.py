@@ -12,6 +12,7 @@ needs (a sampled step's value covers every module).
 A float32 CPU output is read by the native kernel when it is built (one pass while the output is
 still in cache, about twice as fast as ``aminmax``); any other by ``torch.aminmax``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,14 @@ from .native import Native
 log = logging.getLogger("optiscope")
 _BAD = re.compile(r"[^A-Za-z0-9_.:/\-]")
 #: Floating dtypes whose largest value is below 1e10, where activations do overflow in practice.
-NARROW = frozenset(d for d in (torch.float16, *(getattr(torch, n, None) for n in (
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"))) if d is not None)
+NARROW = frozenset(
+    d
+    for d in (
+        torch.float16,
+        *(getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")),
+    )
+    if d is not None
+)
 
 
 def default_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -38,8 +45,14 @@ def default_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 
 
 class ActivationProbe(ContributorBase):
-    def __init__(self, model: torch.nn.Module, is_sampling: Callable[[], bool],
-                 modules: Iterable[str] | None = None, native: Native | None = None, vitals: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        is_sampling: Callable[[], bool],
+        modules: Iterable[str] | None = None,
+        native: Native | None = None,
+        vitals: bool = True,
+    ):
         named = dict(model.named_modules())
         if modules is None:
             chosen = default_modules(model)
@@ -76,14 +89,17 @@ class ActivationProbe(ContributorBase):
                 self._measure(name, output, sampling)
             except Exception:
                 self._broken = True
-                log.warning("optiscope: activation headroom disabled after an error in its forward hook; "
-                            "training continues", exc_info=True)
+                log.warning(
+                    "optiscope: activation headroom disabled after an error in its forward hook; training continues",
+                    exc_info=True,
+                )
+
         return hook
 
     def _measure(self, name: str, output, sampling: bool) -> None:
         """One forward pass's outputs: every floating output on a sampled step, the narrow-range
         ones on other steps (vitals)."""
-        for t in (output if isinstance(output, (tuple, list)) else (output,)):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
             if not sampling:
                 if isinstance(t, torch.Tensor) and t.dtype in NARROW and t.numel():
                     # max |t| in one reduction, in the output's own dtype (inf stays inf, NaN NaN)
@@ -92,8 +108,12 @@ class ActivationProbe(ContributorBase):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                 # usable first: an accelerator's outputs never start a build that cannot serve
                 # them; and never while torch.compile traces the hook (no real buffer to read)
-                if self.native is not None and Native.usable([t]) and not torch.compiler.is_compiling() \
-                        and self.native.ready():  # a CPU buffer: a host number, no sync
+                if (
+                    self.native is not None
+                    and Native.usable([t])
+                    and not torch.compiler.is_compiling()
+                    and self.native.ready()
+                ):  # a CPU buffer: a host number, no sync
                     self._seen.append((name, t.dtype, Native.absmax(t)))
                     continue
                 # max |t| as min and max in one fused reduction: no tensor-sized temporary
@@ -128,8 +148,9 @@ class ActivationProbe(ContributorBase):
             return []
         device = next((mm[1].device for _, _, mm in seen if isinstance(mm, tuple)), torch.device("cpu"))
         # float64: a float64 output's largest value may not fit a float32
-        absmax = torch.tensor([math.nan if isinstance(mm, tuple) else mm for _, _, mm in seen],
-                              dtype=torch.float64, device=device)
+        absmax = torch.tensor(
+            [math.nan if isinstance(mm, tuple) else mm for _, _, mm in seen], dtype=torch.float64, device=device
+        )
         minmax = [(i, mm) for i, (_, _, mm) in enumerate(seen) if isinstance(mm, tuple)]
         pairs = [i for i, _ in minmax]
         if pairs:
@@ -150,6 +171,8 @@ class ActivationProbe(ContributorBase):
         ceiling = torch.tensor([torch.finfo(d).max for d in dtypes], dtype=torch.float64, device=device)
         bits = torch.log2(ceiling / absmax)
         # min propagates NaN: a NaN activation anywhere is no headroom at all
-        return [([f"act_absmax/module/{n}" for n in names], absmax),
-                ([f"act_headroom_bits/module/{n}" for n in names], bits),
-                ("act_headroom_bits", bits.min())]
+        return [
+            ([f"act_absmax/module/{n}" for n in names], absmax),
+            ([f"act_headroom_bits/module/{n}" for n in names], bits),
+            ("act_headroom_bits", bits.min()),
+        ]

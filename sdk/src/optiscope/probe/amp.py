@@ -9,6 +9,7 @@ Backward leaves scaled gradients; ``scaler.unscale_`` (called by the user before
 ``scaler.step``) divides them in place. The gradients are measured again right after it, so
 ``grad_norm`` is the norm of the true gradients, before any clipping.
 """
+
 from __future__ import annotations
 
 from .contributor import ContributorBase, HostValue

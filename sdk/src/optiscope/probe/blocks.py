@@ -12,6 +12,7 @@ Per-tensor sums come out of :class:`Sums` in float64. Chunk partials are float32
 at most ``chunk`` coordinates (a float32 dot over 256K coordinates stays within a few 1e-7 of a
 float64 sum; over 3M, 1e-5); packed partials are summed in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ F32 = torch.float32
 
 @dataclass(frozen=True)
 class Layout:
-    chunk: int       # coordinates per block of a large tensor (and the most a pack holds)
+    chunk: int  # coordinates per block of a large tensor (and the most a pack holds)
     pack_below: int  # tensors with fewer coordinates are packed with their neighbours
 
 
@@ -42,8 +43,9 @@ class Block:
 
     __slots__ = ("members", "lo", "hi", "lengths", "n", "device", "dtype", "_lens")
 
-    def __init__(self, members: list[int], lo: int, hi: int, lengths: list[int] | None,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, members: list[int], lo: int, hi: int, lengths: list[int] | None, device: torch.device, dtype: torch.dtype
+    ):
         self.members, self.lo, self.hi, self.lengths = members, lo, hi, lengths
         self.n = hi - lo if lengths is None else sum(lengths)
         self.device = device
@@ -65,7 +67,7 @@ class Block:
         """This block's coordinates of ``flats`` (one flat tensor per planned tensor): a view of
         a chunk (in the tensor's dtype), or the packed members copied into work buffer ``name``."""
         if self.lengths is None:
-            return flats[self.members[0]][self.lo:self.hi]
+            return flats[self.members[0]][self.lo : self.hi]
         out = scratch.get(name, self.n, self.device, self.dtype)
         torch.cat([flats[i] for i in self.members], out=out)
         return out
@@ -108,7 +110,8 @@ class Block:
         if got is None:
             w, lengths = self.width(), self._pack_lengths()
             got = self._lens[key] = torch.repeat_interleave(
-                torch.arange(len(lengths), device=device), torch.tensor([n // w for n in lengths], device=device))
+                torch.arange(len(lengths), device=device), torch.tensor([n // w for n in lengths], device=device)
+            )
         return got
 
     def per_row(self, per_member: list) -> torch.Tensor:
@@ -153,8 +156,9 @@ def plan(tensors: list[torch.Tensor], layout: Layout | None = None) -> list[Bloc
         lay = layout or layout_for(t.device)
         n = t.numel()
         if n < lay.pack_below:
-            if pack and (size + n > lay.chunk or tensors[pack[0]].device != t.device
-                         or tensors[pack[0]].dtype != t.dtype):
+            if pack and (
+                size + n > lay.chunk or tensors[pack[0]].device != t.device or tensors[pack[0]].dtype != t.dtype
+            ):
                 close_pack()
             pack.append(i)
             size += n

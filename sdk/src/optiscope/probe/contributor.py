@@ -1,5 +1,6 @@
 """What another probe (activation headroom, the GradScaler's loss scale) hands the optimizer probe:
 values that join the records the optimizer's step hooks emit."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, TypeAlias

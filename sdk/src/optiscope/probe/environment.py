@@ -14,6 +14,7 @@ Cheap and side-effect free, because it runs inside ``init()`` on the training th
 
 Every value is JSON: str, int, float, bool, None, lists and dicts of them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,7 @@ log = logging.getLogger("optiscope")
 #: Seconds that all git commands together may take (a huge checkout's status is not worth more).
 GIT_BUDGET = 2.0
 #: Frameworks whose versions are reported when the training script has imported them.
-FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "transformers", "accelerate", "deepspeed",
-              "keras", "jax")
+FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "transformers", "accelerate", "deepspeed", "keras", "jax")
 _TORCH_KEYS = ("torch", "cuda", "cudnn", "hip", "device_count", "devices", "num_threads", "determinism")
 _DRIVER_RE = re.compile(r"NVRM version:.*?\s(\d+\.\d+(?:\.\d+)*)\s")
 
@@ -86,6 +86,7 @@ def _packages() -> dict[str, str | None]:
     out: dict[str, str | None] = {"optiscope": __version__}
     try:
         import numpy  # a dependency of the SDK core: cheap to import, and torch has imported it anyway
+
         out["numpy"] = str(numpy.__version__)
     except Exception:
         out["numpy"] = None
@@ -128,8 +129,11 @@ def _git() -> dict[str, Any] | None:
         return None
     branch = _run_git(["rev-parse", "--abbrev-ref", "HEAD"], deadline)
     status = _run_git(["status", "--porcelain", "--untracked-files=no"], deadline, strip=False)
-    return {"commit": commit, "branch": branch if branch and branch != "HEAD" else None,
-            "dirty": None if status is None else bool(status.strip())}
+    return {
+        "commit": commit,
+        "branch": branch if branch and branch != "HEAD" else None,
+        "dirty": None if status is None else bool(status.strip()),
+    }
 
 
 def _run_git(args: list[str], deadline: float, strip: bool = True) -> str | None:
@@ -139,8 +143,9 @@ def _run_git(args: list[str], deadline: float, strip: bool = True) -> str | None
     # GIT_OPTIONAL_LOCKS=0: status must not take the index lock a user's own git command may want.
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
     try:
-        p = subprocess.run(["git", *args], stdin=subprocess.DEVNULL, capture_output=True, timeout=remaining,
-                           env=env, check=False)
+        p = subprocess.run(
+            ["git", *args], stdin=subprocess.DEVNULL, capture_output=True, timeout=remaining, env=env, check=False
+        )
     except (OSError, subprocess.SubprocessError):  # no git on PATH, or it ran past the budget
         return None
     if p.returncode != 0:
@@ -202,4 +207,3 @@ def _determinism(torch) -> dict[str, Any]:
         "float32_matmul_precision": str(torch.get_float32_matmul_precision()),
         "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
-

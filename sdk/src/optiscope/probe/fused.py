@@ -17,6 +17,7 @@ before and never compiles: a call whose guards miss runs eagerly instead of stal
 Sizes are symbolic (``dynamic=True``), so one compilation serves every tensor of a signature;
 scalars travel as 0-d tensors so that a changing bias correction does not recompile.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -129,8 +130,9 @@ def post_adam(snap, theta, g, m, den, v, eps_d, thr):
 def post_adam_v(snap, theta, g, m, v, eps_d, thr):
     """``post_adam`` when the denominator is v itself (no amsgrad): v is read once."""
     _compiled_only()
-    return _reduce(lambda s, t, g_, m_, v_, e, c: _adam_terms(s, t, g_, m_, v_, v_, e, c), (snap, theta, g, m, v),
-                   eps_d, thr)
+    return _reduce(
+        lambda s, t, g_, m_, v_, e, c: _adam_terms(s, t, g_, m_, v_, v_, e, c), (snap, theta, g, m, v), eps_d, thr
+    )
 
 
 # -- packs of small tensors, as rows ------------------------------------------------------------
@@ -138,6 +140,7 @@ def post_adam_v(snap, theta, g, m, v, eps_d, thr):
 # row belongs to one member: the same terms, summed per row, then per member by the caller. The
 # per-member scalars come one per row, in float32 like the data (a float64 vector would promote
 # the whole computation to float64).
+
 
 def _row_sums(terms) -> torch.Tensor:
     return torch.stack([t.sum(1).to(F64) for t in terms])
@@ -163,12 +166,27 @@ def post_adam_v_rows(snap, theta, g, m, v, eps_d, thr):
     return _row_sums(_adam_terms(*(_up(x) for x in (snap, theta, g, m, v, v)), eps_d[:, None], thr[:, None]))
 
 
-KERNELS: dict[str, Callable[..., Any]] = {"pre_v": pre_v, "post_plain": post_plain, "post_adam": post_adam, "post_adam_v": post_adam_v,
-           "pre_v_rows": pre_v_rows, "post_plain_rows": post_plain_rows, "post_adam_rows": post_adam_rows,
-           "post_adam_v_rows": post_adam_v_rows}
+KERNELS: dict[str, Callable[..., Any]] = {
+    "pre_v": pre_v,
+    "post_plain": post_plain,
+    "post_adam": post_adam,
+    "post_adam_v": post_adam_v,
+    "pre_v_rows": pre_v_rows,
+    "post_plain_rows": post_plain_rows,
+    "post_adam_rows": post_adam_rows,
+    "post_adam_v_rows": post_adam_v_rows,
+}
 # trailing scalar arguments: 0-d float64, or one float32 per row for the *_rows kernels
-_SCALARS = {"pre_v": 1, "post_plain": 0, "post_adam": 2, "post_adam_v": 2,
-            "pre_v_rows": 1, "post_plain_rows": 0, "post_adam_rows": 2, "post_adam_v_rows": 2}
+_SCALARS = {
+    "pre_v": 1,
+    "post_plain": 0,
+    "post_adam": 2,
+    "post_adam_v": 2,
+    "pre_v_rows": 1,
+    "post_plain_rows": 0,
+    "post_adam_rows": 2,
+    "post_adam_v_rows": 2,
+}
 
 
 class _Registry:
@@ -224,7 +242,7 @@ class Kernels:
             with torch.no_grad():  # as compiled: grad mode is part of what the compiled code guards on
                 return _REG.run[name](*args)
         except NotCompiled:
-            sig = (name, args[0].device, tuple(a.dtype for a in args[:len(args) - _SCALARS[name]]))
+            sig = (name, args[0].device, tuple(a.dtype for a in args[: len(args) - _SCALARS[name]]))
             self._misses[sig] = self._misses.get(sig, 0) + 1
             if self._misses[sig] >= 3:
                 _REG.ready.discard(sig)  # stays pending: never compiled again
@@ -255,11 +273,15 @@ def _compile(sig: tuple) -> None:
         _REG.ready.add(sig)
     except Exception as e:  # no compiler, unsupported device or dtype: the eager blocks stay
         _REG.failed = True
-        log.info("optiscope: fused statistics kernels unavailable (%s: %s); using eager blocks",
-                 type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        log.info(
+            "optiscope: fused statistics kernels unavailable (%s: %s); using eager blocks",
+            type(e).__name__,
+            str(e).splitlines()[0][:200] if str(e) else "",
+        )
 
 
 # -- one walk's unit through a kernel: what stats' walks call -------------------------------------
+
 
 def _whole(b: Block, n: int) -> Block:
     """A block covering all of one tensor (member ``b.members[0]``), for a fused kernel's sums."""
@@ -290,8 +312,11 @@ def after_tensor(kernels, i, snap, theta, g, a: dict | None, b: Block, sums: Sum
     if a is None:
         name, args, scalars = "post_plain", [snap, theta, g], []
     else:
-        name, args = ("post_adam", [snap, theta, g, a["m"][i], a["den"][i], a["v"][i]]) if a["ams"][i] else \
-            ("post_adam_v", [snap, theta, g, a["m"][i], a["v"][i]])
+        name, args = (
+            ("post_adam", [snap, theta, g, a["m"][i], a["den"][i], a["v"][i]])
+            if a["ams"][i]
+            else ("post_adam_v", [snap, theta, g, a["m"][i], a["v"][i]])
+        )
         scalars = list(a["scal"][i])
     if not kernels.ready(name, args):
         return False

@@ -10,6 +10,7 @@ A hook on every parameter runs after each backward that accumulates into its ``.
 
 ``OptimizerProbe`` (``optimizer.py``) builds on this with the optimizer's step hooks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,9 @@ class GradientProbe:
     the next optimizer step (the step hooks advance it); ``every``, ``names``, ``vitals``: as
     ``OptimizerProbe`` takes them."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, every: int, names: dict[int, str] | None,
-                 vitals: bool) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, steps: int, every: int, names: dict[int, str] | None, vitals: bool
+    ) -> None:
         self.optimizer = optimizer
         self.vitals = vitals
         self.every = max(1, int(every))
@@ -72,8 +74,12 @@ class GradientProbe:
 
     def _fail(self, where: str) -> None:
         self._failed = True
-        log.warning("optiscope: optimizer probe disabled after an error in its %s hook; training "
-                    "continues unobserved by the probe", where, exc_info=True)
+        log.warning(
+            "optiscope: optimizer probe disabled after an error in its %s hook; training "
+            "continues unobserved by the probe",
+            where,
+            exc_info=True,
+        )
 
     def close(self) -> None:
         for h in self._grad_hooks.values():
@@ -166,9 +172,11 @@ class GradientProbe:
                 break
         known = not changed or self._measure_in_backward
         if changed and not known:
-            log.info("optiscope: gradients changed between backward and step (clipping?); grad_norm is "
-                     "measured in backward from the next sampled step (this step's per-tensor norms are not reported; its "
-                     "global grad_norm is, with vitals)")
+            log.info(
+                "optiscope: gradients changed between backward and step (clipping?); grad_norm is "
+                "measured in backward from the next sampled step (this step's per-tensor norms are not reported; its "
+                "global grad_norm is, with vitals)"
+            )
         self._grads_change = self._grads_change or changed
         self._measure_in_backward = self._grads_change
         return known

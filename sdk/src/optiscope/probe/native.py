@@ -19,6 +19,7 @@ Built with ``-march=native`` for the machine it runs on, in a fresh temporary fo
 binds to the ``libgomp`` that torch has already loaded, so both share one thread pool. Without a
 C compiler, or on any failure, ``ready`` stays False and the probe uses the other paths.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -207,7 +208,7 @@ _PI = ctypes.POINTER(ctypes.c_int64)
 class _State:
     def __init__(self):
         self.lock = threading.Lock()
-        self.lib = None          # the loaded kernel, once built
+        self.lib = None  # the loaded kernel, once built
         self.started = False
         self.failed = False
         self.thread: threading.Thread | None = None
@@ -241,8 +242,9 @@ def _build() -> None:
             with open(src, "w") as f:
                 f.write(_SOURCE)
             for flags in _FLAGS:
-                r = subprocess.run([cc, *flags, "-fPIC", "-shared", src, "-o", lib],
-                                   capture_output=True, text=True, timeout=300)
+                r = subprocess.run(
+                    [cc, *flags, "-fPIC", "-shared", src, "-o", lib], capture_output=True, text=True, timeout=300
+                )
                 if r.returncode == 0:
                     break
             else:
@@ -250,16 +252,36 @@ def _build() -> None:
                 raise RuntimeError(f"the compiler failed: {last[-1][:200] if last else r.returncode}")
             handle = ctypes.CDLL(lib)  # mapped: the file can go with its folder
         handle.optiscope_pre.argtypes = [ctypes.c_int64, _PP, _PP, _PP, _PP, _PF, _PI, _P, ctypes.c_int]
-        handle.optiscope_post.argtypes = [ctypes.c_int64, _PP, _PP, _PP, _PP, _PP, _PP, _PF, _PF, _PI,
-                                          _PI, _PI, _PP, ctypes.c_int64, _PP, _P, ctypes.c_int]
+        handle.optiscope_post.argtypes = [
+            ctypes.c_int64,
+            _PP,
+            _PP,
+            _PP,
+            _PP,
+            _PP,
+            _PP,
+            _PF,
+            _PF,
+            _PI,
+            _PI,
+            _PI,
+            _PP,
+            ctypes.c_int64,
+            _PP,
+            _P,
+            ctypes.c_int,
+        ]
         handle.optiscope_pre.restype = handle.optiscope_post.restype = ctypes.c_int
         handle.optiscope_absmax.argtypes = [_P, ctypes.c_int64, ctypes.c_int]
         handle.optiscope_absmax.restype = ctypes.c_float
         _S.lib = handle
     except Exception as e:  # no compiler, no OpenMP, a sandbox without subprocesses: other paths serve
         _S.failed = True
-        log.info("optiscope: native statistics kernel unavailable (%s: %s); using compiled or eager kernels",
-                 type(e).__name__, str(e)[:200])
+        log.info(
+            "optiscope: native statistics kernel unavailable (%s: %s); using compiled or eager kernels",
+            type(e).__name__,
+            str(e)[:200],
+        )
 
 
 class Native:
@@ -310,15 +332,35 @@ class Native:
         the float32 storage at ``snaps_ptr``. Runs while the GIL is released."""
         nt = len(thetas)
         out = torch.empty(nt, dtype=F64)
-        rc = _S.lib.optiscope_pre(nt, _ptrs(thetas), (_P * nt)(*snaps_ptr), _ptrs(grads), _ptrs(vs),
-                                  _floats(floors), _lengths(lengths), out.data_ptr(), torch.get_num_threads())
+        rc = _S.lib.optiscope_pre(
+            nt,
+            _ptrs(thetas),
+            (_P * nt)(*snaps_ptr),
+            _ptrs(grads),
+            _ptrs(vs),
+            _floats(floors),
+            _lengths(lengths),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
         if rc:
             raise MemoryError("optiscope: native pre-step walk could not allocate its work list")
         return out
 
     @staticmethod
-    def post(snaps_ptr: list[int], thetas, grads, ms, dens, vs, eps_d: list[float], thr: list[float],
-             lengths: list[int], sample_cap: int, q_stride: int):
+    def post(
+        snaps_ptr: list[int],
+        thetas,
+        grads,
+        ms,
+        dens,
+        vs,
+        eps_d: list[float],
+        thr: list[float],
+        lengths: list[int],
+        sample_cap: int,
+        q_stride: int,
+    ):
         """(POST_TERMS, tensors) float64 sums, rows in ``fused.PLAIN + fused.ADAM`` order (the
         Adam rows are 0 where m is None), and for Adam two samples of each den, gathered while
         the walk has it in cache: ``den[::max(1, n // sample_cap)][:sample_cap]`` per tensor
@@ -331,10 +373,25 @@ class Native:
         s_stride = [1 if n <= sample_cap else n // sample_cap for n in lengths]
         q_count = [-(-n // q_stride) for n in lengths] if adam else [0] * nt
         s_buf, q_buf = torch.empty(sum(s_count), dtype=F32), torch.empty(sum(q_count), dtype=F32)
-        rc = _S.lib.optiscope_post(nt, (_P * nt)(*snaps_ptr), _ptrs(thetas), _ptrs(grads), _ptrs(ms), _ptrs(dens),
-                                   _ptrs(vs), _floats(eps_d), _floats(thr), _lengths(lengths), _lengths(s_stride),
-                                   _lengths(s_count), _addresses(s_buf, s_count), q_stride,
-                                   _addresses(q_buf, q_count), out.data_ptr(), torch.get_num_threads())
+        rc = _S.lib.optiscope_post(
+            nt,
+            (_P * nt)(*snaps_ptr),
+            _ptrs(thetas),
+            _ptrs(grads),
+            _ptrs(ms),
+            _ptrs(dens),
+            _ptrs(vs),
+            _floats(eps_d),
+            _floats(thr),
+            _lengths(lengths),
+            _lengths(s_stride),
+            _lengths(s_count),
+            _addresses(s_buf, s_count),
+            q_stride,
+            _addresses(q_buf, q_count),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
         if rc:
             raise MemoryError("optiscope: native post-step walk could not allocate its work list")
         return out.t(), list(s_buf.split(s_count)), q_buf, q_count

@@ -11,6 +11,7 @@ The probe attaches to any ``torch.optim.Optimizer`` through its step hooks; it n
   all kept as device tensors and stacked into one vector. The exporter thread copies that vector
   to the host: the only sync, and off the training thread.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,9 +60,18 @@ class OptimizerProbe(GradientProbe):
     ``vitals``: measure ``grad_norm`` on every step, not only sampled ones.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, emit: Emit, every: int = 1,
-                 names: dict[int, str] | None = None, per_tensor: bool = True, start_step: int | None = None,
-                 fused: bool = True, native: bool = True, vitals: bool = True) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        emit: Emit,
+        every: int = 1,
+        names: dict[int, str] | None = None,
+        per_tensor: bool = True,
+        start_step: int | None = None,
+        fused: bool = True,
+        native: bool = True,
+        vitals: bool = True,
+    ) -> None:
         steps = resumed_steps(optimizer) if start_step is None else int(start_step)
         super().__init__(optimizer, steps, every, names, vitals)
         self.emit = emit
@@ -78,8 +88,10 @@ class OptimizerProbe(GradientProbe):
         self.native = Native(enabled=fused and native)
         # Other probes: host_values() joins every step's record, collect() a sampled step's vector.
         self.contributors: list[Contributor] = []
-        self._handles = [optimizer.register_step_pre_hook(self._on_pre),
-                         optimizer.register_step_post_hook(self._on_post)]
+        self._handles = [
+            optimizer.register_step_pre_hook(self._on_pre),
+            optimizer.register_step_post_hook(self._on_post),
+        ]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -89,8 +101,9 @@ class OptimizerProbe(GradientProbe):
         super().close()
 
     # -- hooks -------------------------------------------------------------------------------
-    def _on_pre(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    def _on_pre(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         replaced = _closure_first(optimizer, args, kwargs)
         self._sampled = self.steps % self.every == 0 and not self._failed
         if self._vital_params and self._vital_sq is None and not self._vital_queued:
@@ -155,19 +168,27 @@ class OptimizerProbe(GradientProbe):
         adam = S.is_adam(self.optimizer)
         index_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         group_of = {id(p): groups[index_of[id(p)]] for p in every}
-        walk = S.before_step(changing, self.optimizer, group_of, device, self._scratch, adam, self.kernels,
-                             self.native) if changing else None
+        walk = (
+            S.before_step(changing, self.optimizer, group_of, device, self._scratch, adam, self.kernels, self.native)
+            if changing
+            else None
+        )
         vu = None
         if walk is not None and walk.vu_sum is not None and walk.vu_count is not None:
             vu = (walk.vu_sum, walk.vu_count)
         return PreStep(
             grad_norm_known=self._learn_gradient_changes(changing),
-            device=device, changing=changing, group_of=group_of, adam=adam, walk=walk,
+            device=device,
+            changing=changing,
+            group_of=group_of,
+            adam=adam,
+            walk=walk,
             group_index=[index_of[id(p)] for p in changing],
             # backward's norms (before any clipping); those missing are the post-walk's
             backward=[self._backward_norms.get(id(p)) for p in changing],
             still_sq=S.sq_norms([p for p in every if p.grad is None], device).sum(),
-            vu=vu, had_v=walk.had_v if walk is not None and vu is not None else None,
+            vu=vu,
+            had_v=walk.had_v if walk is not None and vu is not None else None,
         )
 
     def _measure_after(self, pre: PreStep) -> Vector:
@@ -208,8 +229,11 @@ def _closure_first(optimizer, args, kwargs):
     once, first thing in step(); optimizers that call it several times are left alone (and are
     measured one closure late)."""
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
-    if closure is None or not type(optimizer).__module__.startswith("torch.optim.") \
-            or isinstance(optimizer, torch.optim.LBFGS):
+    if (
+        closure is None
+        or not type(optimizer).__module__.startswith("torch.optim.")
+        or isinstance(optimizer, torch.optim.LBFGS)
+    ):
         return None
     with torch.enable_grad():
         result = closure()  # user code: its exceptions are the training loop's and propagate

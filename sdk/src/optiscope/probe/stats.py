@@ -18,6 +18,7 @@ Scalars are folded so that u itself is never formed: with d = sqrt(v) + eps * sq
 u' = m / d, u = u' * sqrt(bc2) / bc1, so sum(u^2) = sum(u'^2) * bc2 / bc1^2 and
 |u| > c  <=>  |u'| > c * bc1 / sqrt(bc2).
 """
+
 from __future__ import annotations
 
 import math
@@ -117,17 +118,25 @@ class Before:
     """What the pre-step walk leaves for the post-step walk, per tensor unless said otherwise."""
 
     blocks: list[Block]
-    snapshots: list[torch.Tensor]   # per block: its coordinates of theta before the step
+    snapshots: list[torch.Tensor]  # per block: its coordinates of theta before the step
     whole: dict[int, torch.Tensor]  # per large tensor: all of its snapshot
-    vu_sum: torch.Tensor | None     # sum g^2 / max(v_hat_{t-1}, eps^2) (0 without v_{t-1})
-    vu_count: torch.Tensor | None   # coordinates that entered vu_sum
+    vu_sum: torch.Tensor | None  # sum g^2 / max(v_hat_{t-1}, eps^2) (0 without v_{t-1})
+    vu_count: torch.Tensor | None  # coordinates that entered vu_sum
     had_v: list[bool]
     native: list[int] | None = None  # the native walk's snapshot: one address per tensor (else None)
-    kernels: Kernels | None = None    # the compiled kernels the post-step walk may use (blocks path)
+    kernels: Kernels | None = None  # the compiled kernels the post-step walk may use (blocks path)
 
 
-def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict], device: torch.device,
-                scratch: Scratch, adam: bool, kernels: Kernels | None = None, native: Native | None = None) -> Before:
+def before_step(
+    params: list[torch.Tensor],
+    optimizer,
+    group_of: dict[int, dict],
+    device: torch.device,
+    scratch: Scratch,
+    adam: bool,
+    kernels: Kernels | None = None,
+    native: Native | None = None,
+) -> Before:
     had_v = [adam and "exp_avg_sq" in optimizer.state.get(p, {}) for p in params]
     # v-underestimation: g^2 / max(v / bc2, eps^2) = bc2 * g^2 / max(v, eps^2 * bc2), v = v_{t-1}.
     v_prev, floors, bc2s = [], [], []
@@ -177,14 +186,16 @@ def before_step(params: list[torch.Tensor], optimizer, group_of: dict[int, dict]
             snapshots.append(snap)
             continue
         whole[i] = scratch.snapshot(("tensor", i), thetas[i].numel(), unit[0].device, thetas[i].dtype)
-        views = [whole[i][b.lo:b.hi] for b in unit]
+        views = [whole[i][b.lo : b.hi] for b in unit]
         snapshots.extend(views)
-        if not fused.before_tensor(kernels, thetas[i], whole[i], grads[i], vs[i] if had_v[i] else None,
-                                   floors[i], unit[0], sums):
+        if not fused.before_tensor(
+            kernels, thetas[i], whole[i], grads[i], vs[i] if had_v[i] else None, floors[i], unit[0], sums
+        ):
             for b, snap in zip(unit, views):
                 eager(b, snap)
-    return _before(Before(blocks, snapshots, whole, None, None, had_v, None, kernels), sums.total("vu"), bc2s,
-                   lengths, device)
+    return _before(
+        Before(blocks, snapshots, whole, None, None, had_v, None, kernels), sums.total("vu"), bc2s, lengths, device
+    )
 
 
 def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -199,8 +210,12 @@ def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _native_fits(native: Native, params, grads, v_prev, floors) -> bool:
     """The native walks take float32 CPU tensors and step counts read as numbers."""
-    return all(isinstance(f, float) for f in floors) and native.usable(params) and native.usable(grads) \
+    return (
+        all(isinstance(f, float) for f in floors)
+        and native.usable(params)
+        and native.usable(grads)
         and native.usable(v_prev)
+    )
 
 
 def _before(out: Before, vu: torch.Tensor, bc2s: list, lengths: list[int], device) -> Before:
@@ -234,14 +249,14 @@ def units(blocks: list[Block]):
 class AdamSums:
     """Per tensor (same order as the tensors given), float64 device vectors."""
 
-    m_sq: torch.Tensor        # ||m||^2
-    v_sq: torch.Tensor        # ||v||^2
-    u_sq: torch.Tensor        # sum u^2
-    u_big: torch.Tensor       # count |u| > BIMODAL_THRESHOLD
-    count: torch.Tensor       # numel
-    headroom: torch.Tensor    # log10(median(sqrt(v_hat)) / eps) of headroom_sample
-    bc1: torch.Tensor         # 1 - beta1^t
-    bc2: torch.Tensor         # 1 - beta2^t
+    m_sq: torch.Tensor  # ||m||^2
+    v_sq: torch.Tensor  # ||v||^2
+    u_sq: torch.Tensor  # sum u^2
+    u_big: torch.Tensor  # count |u| > BIMODAL_THRESHOLD
+    count: torch.Tensor  # numel
+    headroom: torch.Tensor  # log10(median(sqrt(v_hat)) / eps) of headroom_sample
+    bc1: torch.Tensor  # 1 - beta1^t
+    bc2: torch.Tensor  # 1 - beta2^t
     q_parts: list[torch.Tensor]  # per tensor: (sqrt(v_hat)/eps)^2 at one uniform stride over all tensors
 
     def eps_headroom(self, members: list[int] | None = None) -> torch.Tensor:
@@ -253,16 +268,23 @@ class AdamSums:
 
 @dataclass
 class After:
-    upd_sq: torch.Tensor      # ||theta_before - theta_after||^2
-    dots: torch.Tensor        # <theta_before - theta_after, g>
-    after_sq: torch.Tensor    # ||theta_after||^2
-    before_sq: torch.Tensor   # ||theta_before||^2
-    post_sq: torch.Tensor     # ||g||^2 of the gradient the optimizer stepped with
+    upd_sq: torch.Tensor  # ||theta_before - theta_after||^2
+    dots: torch.Tensor  # <theta_before - theta_after, g>
+    after_sq: torch.Tensor  # ||theta_after||^2
+    before_sq: torch.Tensor  # ||theta_before||^2
+    post_sq: torch.Tensor  # ||g||^2 of the gradient the optimizer stepped with
     adam: AdamSums | None
 
 
-def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dict[int, dict],
-               device: torch.device, scratch: Scratch, adam: bool) -> After:
+def after_step(
+    params: list[torch.Tensor],
+    pre: Before,
+    optimizer,
+    group_of: dict[int, dict],
+    device: torch.device,
+    scratch: Scratch,
+    adam: bool,
+) -> After:
     lengths = [p.numel() for p in params]
     stride = max(1, math.ceil(sum(lengths) / HEADROOM_SAMPLE_TOTAL))  # one uniform stride over all tensors
     a = _adam_inputs(params, optimizer, group_of, stride, samples=pre.native is None) if adam else None
@@ -274,8 +296,18 @@ def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dic
         nones, ones = [None] * len(params), [1.0] * len(params)
         ms, dens, vs = (nones, nones, nones) if a is None else (a["m"], a["den"], a["v"])
         r, per, q, q_lengths = Native.post(
-            pre.native, params, _grads(params), ms, dens, vs, ones if a is None else a["eps_d"],
-            ones if a is None else a["thr"], lengths, HEADROOM_SAMPLE_PER_TENSOR, stride)
+            pre.native,
+            params,
+            _grads(params),
+            ms,
+            dens,
+            vs,
+            ones if a is None else a["eps_d"],
+            ones if a is None else a["thr"],
+            lengths,
+            HEADROOM_SAMPLE_PER_TENSOR,
+            stride,
+        )
         totals = dict(zip(fused.PLAIN + fused.ADAM, r))
     else:
         totals = _after_blocks(params, pre, a, device, scratch)
@@ -285,15 +317,21 @@ def after_step(params: list[torch.Tensor], pre: Before, optimizer, group_of: dic
     if a is not None:  # Adam, and its state readable by the walk that ran
         bc1, bc2, eps_d = (_vector(a[k], device) for k in ("bc1", "bc2", "eps_d"))
         q = q.to(device, F64) * torch.repeat_interleave(
-            eps_d.square().reciprocal(), torch.tensor(q_lengths, device=device))
+            eps_d.square().reciprocal(), torch.tensor(q_lengths, device=device)
+        )
         out.adam = AdamSums(
-            m_sq=totals["m"], v_sq=totals["v"], u_sq=totals["u"] * bc2 / bc1.square(),
+            m_sq=totals["m"],
+            v_sq=totals["v"],
+            u_sq=totals["u"] * bc2 / bc1.square(),
             u_big=totals["big"],
             count=torch.tensor(lengths, dtype=F64, device=device),
             # medians of the raw v samples (an element each, so exact in any dtype); sqrt and
             # the bias correction are monotonic and come after
             headroom=torch.log10(medians(per, device).sqrt() / eps_d),
-            bc1=bc1, bc2=bc2, q_parts=list(q.split(q_lengths)))
+            bc1=bc1,
+            bc2=bc2,
+            q_parts=list(q.split(q_lengths)),
+        )
     return out
 
 
@@ -309,7 +347,7 @@ def _after_blocks(params, pre: Before, a: dict | None, device, scratch: Scratch)
             continue  # the kernel did this tensor in one pass
         if i is None and fused.after_pack(kernels, unit[0], pre.snapshots[k], thetas, grads, a, sums, scratch):
             continue  # the pack, as rows, in one kernel
-        for b, snap in zip(unit, pre.snapshots[k:k + len(unit)]):
+        for b, snap in zip(unit, pre.snapshots[k : k + len(unit)]):
             t = b.read(thetas, scratch, "t")
             d = torch.sub(snap, t, out=scratch.get("w", b.n, b.device))
             sums.add("upd", b, b.reduce(d))
@@ -335,7 +373,7 @@ def _scalar_step(step):
 def _bias_corrections(group: dict, t):
     """1 - beta1^t and 1 - beta2^t for a step count from ``_scalar_step`` (number or tensor)."""
     beta1, beta2 = (float(b) for b in group["betas"])
-    return 1 - beta1 ** t, 1 - beta2 ** t
+    return 1 - beta1**t, 1 - beta2**t
 
 
 def _vector(values: list, device) -> torch.Tensor:

@@ -4,6 +4,7 @@ device tensor, stacked once into the float64 vector the exporter thread copies t
 
 Nothing here reads a value on the host: every function adds device tensors to a ``SeriesVector``.
 """
+
 from __future__ import annotations
 
 import re
@@ -55,17 +56,17 @@ class PreStep:
     """What the pre-step hook of a sampled step leaves for its post-step hook. Per-tensor lists
     follow ``changing``: the parameters that have a gradient, so the step changes them."""
 
-    grad_norm_known: bool                 # the gradients as backward left them are known
+    grad_norm_known: bool  # the gradients as backward left them are known
     device: torch.device
     changing: list[torch.Tensor]
-    group_of: dict[int, dict[str, Any]]   # id(param) -> its param group
-    adam: bool                            # an Adam or AdamW optimizer
-    walk: S.Before | None                 # the pre-step walk (None when nothing changes)
-    group_index: list[int]                # the index of each changing parameter's param group
-    backward: list[torch.Tensor | None]   # backward's ||g||^2 (before any clipping), where measured
-    still_sq: torch.Tensor                # ||theta||^2 over the parameters without a gradient (0-d)
+    group_of: dict[int, dict[str, Any]]  # id(param) -> its param group
+    adam: bool  # an Adam or AdamW optimizer
+    walk: S.Before | None  # the pre-step walk (None when nothing changes)
+    group_index: list[int]  # the index of each changing parameter's param group
+    backward: list[torch.Tensor | None]  # backward's ||g||^2 (before any clipping), where measured
+    still_sq: torch.Tensor  # ||theta||^2 over the parameters without a gradient (0-d)
     vu: tuple[torch.Tensor, torch.Tensor] | None  # v-underestimation sums and counts, per tensor
-    had_v: list[bool] | None              # per tensor: it had a v_{t-1} (entered vu)
+    had_v: list[bool] | None  # per tensor: it had a v_{t-1} (entered vu)
 
 
 @dataclass
@@ -73,12 +74,12 @@ class StepSums:
     """The per-tensor float64 device vectors of a sampled step, in ``PreStep.changing`` order."""
 
     pre: PreStep
-    pre_sq: torch.Tensor      # ||g||^2 before any clipping (backward's; else the gradient stepped with)
-    post_sq: torch.Tensor     # ||g||^2 of the gradient the optimizer stepped with
-    before_sq: torch.Tensor   # ||theta_before||^2
-    after_sq: torch.Tensor    # ||theta_after||^2
-    upd_sq: torch.Tensor      # ||theta_before - theta_after||^2
-    dots: torch.Tensor        # <theta_before - theta_after, g>
+    pre_sq: torch.Tensor  # ||g||^2 before any clipping (backward's; else the gradient stepped with)
+    post_sq: torch.Tensor  # ||g||^2 of the gradient the optimizer stepped with
+    before_sq: torch.Tensor  # ||theta_before||^2
+    after_sq: torch.Tensor  # ||theta_after||^2
+    upd_sq: torch.Tensor  # ||theta_before - theta_after||^2
+    dots: torch.Tensor  # <theta_before - theta_after, g>
     adam: S.AdamSums | None
 
 
@@ -126,8 +127,9 @@ def add_adam(out: SeriesVector, a: S.AdamSums, vu: tuple[torch.Tensor, torch.Ten
         out.add("v_underestimation", (vu[0].sum() / vu[1].sum()).sqrt())
 
 
-def add_state_norms(out: SeriesVector, optimizer: torch.optim.Optimizer, changing: list[torch.Tensor],
-                    device: torch.device) -> None:
+def add_state_norms(
+    out: SeriesVector, optimizer: torch.optim.Optimizer, changing: list[torch.Tensor], device: torch.device
+) -> None:
     """Any other optimizer: the L2 norm of each floating-point state tensor kind it keeps."""
     keys: dict[str, list[torch.Tensor]] = {}
     for p in changing:
@@ -165,8 +167,11 @@ def add_per_group(out: SeriesVector, s: StepSums, groups: list[int]) -> None:
             out.add("update_rms" + sfx, (g_u[gi] / g_cnt[gi]).sqrt())
             out.add("update_bimodality" + sfx, g_big[gi] / g_cnt[gi])
             out.add("eps_headroom" + sfx, a.eps_headroom([i for i, g in enumerate(pre.group_index) if g == gi]))
-        if pre.vu is not None and pre.had_v is not None \
-                and any(h for h, g in zip(pre.had_v, pre.group_index) if g == gi):
+        if (
+            pre.vu is not None
+            and pre.had_v is not None
+            and any(h for h, g in zip(pre.had_v, pre.group_index) if g == gi)
+        ):
             out.add("v_underestimation" + sfx, (g_vu[gi] / g_vc[gi]).sqrt())
 
 

@@ -5,6 +5,7 @@ batches records (``Record``) into points and hands them to an ``Exporter``: ``Co
 with retry, heartbeats and the disk spool), ``SpoolExporter`` (offline) or ``InMemoryExporter``
 (tests). HTTP goes through a ``Transport``; every failure to reach the collector is a ``TransportError``.
 """
+
 from .batches import BatchWriter, EncodedBatch
 from .collector import DEFAULT_HEARTBEAT_INTERVAL, CollectorExporter
 from .exporters import Exporter, InMemoryExporter, SpoolExporter

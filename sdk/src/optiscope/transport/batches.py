@@ -8,6 +8,7 @@ process or an absent collector loses nothing that reached the disk.
 The run's registration document lives here too: the spool keeps the latest one (a replay
 registers what the run last said), and a new one is handed over from the training thread.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,8 +42,14 @@ class BatchWriter:
     """Numbers, encodes and spools the batches of one (run, rank). Used by the exporter thread,
     except ``update_run_doc``, which any thread may call."""
 
-    def __init__(self, run_id: str, rank: int, run_doc: dict[str, Any],
-                 counters: collections.Counter[str] | None = None, spool: Spool | None = None):
+    def __init__(
+        self,
+        run_id: str,
+        rank: int,
+        run_doc: dict[str, Any],
+        counters: collections.Counter[str] | None = None,
+        spool: Spool | None = None,
+    ):
         self.run_id, self.rank = run_id, rank
         self.counters = counters if counters is not None else new_counters()
         self.spool = spool
@@ -105,8 +112,7 @@ class BatchWriter:
         try:
             spooled = self.spool.append(seq, body)
         except OSError:
-            self._warn("spool_error", "cannot write the spool at %s; batches are kept in memory only",
-                       self.spool.dir)
+            self._warn("spool_error", "cannot write the spool at %s; batches are kept in memory only", self.spool.dir)
         if spooled:
             self.counters["spooled_batches"] += 1
         else:

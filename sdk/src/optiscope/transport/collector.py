@@ -14,6 +14,7 @@ loader, no ``log`` calls) sends a heartbeat instead, so the collector can tell a
 dead one. A heartbeat is best-effort: one attempt per interval, never spooled, never retried on
 the batches' backoff, never sent while batches wait to be retried.
 """
+
 from __future__ import annotations
 
 import collections
@@ -45,9 +46,15 @@ class CollectorExporter:
     (30) with nothing sent (None: no heartbeats). ``replay_root``: other runs' spools to send
     once the collector answers."""
 
-    def __init__(self, transport: Transport, writer: BatchWriter, max_pending_batches: int = 1_000,
-                 backoff_max: float = 10.0, heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL,
-                 replay_root: Path | None = None):
+    def __init__(
+        self,
+        transport: Transport,
+        writer: BatchWriter,
+        max_pending_batches: int = 1_000,
+        backoff_max: float = 10.0,
+        heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL,
+        replay_root: Path | None = None,
+    ):
         self.writer = writer
         self.counters = writer.counters
         self.max_pending, self.backoff_max = max_pending_batches, backoff_max
@@ -108,8 +115,12 @@ class CollectorExporter:
         spooled = sum(b.points for b in pending if b.spooled)
         warn_undelivered(lost)  # whatever is still here when the deadline passed is lost; say how much, once
         if spooled:
-            log.warning("optiscope: %d points are kept in the spool at %s; they are sent by the next run "
-                        "or by `optiscope sync`", spooled, self.writer.spool_dir)
+            log.warning(
+                "optiscope: %d points are kept in the spool at %s; they are sent by the next run "
+                "or by `optiscope sync`",
+                spooled,
+                self.writer.spool_dir,
+            )
         delivered = lost == 0 and not spooled and self._finish_acked
         self.writer.close(end, delivered)
         return delivered
@@ -131,8 +142,11 @@ class CollectorExporter:
             old = self._pending.popleft()
             if not old.spooled:  # a spooled batch is not lost: the next run or `optiscope sync` sends it
                 self.counters["dropped"] += old.points
-            self._warn("pending_full", "collector unreachable and %d batches pending: the oldest leave memory",
-                       self.max_pending)
+            self._warn(
+                "pending_full",
+                "collector unreachable and %d batches pending: the oldest leave memory",
+                self.max_pending,
+            )
         self._pending.append(batch)
 
     def _drain(self) -> bool:

@@ -12,6 +12,7 @@ wants to be called again (a retry after its backoff, a heartbeat). Three exporte
 - ``SpoolExporter``: offline (``init(offline=True)``): the spool only, for ``optiscope sync``;
 - ``InMemoryExporter``: keeps what it is given, for tests.
 """
+
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,7 @@ the only failure worth retrying that is not an HTTP status. It is a ``Connection
 written against the older client keeps catching it. A test or a proxy wraps or replaces the
 transport without touching what decides when to send.
 """
+
 from __future__ import annotations
 
 import gzip

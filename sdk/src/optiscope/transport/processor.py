@@ -14,6 +14,7 @@ A process forked while the processor runs (a DataLoader worker) has a copy of th
 worker thread: the copy goes quiet (``submit`` drops, ``close`` returns at once), so the child
 neither sends the parent's records twice nor ends the parent's run.
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,9 +38,15 @@ class BatchProcessor:
     oldest), batches of ``max_batch_records`` or every ``flush_interval`` seconds. ``observe``
     sees every batch of points as it is exported, on the worker thread (in-process detectors)."""
 
-    def __init__(self, exporter: Exporter, counters: collections.Counter[str] | None = None,
-                 max_queue: int = 100_000, max_batch_records: int = 1_000, flush_interval: float = 0.5,
-                 observe: Callable[[list[Point]], None] | None = None):
+    def __init__(
+        self,
+        exporter: Exporter,
+        counters: collections.Counter[str] | None = None,
+        max_queue: int = 100_000,
+        max_batch_records: int = 1_000,
+        flush_interval: float = 0.5,
+        observe: Callable[[list[Point]], None] | None = None,
+    ):
         self.exporter = exporter
         self.counters = counters if counters is not None else new_counters()
         self.max_queue, self.max_batch_records, self.flush_interval = max_queue, max_batch_records, flush_interval

@@ -8,6 +8,7 @@ The delivery counters are one ``collections.Counter`` shared by the processor (w
 the exporter (which sends, retries and spools); ``Run.counters`` reads it, and each batch carries
 the ones in ``wire.SDK_COUNTERS`` as series of the run.
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,8 +22,19 @@ log = logging.getLogger("optiscope")
 Point = tuple[int, float, dict[str, float]]
 
 #: Every delivery counter, in the order ``Run.counters`` lists them.
-COUNTER_NAMES = ("dropped", "sent_batches", "sent_points", "retries", "rejected_batches", "bad_values",
-                 "spooled_batches", "spool_full", "replayed_batches", "split_batches", "heartbeats")
+COUNTER_NAMES = (
+    "dropped",
+    "sent_batches",
+    "sent_points",
+    "retries",
+    "rejected_batches",
+    "bad_values",
+    "spooled_batches",
+    "spool_full",
+    "replayed_batches",
+    "split_batches",
+    "heartbeats",
+)
 
 
 def new_counters() -> collections.Counter[str]:

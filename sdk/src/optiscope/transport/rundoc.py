@@ -6,6 +6,7 @@ accepts. Tags and the environment fingerprint came later, and the collector forb
 not know: an older collector answers 422 to a document that carries them. Losing a run's data
 over its metadata would be the wrong trade, so a refused registration is sent again without them.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,7 @@ def clean_tags(tags: Iterable[Any] | str | None) -> tuple[list[str], list[Any]]:
     return kept, dropped
 
 
-def bound_environment(env: dict[str, Any],
-                      limit: int = wire.MAX_ENVIRONMENT_BYTES) -> tuple[dict[str, Any], list[str]]:
+def bound_environment(env: dict[str, Any], limit: int = wire.MAX_ENVIRONMENT_BYTES) -> tuple[dict[str, Any], list[str]]:
     """``env`` as JSON values, within ``limit`` bytes of ``json.dumps``: the largest top-level
     entries leave first, and ``"truncated"`` lists their keys (or counts them, if the list is long).
     Returns (the document, the keys that left)."""
@@ -64,8 +64,7 @@ def core(doc: dict[str, Any]) -> dict[str, Any] | None:
     return {k: v for k, v in doc.items() if k not in OPTIONAL_KEYS}
 
 
-def put_run(call: Callable[[str, str, Any], int | None], run_id: str,
-            doc: dict[str, Any]) -> tuple[int | None, bool]:
+def put_run(call: Callable[[str, str, Any], int | None], run_id: str, doc: dict[str, Any]) -> tuple[int | None, bool]:
     """Register ``doc`` through ``call(method, path, body) -> status | None``; when the collector
     refuses it (``REFUSED``) and it carries optional metadata, register its core instead.
     Returns (the last status, whether the core was sent): the caller says so in its log."""

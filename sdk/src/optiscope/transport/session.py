@@ -5,6 +5,7 @@ Deciding *when* to send (backoff, heartbeats, the end of the run) is the exporte
 (``collector.CollectorExporter``); this module only says how each request is made and what
 its answers mean for the log: a refusal worth one line, a ``Retry-After`` worth remembering.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ class CollectorSession:
             status, headers, payload = self.transport.request(method, path, body)
         except TransportError as e:
             self.last_request = time.monotonic()
-            self._warn("unreachable", "collector at %s unreachable (%s); will keep retrying",
-                       self.transport.base_url, e)
+            self._warn(
+                "unreachable", "collector at %s unreachable (%s); will keep retrying", self.transport.base_url, e
+            )
             return None
         if status in RETRYABLE and headers.get("retry-after", "").strip().isdigit():
             # the collector says when to come back (bounded by backoff_max)
@@ -45,13 +47,15 @@ class CollectorSession:
         self.last_request = time.monotonic()
         if status >= 400 and status not in RETRYABLE and status != 413 and status not in quiet:
             reason = _reason(payload)
-            self._warn(f"http{status}:{reason}", "%s %s rejected with %d (%s); dropping it",
-                       method, path, status, reason)
+            self._warn(
+                f"http{status}:{reason}", "%s %s rejected with %d (%s); dropping it", method, path, status, reason
+            )
         return status
 
     def register(self, doc: dict[str, Any]) -> int | None:
         """``PUT`` the run's document; an older collector that refuses its tags/environment gets the
         core of it instead (``rundoc.put_run``)."""
+
         def put(method: str, path: str, body: dict[str, Any]) -> int | None:
             # Only a refused core is worth the generic "rejected" line: the fallback says the rest.
             optional = rundoc.core(body) is not None
@@ -59,8 +63,9 @@ class CollectorSession:
 
         status, fell_back = rundoc.put_run(put, self.run_id, doc)
         if fell_back:
-            self._warn("doc_refused", "the collector refused the run's tags/environment; the run is "
-                       "registered without them")
+            self._warn(
+                "doc_refused", "the collector refused the run's tags/environment; the run is registered without them"
+            )
         return status
 
     def send_batch(self, body: bytes) -> int | None:

@@ -14,6 +14,7 @@ frames before. A segment is deleted when every batch in it has been acknowledged
 spool re-sends whatever is left, and the collector's (run, rank, seq) idempotency drops the
 batches it already has.
 """
+
 from __future__ import annotations
 
 import json
@@ -148,6 +149,7 @@ class Lock:
 
     def acquire(self) -> bool:
         import fcntl
+
         fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

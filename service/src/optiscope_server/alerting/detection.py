@@ -13,6 +13,7 @@ rank are taken from the alerts table, so no replica fires again what another alr
 On PostgreSQL a batch's transaction holds its run's row lock before it gets here, so replicas
 ingest one run one batch at a time and each sees what the previous one committed.
 """
+
 from __future__ import annotations
 
 import threading
@@ -61,8 +62,9 @@ class DetectorRunner:
         with self._lock:
             self._runs.pop(run_id, None)
 
-    def run(self, conn: Connection, run_id: str, rank: int, seq: int | None, steps: np.ndarray,
-            columns: SeriesColumns) -> list[AlertEvent]:
+    def run(
+        self, conn: Connection, run_id: str, rank: int, seq: int | None, steps: np.ndarray, columns: SeriesColumns
+    ) -> list[AlertEvent]:
         """The alert transitions of one batch (its records' steps and columns), in record order."""
         if not len(steps):
             return []
@@ -72,8 +74,9 @@ class DetectorRunner:
         self._fed(run_id, rank, int(steps.max()), seq)
         return events
 
-    def _detectors_for(self, conn: Connection, run_id: str, rank: int, first_step: int,
-                       seq: int | None = None) -> list[Detector]:
+    def _detectors_for(
+        self, conn: Connection, run_id: str, rank: int, first_step: int, seq: int | None = None
+    ) -> list[Detector]:
         """The run's detectors, caught up on rank ``rank`` up to (not including) ``first_step``.
         The batch that follows the last one fed (``seq``) needs no look at the store."""
         entry = self._runs.get(run_id)
@@ -98,8 +101,9 @@ class DetectorRunner:
             if seq is not None:
                 entry.seq[rank] = seq
 
-    def _replay(self, conn: Connection, run_id: str, rank: int, entry: _RunDetectors, fed: int | None,
-                first_step: int) -> int:
+    def _replay(
+        self, conn: Connection, run_id: str, rank: int, entry: _RunDetectors, fed: int | None, first_step: int
+    ) -> int:
         """Feed the stored points the detectors missed, discarding the transitions (they were, or
         were not, recorded when those points arrived). Returns the number of records fed."""
         if not entry.names:
@@ -117,8 +121,7 @@ class DetectorRunner:
                 d.update(step, records[step], rank)
         return len(records)
 
-    def _missed(self, conn: Connection, sid: int, rank: int, fed: int | None,
-                first_step: int) -> list[tuple[int, int]]:
+    def _missed(self, conn: Connection, sid: int, rank: int, fed: int | None, first_step: int) -> list[tuple[int, int]]:
         """The step ranges of one series to replay: bounded reads, a long run's history is never
         decoded whole."""
         end = first_step - 1

@@ -8,6 +8,7 @@ no redirect followed). A failure is retried on ``schedule``; an endpoint answeri
 disabled. Firing alerts are re-sent to Alertmanager endpoints every ``refresh`` seconds, because
 Alertmanager resolves an alert nobody has repeated within its resolve_timeout.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,17 @@ DEFAULT_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
 class WebhookDispatcher:
-    def __init__(self, outbox: Outbox, on_result: Callable[[bool], None] | None = None, interval: float = 0.5,
-                 timeout: float = 5.0, schedule: tuple[float, ...] = DEFAULT_SCHEDULE, allow_internal: bool = False,
-                 refresh: float = 60.0, run_url: Callable[[str], str] = lambda run_id: run_id):
+    def __init__(
+        self,
+        outbox: Outbox,
+        on_result: Callable[[bool], None] | None = None,
+        interval: float = 0.5,
+        timeout: float = 5.0,
+        schedule: tuple[float, ...] = DEFAULT_SCHEDULE,
+        allow_internal: bool = False,
+        refresh: float = 60.0,
+        run_url: Callable[[str], str] = lambda run_id: run_id,
+    ):
         self.outbox, self.on_result = outbox, on_result or (lambda ok: None)
         self.interval, self.timeout, self.schedule = interval, timeout, tuple(schedule)
         self.allow_internal, self.refresh, self.run_url = allow_internal, refresh, run_url
@@ -81,7 +90,9 @@ class WebhookDispatcher:
             ok = status is not None and 200 <= status < 300
             if status == 410 and d["webhook_id"] is not None:
                 # Gone: the receiver asks us to stop. Disabled (audited), never retried.
-                endpoints.set_enabled(self.outbox.db.engine, d["webhook_id"], False, "collector", reason="answered 410 Gone")
+                endpoints.set_enabled(
+                    self.outbox.db.engine, d["webhook_id"], False, "collector", reason="answered 410 Gone"
+                )
                 log.warning("webhook %s answered 410 Gone: disabled", d["target"])
                 retry_at = float("inf")
             elif d["attempts"] < len(self.schedule):
@@ -103,8 +114,9 @@ class WebhookDispatcher:
             if not events:
                 continue
             body = formats.alertmanager_refresh(events)
-            status, err = self._post(hook["url"], body, "application/json", hook["secrets"],
-                                     f"msg_refresh_{hook['id']}_{int(time.time())}")
+            status, err = self._post(
+                hook["url"], body, "application/json", hook["secrets"], f"msg_refresh_{hook['id']}_{int(time.time())}"
+            )
             if status is None or not 200 <= status < 300:
                 log.warning("re-sending firing alerts to %s failed: %s", hook["url"], err or f"HTTP {status}")
 

@@ -1,6 +1,7 @@
 """Webhook endpoints as rows: created, listed, rotated, disabled and deleted through the API
 (audited), or given on the collector's command line (synced at start). Signing is ``signing``.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,16 +44,32 @@ def public(row) -> dict:
     return r
 
 
-def create(engine: Engine, url: str, fmt: str, project: str | None, secret: str | None, actor: str,
-           remote: str | None = None, signed: bool = True) -> tuple[dict, str | None]:
+def create(
+    engine: Engine,
+    url: str,
+    fmt: str,
+    project: str | None,
+    secret: str | None,
+    actor: str,
+    remote: str | None = None,
+    signed: bool = True,
+) -> tuple[dict, str | None]:
     """A new endpoint and its secret (shown once; made here unless given or ``signed`` is False)."""
     check_url(url)
     secret = secret or (new_secret() if signed else None)
     now = time.time()
     with engine.begin() as conn:
-        key: Any = conn.execute(insert(webhooks).values(
-            url=url, format=fmt, project=project, secrets=[secret] if secret else None, source="api",
-            created_at=now, created_by=actor)).inserted_primary_key
+        key: Any = conn.execute(
+            insert(webhooks).values(
+                url=url,
+                format=fmt,
+                project=project,
+                secrets=[secret] if secret else None,
+                source="api",
+                created_at=now,
+                created_by=actor,
+            )
+        ).inserted_primary_key
         wid = key[0]
         write_audit(conn, actor, "webhook.create", project, wid, {"url": url, "format": fmt}, remote)
         row = conn.execute(select(webhooks).where(webhooks.c.id == wid)).mappings().one()
@@ -89,19 +106,31 @@ def rotate(engine: Engine, webhook_id: int, actor: str, remote: str | None = Non
         fresh = None if finish else new_secret()
         keep = old[:1] if finish else [fresh, *old][:MAX_SECRETS]
         conn.execute(update(webhooks).where(webhooks.c.id == webhook_id).values(secrets=keep or None))
-        write_audit(conn, actor, "webhook.rotate_finish" if finish else "webhook.rotate", row.project, webhook_id,
-                    None, remote)
+        write_audit(
+            conn, actor, "webhook.rotate_finish" if finish else "webhook.rotate", row.project, webhook_id, None, remote
+        )
     return fresh
 
 
-def set_enabled(engine: Engine, webhook_id: int, enabled: bool, actor: str, reason: str | None = None,
-                remote: str | None = None) -> None:
+def set_enabled(
+    engine: Engine, webhook_id: int, enabled: bool, actor: str, reason: str | None = None, remote: str | None = None
+) -> None:
     with engine.begin() as conn:
         row = _row(conn, webhooks.c.project, webhook_id=webhook_id)
-        conn.execute(update(webhooks).where(webhooks.c.id == webhook_id).values(
-            disabled_at=None if enabled else time.time(), disabled_reason=None if enabled else reason))
-        write_audit(conn, actor, "webhook.enable" if enabled else "webhook.disable", row.project, webhook_id,
-                    None if enabled else {"reason": reason}, remote)
+        conn.execute(
+            update(webhooks)
+            .where(webhooks.c.id == webhook_id)
+            .values(disabled_at=None if enabled else time.time(), disabled_reason=None if enabled else reason)
+        )
+        write_audit(
+            conn,
+            actor,
+            "webhook.enable" if enabled else "webhook.disable",
+            row.project,
+            webhook_id,
+            None if enabled else {"reason": reason},
+            remote,
+        )
 
 
 def _row(conn: Connection, *cols, webhook_id: int):
@@ -113,9 +142,11 @@ def _row(conn: Connection, *cols, webhook_id: int):
 
 def targets_for(conn: Connection, project: str) -> Sequence[Any]:
     """The enabled endpoints that receive a project's alerts."""
-    return conn.execute(select(webhooks.c.id, webhooks.c.url).where(
-        webhooks.c.disabled_at.is_(None),
-        or_(webhooks.c.project.is_(None), webhooks.c.project == project)).order_by(webhooks.c.id)).all()
+    return conn.execute(
+        select(webhooks.c.id, webhooks.c.url)
+        .where(webhooks.c.disabled_at.is_(None), or_(webhooks.c.project.is_(None), webhooks.c.project == project))
+        .order_by(webhooks.c.id)
+    ).all()
 
 
 def sync_config(engine: Engine, configured: list[tuple[str, str]], secrets: list[str] | None) -> None:
@@ -126,16 +157,32 @@ def sync_config(engine: Engine, configured: list[tuple[str, str]], secrets: list
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":  # replicas starting together: one after the other, no duplicates
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SYNC_LOCK})")
-        have = {(r.format, r.url): r.id for r in conn.execute(
-            select(webhooks.c.id, webhooks.c.format, webhooks.c.url).where(webhooks.c.source == "config"))}
+        have = {
+            (r.format, r.url): r.id
+            for r in conn.execute(
+                select(webhooks.c.id, webhooks.c.format, webhooks.c.url).where(webhooks.c.source == "config")
+            )
+        }
         for key in configured:
             values = {"secrets": secrets or None, "disabled_at": None, "disabled_reason": None}
             if key in have:
                 conn.execute(update(webhooks).where(webhooks.c.id == have[key]).values(**values))
             else:
-                conn.execute(insert(webhooks).values(format=key[0], url=key[1], project=None, source="config",
-                                                     created_at=now, created_by="config", **values))
+                conn.execute(
+                    insert(webhooks).values(
+                        format=key[0],
+                        url=key[1],
+                        project=None,
+                        source="config",
+                        created_at=now,
+                        created_by="config",
+                        **values,
+                    )
+                )
         gone = [wid for key, wid in have.items() if key not in configured]
         if gone:
-            conn.execute(update(webhooks).where(webhooks.c.id.in_(gone), webhooks.c.disabled_at.is_(None))
-                         .values(disabled_at=now, disabled_reason="no longer configured"))
+            conn.execute(
+                update(webhooks)
+                .where(webhooks.c.id.in_(gone), webhooks.c.disabled_at.is_(None))
+                .values(disabled_at=now, disabled_reason="no longer configured")
+            )

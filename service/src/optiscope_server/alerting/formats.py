@@ -6,6 +6,7 @@ JSON: NaN and +-Inf are data here, so they are spelled "NaN", "Infinity", "-Infi
 dumping, and ``allow_nan=False`` turns any value that slipped through into an error here rather
 than a body that Slack, Alertmanager or a strict parser would reject.
 """
+
 from __future__ import annotations
 
 import json
@@ -138,14 +139,17 @@ def slack_message(event: dict) -> dict:
     name = str(run.get("name") or run.get("id") or "?")
     url = run.get("url")
     # <url|text> is Slack's link; `|` and `>` in the URL would end it early, so they are encoded.
-    link = (f"<{_esc(str(url).replace('|', '%7C').replace('>', '%3E'))}|{_esc(name, _RUN_NAME_MAX)}>"
-            if url else None)
+    link = f"<{_esc(str(url).replace('|', '%7C').replace('>', '%3E'))}|{_esc(name, _RUN_NAME_MAX)}>" if url else None
     budget = _SLACK_FIELD_MAX - 20  # what a field's value may use besides its bold label
-    fields = [("Project", _esc(run.get("project"), budget)),
-              ("Run", link if link and _units(link) <= budget else _esc(name, budget)),
-              ("Rule", _esc(alert.get("rule"), budget)), ("Series", _esc(alert.get("series"), budget)),
-              ("Step", _esc(alert.get("step"), budget)), ("Rank", _esc(alert.get("rank"), budget)),
-              ("Value", _esc(_value_text(alert.get("value")), budget))]
+    fields = [
+        ("Project", _esc(run.get("project"), budget)),
+        ("Run", link if link and _units(link) <= budget else _esc(name, budget)),
+        ("Rule", _esc(alert.get("rule"), budget)),
+        ("Series", _esc(alert.get("series"), budget)),
+        ("Step", _esc(alert.get("step"), budget)),
+        ("Rank", _esc(alert.get("rank"), budget)),
+        ("Value", _esc(_value_text(alert.get("value")), budget)),
+    ]
     message = str(alert.get("message") or "")
     fallback = f"{headline} [{severity}] {alert.get('rule')}: {message} ({run.get('project')}/{name})"
     t = float(event["time"])
@@ -155,8 +159,11 @@ def slack_message(event: dict) -> dict:
         "text": _esc(fallback.replace("\n", " "), _SLACK_FALLBACK_MAX),
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": header, "emoji": True}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": _esc(message, _SLACK_SECTION_MAX) or " "},
-             "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in fields]},
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": _esc(message, _SLACK_SECTION_MAX) or " "},
+                "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in fields],
+            },
             {"type": "context", "elements": [{"type": "mrkdwn", "text": when}]},
         ],
     }
@@ -202,14 +209,19 @@ def alertmanager_alert(event: dict) -> dict:
     labels = {k: str(v) for k, v in labels.items() if v is not None and str(v) != ""}
     value = _value_text(alert.get("value"))
     message = str(alert.get("message") or "")
-    description = (f"{message}. Run {run.get('name')} ({run.get('id')}) in project {run.get('project')}: "
-                   f"rule {alert.get('rule')}, series {alert.get('series')}, step {alert.get('step')}, "
-                   f"rank {alert.get('rank')}, value {value}.")
-    annotations = {"summary": message, "description": description, "value": value,
-                   "step": "" if alert.get("step") is None else str(alert.get("step"))}
+    description = (
+        f"{message}. Run {run.get('name')} ({run.get('id')}) in project {run.get('project')}: "
+        f"rule {alert.get('rule')}, series {alert.get('series')}, step {alert.get('step')}, "
+        f"rank {alert.get('rank')}, value {value}."
+    )
+    annotations = {
+        "summary": message,
+        "description": description,
+        "value": value,
+        "step": "" if alert.get("step") is None else str(alert.get("step")),
+    }
     start, end = _times(event)
-    out = {"labels": labels, "annotations": {k: v for k, v in annotations.items() if v},
-           "startsAt": _rfc3339(start)}
+    out = {"labels": labels, "annotations": {k: v for k, v in annotations.items() if v}, "startsAt": _rfc3339(start)}
     if end is not None:
         out["endsAt"] = _rfc3339(end)
     if run.get("url"):

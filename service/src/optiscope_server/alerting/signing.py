@@ -7,6 +7,7 @@ space-separated, so a receiver that knows either the old or the new secret verif
 during a rotation. Secrets are ``whsec_`` + base64 of 32 random bytes; the HMAC key is the decoded
 bytes, as the scheme defines.
 """
+
 from __future__ import annotations
 
 import base64

@@ -20,6 +20,7 @@ Checking at send time matters because a name that resolved to a public address w
 was configured can resolve to an internal one later. ``allow_internal`` is the explicit setting for
 deployments whose receivers are on a private network. Proxy environment variables are not used.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -31,11 +32,14 @@ import urllib.parse
 from dataclasses import dataclass
 
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata"})
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, ...
-    "fd00:ec2::254",    # AWS over IPv6
-    "100.100.100.200",  # Alibaba Cloud
-))
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, ...
+        "fd00:ec2::254",  # AWS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+    )
+)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 MAX_RESPONSE_BYTES = 64 * 1024
 
@@ -51,11 +55,11 @@ class TargetRefused(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    scheme: str            # "http" or "https"
-    host: str              # as in the URL (lower case, IDNA-encoded, no brackets)
+    scheme: str  # "http" or "https"
+    host: str  # as in the URL (lower case, IDNA-encoded, no brackets)
     port: int
-    path: str              # path and query, what goes on the request line
-    addresses: list[str]   # the checked addresses to connect to, in resolver order
+    path: str  # path and query, what goes on the request line
+    addresses: list[str]  # the checked addresses to connect to, in resolver order
 
 
 def is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -68,8 +72,15 @@ def is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if ip.sixtofour is not None and is_internal(ip.sixtofour):
             return True
     # is_global alone misses multicast (224/4 counts as global), hence the explicit checks.
-    return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local
-            or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+    return (
+        not ip.is_global
+        or ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
 
 
 def _is_metadata(ip) -> bool:
@@ -114,8 +125,10 @@ def resolve(url: str, allow_internal: bool = False) -> Target:
             raise TargetRefused("metadata", f"host {host!r} resolves to {a}, a cloud metadata address")
         # Any internal address refuses the host: the connection could go to either.
         if not allow_internal and is_internal(ip):
-            raise TargetRefused("internal_address", f"host {host!r} resolves to {a}, an internal address "
-                                                    "(allow internal targets explicitly to send there)")
+            raise TargetRefused(
+                "internal_address",
+                f"host {host!r} resolves to {a}, an internal address (allow internal targets explicitly to send there)",
+            )
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -175,8 +188,9 @@ def _drain(resp: http.client.HTTPResponse, deadline: float) -> None:
         pass
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
-         allow_internal: bool = False) -> tuple[int | None, str | None]:
+def post(
+    url: str, body: bytes, headers: dict[str, str], timeout: float, allow_internal: bool = False
+) -> tuple[int | None, str | None]:
     """POST ``body`` to ``url`` after checking it; ``(status, None)`` for any HTTP answer (3xx
     included: redirects are not followed), ``(None, "reason: ...")`` when nothing was answered.
     ``timeout`` bounds each connect and read, as in http.client, and the body drain overall."""

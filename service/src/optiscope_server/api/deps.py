@@ -4,6 +4,7 @@ and JSON bodies read through the same limits as batches.
 Routes declare what they need with ``Annotated`` types: ``collector: CollectorDep``, ``who: Read``
 (or ``Ingest``, ``Admin``), ``run_id: RunId``.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -52,11 +53,17 @@ def principal(request: Request, collector: CollectorDep) -> Principal:
         if not loopback_host(request.headers.get("host", "")):
             # A page whose name was re-pointed at 127.0.0.1 (DNS rebinding) reaches us with its
             # own name as Host: the open collector answers only requests addressed to loopback.
-            raise ApiError(403, "host_not_allowed", "without tokens the collector answers only requests "
-                                                    "addressed to localhost, 127.0.0.1 or [::1]")
+            raise ApiError(
+                403,
+                "host_not_allowed",
+                "without tokens the collector answers only requests addressed to localhost, 127.0.0.1 or [::1]",
+            )
         return OPEN
-    raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required "
-                                        "(missing, unknown or revoked token)")
+    raise ApiError(
+        401,
+        "unauthorized",
+        "a valid 'Authorization: Bearer <token>' header is required (missing, unknown or revoked token)",
+    )
 
 
 def need(scope: str) -> Any:
@@ -64,6 +71,7 @@ def need(scope: str) -> Any:
         if not who.allows(scope):
             raise ApiError(403, "insufficient_scope", f"this needs a token with the {scope!r} scope")
         return who
+
     return Depends(check)
 
 

@@ -1,5 +1,6 @@
 """API errors: one exception with a machine-readable reason, and the handlers that turn it, the
 stores' NotFound and a database outage into JSON answers."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,7 +17,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "missing, unknown or revoked token"},
     403: {"model": ErrorOut, "description": "the token's scope or project does not allow this"},
     404: {"model": ErrorOut, "description": "no such object, or not in the token's project"},
-    422: {"description": "invalid input: the offending field is named"}}
+    422: {"description": "invalid input: the offending field is named"},
+}
 
 
 class ApiError(Exception):
@@ -42,5 +44,8 @@ def install(app: FastAPI) -> None:
     async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         # A deadlock victim, a lost connection, a database restarting: the same request can succeed
         # later, and 503 is what the SDK retries (a 500 would make it drop the batch).
-        return JSONResponse({"reason": "database_unavailable", "detail": "the database could not complete the "
-                             "request; try again"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(
+            {"reason": "database_unavailable", "detail": "the database could not complete the request; try again"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )

@@ -1,4 +1,5 @@
 """``/healthz`` (the database answers) and ``/metrics`` (Prometheus exposition)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter

@@ -1,4 +1,5 @@
 """``/api/v1/runs/{id}`` for trainers: register a run (or a rank), send batches, heartbeat, finish."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -29,8 +30,17 @@ async def register_run(request: Request, run_id: RunId, who: Ingest, collector: 
         if owner is not None and owner != who.project:
             raise NotFound(run_id)
     try:
-        row = await run_in_threadpool(collector.runs.upsert_run, run_id, body.project, body.name, body.config,
-                                      body.host, body.rank, body.tags, body.environment)
+        row = await run_in_threadpool(
+            collector.runs.upsert_run,
+            run_id,
+            body.project,
+            body.name,
+            body.config,
+            body.host,
+            body.rank,
+            body.tags,
+            body.environment,
+        )
     except Rejected as e:
         raise ApiError(409, e.reason, str(e)) from None
     return m.run_out(row, collector.settings.run_url(run_id))

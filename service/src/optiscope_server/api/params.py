@@ -1,4 +1,5 @@
 """Reading requests: bodies within their limits, query items, cursors; and the CSV answer."""
+
 from __future__ import annotations
 
 import base64
@@ -47,8 +48,15 @@ def config_filters(items: list[str]) -> dict[str, str]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not wire.NAME_RE.fullmatch(key):
-            raise ApiError(422, "bad_config_filter", {"loc": ["query", "config"], "input": item,
-                                                      "msg": "expected key=value with a key of letters, digits, _ . : / -"})
+            raise ApiError(
+                422,
+                "bad_config_filter",
+                {
+                    "loc": ["query", "config"],
+                    "input": item,
+                    "msg": "expected key=value with a key of letters, digits, _ . : / -",
+                },
+            )
         try:
             parsed = json.loads(value)
         except ValueError:
@@ -68,8 +76,11 @@ def decode_cursor(cursor: str, sort: str, order: str) -> tuple:
     made by us, is a 422."""
     try:
         got_sort, got_order, value, run_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        ok = (got_sort, got_order) == (sort, order) and isinstance(run_id, str) and \
-            wire.RUN_ID_RE.fullmatch(run_id) is not None
+        ok = (
+            (got_sort, got_order) == (sort, order)
+            and isinstance(run_id, str)
+            and wire.RUN_ID_RE.fullmatch(run_id) is not None
+        )
         if sort == "name":
             ok = ok and isinstance(value, str) and len(value) <= 200 and "\x00" not in value
             value.encode("utf-8")  # a lone surrogate cannot reach the database
@@ -79,8 +90,11 @@ def decode_cursor(cursor: str, sort: str, order: str) -> tuple:
     except (ValueError, TypeError, OverflowError, RecursionError, UnicodeError, AttributeError):
         ok = False
     if not ok:
-        raise ApiError(422, "bad_cursor", {"loc": ["query", "cursor"],
-                                           "msg": "not a next_cursor of this listing (same sort and order)"})
+        raise ApiError(
+            422,
+            "bad_cursor",
+            {"loc": ["query", "cursor"], "msg": "not a next_cursor of this listing (same sort and order)"},
+        )
     return value, run_id
 
 

@@ -1,4 +1,5 @@
 """``/api/v1/projects``: the projects a caller can see, and deleting one."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -22,10 +23,13 @@ def list_projects(who: Read, collector: CollectorDep) -> m.ProjectList:
 
 
 @router.delete("/{project}", tags=["retention"], response_model=m.Deleted)
-def delete_project(request: Request, who: Admin, collector: CollectorDep,
-                   project: Annotated[str, Path(pattern=wire.NAME_RE.pattern, max_length=wire.MAX_NAME_LEN)],
-                   force: Annotated[bool, Query(description="delete its runs even while running")] = False,
-                   ) -> m.Deleted:
+def delete_project(
+    request: Request,
+    who: Admin,
+    collector: CollectorDep,
+    project: Annotated[str, Path(pattern=wire.NAME_RE.pattern, max_length=wire.MAX_NAME_LEN)],
+    force: Annotated[bool, Query(description="delete its runs even while running")] = False,
+) -> m.Deleted:
     """Delete a project and every run of it completely."""
     own_project(who, project)
     return delete_runs(collector.runs, who.actor, remote(request), project=project, force=force)

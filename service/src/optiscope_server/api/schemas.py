@@ -3,6 +3,7 @@
 Float fields serialise NaN, +Inf and -Inf as the strings "NaN", "Infinity" and "-Infinity",
 the same spelling as the wire format: non-finite values are data, never null.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,14 @@ class RunIn(BaseModel):
     rank: int = Field(0, ge=0, le=wire.MAX_RANK)
     host: str | None = Field(None, max_length=255, pattern=NO_NUL)
     pid: int | None = None
-    tags: list[str] = Field(default_factory=list, max_length=wire.MAX_TAGS,
-                            description="labels to find the run by (tag= filter); they accumulate across ranks")
-    environment: dict[str, Any] | None = Field(None, description="this rank's environment fingerprint "
-                                                                 "(the SDK collects it)")
+    tags: list[str] = Field(
+        default_factory=list,
+        max_length=wire.MAX_TAGS,
+        description="labels to find the run by (tag= filter); they accumulate across ranks",
+    )
+    environment: dict[str, Any] | None = Field(
+        None, description="this rank's environment fingerprint (the SDK collects it)"
+    )
 
     @field_validator("tags")
     @classmethod
@@ -155,9 +160,12 @@ class SeriesData(BaseModel):
     ranks: list[int]
     values: list[float]
     truncated: bool = Field(description="true when more points matched than the limit")
-    downsampled: bool = Field(False, description="true when the points are a downsampled view (max_points): per "
-                                                 "bucket and rank its first, last, smallest and largest value, and "
-                                                 "every non-finite point")
+    downsampled: bool = Field(
+        False,
+        description="true when the points are a downsampled view (max_points): per "
+        "bucket and rank its first, last, smallest and largest value, and "
+        "every non-finite point",
+    )
     bucket_steps: int | None = Field(None, description="the width in steps of a downsampling bucket")
 
 
@@ -186,10 +194,14 @@ class AlertOut(BaseModel):
     step: int
     value: float
     message: str
-    evidence: dict[str, Any] = Field(default_factory=dict, description=(
-        "what triggered the alert: the window of steps, the values and thresholds compared, the baseline; "
-        "non-finite numbers as the strings NaN, Infinity, -Infinity; inhibited_by: the id of the alert "
-        "already paging for this incident (this one was stored but not delivered)"))
+    evidence: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "what triggered the alert: the window of steps, the values and thresholds compared, the baseline; "
+            "non-finite numbers as the strings NaN, Infinity, -Infinity; inhibited_by: the id of the alert "
+            "already paging for this incident (this one was stored but not delivered)"
+        ),
+    )
     created_at: float
     resolved_at: float | None
     resolved_step: int | None
@@ -224,9 +236,13 @@ class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str = Field(max_length=2000, pattern=r"^https?://[^\x00\s]+$")
     format: Literal["native", "slack", "alertmanager"] = "native"
-    project: str | None = Field(None, pattern=wire.NAME_RE.pattern, max_length=wire.MAX_NAME_LEN,
-                                description="whose alerts it receives; a project token's own by default; "
-                                            "null with the root token: every project's")
+    project: str | None = Field(
+        None,
+        pattern=wire.NAME_RE.pattern,
+        max_length=wire.MAX_NAME_LEN,
+        description="whose alerts it receives; a project token's own by default; "
+        "null with the root token: every project's",
+    )
     secret: str | None = Field(None, max_length=200, description="whsec_...; made here when absent")
     signed: bool = Field(True, description="false: no webhook-signature (Slack and Alertmanager ignore it)")
 
@@ -257,10 +273,17 @@ def run_out(row: dict, url: str) -> RunOut:
 
 
 def run_detail(row: dict, url: str) -> RunDetail:
-    return RunDetail(url=url, config=row["config"], last=row["last"], alerts=row["alerts"], tags=row["tags"],
-                     environment=row["environment"], environment_differs=row["environment_differs"],
-                     ranks=[RankOut(**{k: r[k] for k in RankOut.model_fields}) for r in row["ranks"]],
-                     **{k: row[k] for k in _RUN_FIELDS})
+    return RunDetail(
+        url=url,
+        config=row["config"],
+        last=row["last"],
+        alerts=row["alerts"],
+        tags=row["tags"],
+        environment=row["environment"],
+        environment_differs=row["environment_differs"],
+        ranks=[RankOut(**{k: r[k] for k in RankOut.model_fields}) for r in row["ranks"]],
+        **{k: row[k] for k in _RUN_FIELDS},
+    )
 
 
 def alert_out(row: dict, run_url: str) -> AlertOut:
@@ -289,10 +312,14 @@ BATCH_JSON_V1 = {
                 "prefixItems": [
                     {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                     {"type": "number"},
-                    {"type": "object", "maxProperties": wire.MAX_VALUES_PER_RECORD,
-                     "propertyNames": {"pattern": wire.NAME_RE.pattern, "maxLength": wire.MAX_NAME_LEN},
-                     "additionalProperties": {"anyOf": [{"type": "number"},
-                                                        {"enum": ["NaN", "Infinity", "-Infinity"]}]}},
+                    {
+                        "type": "object",
+                        "maxProperties": wire.MAX_VALUES_PER_RECORD,
+                        "propertyNames": {"pattern": wire.NAME_RE.pattern, "maxLength": wire.MAX_NAME_LEN},
+                        "additionalProperties": {
+                            "anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]
+                        },
+                    },
                 ],
                 "items": False,
                 "minItems": 3,
@@ -304,7 +331,7 @@ BATCH_JSON_V1 = {
 BATCH_REQUEST_BODY = {
     "required": True,
     "description": "one wire batch, told apart by its first bytes: binary version 2 (what the SDK sends) or a "
-                   "version 1 JSON document; may be gzip-compressed (Content-Encoding: gzip)",
+    "version 1 JSON document; may be gzip-compressed (Content-Encoding: gzip)",
     "content": {
         wire.CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
         "application/json": {"schema": BATCH_JSON_V1},

@@ -1,4 +1,5 @@
 """``/api/v1/webhooks``: endpoints that receive alerts, managed by admins (audited)."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -34,11 +35,21 @@ async def create_webhook(request: Request, who: Admin, collector: CollectorDep) 
     if who.project is not None and project != who.project:
         raise ApiError(403, "project_not_allowed", f"this token cannot add webhooks to project {project!r}")
     if body.secret is not None and not signing.valid_secret(body.secret):
-        raise ApiError(422, "bad_secret", {"loc": ["body", "secret"],
-                                           "msg": "whsec_ followed by base64 of 24 to 64 bytes"})
+        raise ApiError(
+            422, "bad_secret", {"loc": ["body", "secret"], "msg": "whsec_ followed by base64 of 24 to 64 bytes"}
+        )
     try:
-        row, secret = await run_in_threadpool(endpoints.create, collector.db.engine, body.url, body.format, project,
-                                              body.secret, who.actor, remote(request), body.signed)
+        row, secret = await run_in_threadpool(
+            endpoints.create,
+            collector.db.engine,
+            body.url,
+            body.format,
+            project,
+            body.secret,
+            who.actor,
+            remote(request),
+            body.signed,
+        )
     except ValueError as e:
         raise ApiError(422, "bad_url", {"loc": ["body", "url"], "msg": str(e)}) from None
     return WebhookOut(**row, secret=secret)
@@ -61,9 +72,13 @@ def delete_webhook(request: Request, webhook_id: WebhookId, who: Admin, collecto
 
 
 @router.post("/{webhook_id}/rotate", response_model=WebhookOut)
-def rotate_webhook(request: Request, webhook_id: WebhookId, who: Admin, collector: CollectorDep,
-                   finish: Annotated[bool, Query(description="end the rotation: only the newest secret signs")] = False,
-                   ) -> WebhookOut:
+def rotate_webhook(
+    request: Request,
+    webhook_id: WebhookId,
+    who: Admin,
+    collector: CollectorDep,
+    finish: Annotated[bool, Query(description="end the rotation: only the newest secret signs")] = False,
+) -> WebhookOut:
     """Rotate the signing secret: a new one signs beside the old until the rotation is finished."""
     owned(collector, who, webhook_id)
     secret = endpoints.rotate(collector.db.engine, webhook_id, who.actor, remote(request), finish)

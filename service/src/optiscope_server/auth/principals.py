@@ -4,6 +4,7 @@ check an open collector uses against DNS rebinding.
 Scopes: ``ingest`` (register runs, send batches, heartbeats, finish), ``read`` (every GET),
 ``admin`` (everything in its project: deletions, acknowledgements, webhooks, the audit log).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -34,7 +35,7 @@ OPEN = Principal("anonymous", None, frozenset(SCOPES))
 def loopback_host(host: str) -> bool:
     """Whether a Host header names this machine's loopback (with or without a port)."""
     host = host.strip().lower()
-    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    name = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
     if name in ("localhost", "localhost."):
         return True
     try:

@@ -6,6 +6,7 @@ compared in constant time. Scopes: ``ingest`` (register runs, send batches, hear
 ``read`` (every GET), ``admin`` (everything in its project: deletions, acknowledgements, the audit
 log). The collector's own ``--token`` is a root token: every scope on every project.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,15 @@ def create_token(engine: Engine, project: str, scopes: list[str], name: str, act
     tid = secrets.token_hex(8)
     token = f"{PREFIX}{tid}_{secrets.token_urlsafe(32)}"
     now = time.time()
-    row = {"id": tid, "name": name, "project": project, "scopes": ",".join(sorted(set(scopes))),
-           "secret_hash": _hash(token), "created_at": now, "created_by": actor}
+    row = {
+        "id": tid,
+        "name": name,
+        "project": project,
+        "scopes": ",".join(sorted(set(scopes))),
+        "secret_hash": _hash(token),
+        "created_at": now,
+        "created_by": actor,
+    }
     with engine.begin() as conn:
         ensure_project(conn, project, now)
         conn.execute(insert(tokens).values(**row))
@@ -104,9 +112,16 @@ class Verifier:
         row = None
         if m:
             with self.engine.connect() as conn:
-                row = conn.execute(select(tokens.c.id, tokens.c.name, tokens.c.project, tokens.c.scopes,
-                                          tokens.c.secret_hash, tokens.c.revoked_at)
-                                   .where(tokens.c.id == m.group(1))).first()
+                row = conn.execute(
+                    select(
+                        tokens.c.id,
+                        tokens.c.name,
+                        tokens.c.project,
+                        tokens.c.scopes,
+                        tokens.c.secret_hash,
+                        tokens.c.revoked_at,
+                    ).where(tokens.c.id == m.group(1))
+                ).first()
         # Compare even when there is no row, so a miss takes as long as a wrong secret.
         ok = hmac.compare_digest(_hash(token), row.secret_hash if row is not None else _DUMMY_HASH)
         if not ok or row is None or row.revoked_at is not None:

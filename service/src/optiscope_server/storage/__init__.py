@@ -4,6 +4,7 @@
 idempotency keys), ``RankStore`` (rank liveness, finishing, crash reaping), ``LatestValues`` (what a
 Prometheus scrape exports), the audit log, the chunk codec, the schema and its migrations.
 """
+
 from .database import Database
 from .errors import NotFound, Rejected
 from .latest import LatestValues

@@ -1,5 +1,6 @@
 """The audit log: who did what to which object, when. Entries are written in the transaction of
 the action they record, and survive the deletion of the runs and projects they mention."""
+
 from __future__ import annotations
 
 import time
@@ -10,16 +11,32 @@ from sqlalchemy.engine import Connection, Engine
 from .tables import audit
 
 
-def write_audit(conn: Connection, actor: str, action: str, project: str | None, target: object | None,
-                detail: dict | None = None, remote: str | None = None) -> None:
+def write_audit(
+    conn: Connection,
+    actor: str,
+    action: str,
+    project: str | None,
+    target: object | None,
+    detail: dict | None = None,
+    remote: str | None = None,
+) -> None:
     """One audit entry, in the caller's transaction: the action and its record commit together."""
-    conn.execute(insert(audit).values(at=time.time(), actor=actor[:200], action=action, project=project,
-                                      target=None if target is None else str(target)[:200], detail=detail,
-                                      remote=remote))
+    conn.execute(
+        insert(audit).values(
+            at=time.time(),
+            actor=actor[:200],
+            action=action,
+            project=project,
+            target=None if target is None else str(target)[:200],
+            detail=detail,
+            remote=remote,
+        )
+    )
 
 
-def list_audit(engine: Engine, project: str | None, action: str | None, limit: int,
-               before: int | None = None) -> list[dict]:
+def list_audit(
+    engine: Engine, project: str | None, action: str | None, limit: int, before: int | None = None
+) -> list[dict]:
     """Entries, newest first; ``before`` (an entry id) pages back from there."""
     q = select(audit).order_by(audit.c.id.desc()).limit(limit)
     if project is not None:

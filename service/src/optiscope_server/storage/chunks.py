@@ -3,6 +3,7 @@
 All of it is numpy over whole series: the collector does no Python work per point, neither on
 ingest nor on read.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,7 +27,7 @@ class Chunk:
     step_min: int
     step_max: int
     last_value: float
-    steps: bytes | None   # None: every step from step_min to step_max, once, in order
+    steps: bytes | None  # None: every step from step_min to step_max, once, in order
     vals: bytes
 
 
@@ -99,8 +100,9 @@ class BatchColumns(Mapping):
         return out
 
 
-def merge(rows, start: int | None, end: int | None, limit: int,
-          max_points: int | None = None) -> tuple[list[int], list[int], list[float], bool, int | None]:
+def merge(
+    rows, start: int | None, end: int | None, limit: int, max_points: int | None = None
+) -> tuple[list[int], list[int], list[float], bool, int | None]:
     """(steps, ranks, values, truncated, bucket width) of one series from its chunk rows ``(rank,
     step_min, step_max, steps, vals)`` in storage order: ordered by step then rank, one value per
     (step, rank), the newest write winning; downsampled (see ``downsample``) to about
@@ -166,6 +168,10 @@ def _steps_values(rows) -> tuple[np.ndarray, np.ndarray]:
         lengths = np.array([r[2] - r[1] + 1 for r in rows], dtype=np.int64)
         first = np.cumsum(lengths) - lengths  # where each row starts in the output
         return np.arange(len(v), dtype=np.int64) + np.repeat(lo - first, lengths), v
-    s = np.concatenate([np.arange(lo, hi + 1, dtype=np.int64) if sb is None else np.frombuffer(sb, dtype=_I8)
-                        for _, lo, hi, sb, _ in rows])
+    s = np.concatenate(
+        [
+            np.arange(lo, hi + 1, dtype=np.int64) if sb is None else np.frombuffer(sb, dtype=_I8)
+            for _, lo, hi, sb, _ in rows
+        ]
+    )
     return s, v

@@ -6,6 +6,7 @@ transaction, taking SQLite's writer turn), a read is ``with db.read() as conn:``
 a memo of a run (the series catalog, liveness, detector state) register a ``forget`` hook, so that
 deleting a run or seeing it end clears every memo at once, whoever holds it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,8 @@ class Database:
         # SQLite has one writer at a time; queueing writers here instead of in SQLite's busy handler
         # (which sleeps up to 100 ms between tries) keeps the batch latency even.
         self.writer: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext())
+            threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        )
         #: SQLite: the thread that checkpoints the write-ahead log (None on PostgreSQL).
         self.checkpointer = Checkpointer(self.engine, self.writer) if self.dialect == "sqlite" else None
         self._run_locks = [threading.Lock() for _ in range(RUN_LOCK_STRIPES)]
@@ -82,10 +84,10 @@ def make_engine(url: str, migrate: bool = True) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer
-            cur.execute("PRAGMA synchronous=NORMAL")    # durable across process crashes in WAL mode
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA cache_size=-32768")      # 32 MiB: the chunk index of a long run stays in memory
+            cur.execute("PRAGMA cache_size=-32768")  # 32 MiB: the chunk index of a long run stays in memory
             # No checkpoint inside a commit: its fsync grows with the file (tens of ms, then hundreds)
             # and would land on whichever batch happened to cross the threshold. Checkpointer does it.
             cur.execute("PRAGMA wal_autocheckpoint=0")
@@ -103,7 +105,13 @@ class Checkpointer:
     past ``max_wal_pages`` anyway (the writer never paused), the rest is checkpointed and the log
     restarted while holding ``writer``, which bounds the log at a short pause for the writer."""
 
-    def __init__(self, engine: Engine, writer: contextlib.AbstractContextManager[Any], interval: float = 0.5, max_wal_pages: int = 16384):
+    def __init__(
+        self,
+        engine: Engine,
+        writer: contextlib.AbstractContextManager[Any],
+        interval: float = 0.5,
+        max_wal_pages: int = 16384,
+    ):
         self.engine, self.writer, self.interval, self.max_wal_pages = engine, writer, interval, max_wal_pages
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="optiscope-checkpoint", daemon=True)

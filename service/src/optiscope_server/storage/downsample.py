@@ -11,6 +11,7 @@ that; the non-finite points are never dropped, so a range made mostly of them re
 Everything works on numpy arrays already ordered by step, one rank at a time, in a handful of
 vectorised passes: no per-point Python.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """What the store refuses, in words the API maps to status codes."""
+
 from __future__ import annotations
 
 

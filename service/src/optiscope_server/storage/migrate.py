@@ -1,5 +1,6 @@
 """Schema migrations (Alembic): the collector applies pending ones at start, ``optiscope db
 upgrade`` applies them explicitly, ``optiscope db current`` tells where a database stands."""
+
 from __future__ import annotations
 
 import logging

@@ -5,6 +5,7 @@ rewrites it only every ``seen_interval`` seconds (kept below a quarter of the he
 no busy rank looks silent), sparing a write per batch. The ``Reaper`` thread marks crashed the
 running ranks silent for longer than the timeout; hearing from one again revives it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -64,14 +65,22 @@ class RankStore:
     def seen(self, conn: Connection, run_id: str, rank: int, now: float, register: bool = False) -> Any:
         """Note that a rank was heard from; a rank that silence marked crashed is running again.
         Returns the run row when ``register`` or when the run's status may have changed."""
-        got = conn.execute(update(run_ranks).where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
-                           .values(last_seen=now).returning(run_ranks.c.crash_reason)).first()
+        got = conn.execute(
+            update(run_ranks)
+            .where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
+            .values(last_seen=now)
+            .returning(run_ranks.c.crash_reason)
+        ).first()
         if got is None and register:
-            conn.execute(run_ranks.insert().values(run_id=run_id, rank=rank, status="running", started_at=now,
-                                                   last_seen=now))
+            conn.execute(
+                run_ranks.insert().values(run_id=run_id, rank=rank, status="running", started_at=now, last_seen=now)
+            )
         elif got is not None and got.crash_reason == "heartbeat":
-            conn.execute(update(run_ranks).where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
-                         .values(status="running", crash_reason=None, finished_at=None))
+            conn.execute(
+                update(run_ranks)
+                .where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
+                .values(status="running", crash_reason=None, finished_at=None)
+            )
             log.info("run %s rank %d is heard from again after being marked crashed", run_id, rank)
             return settle(conn, run_id, now)
         return settle(conn, run_id, now) if register else None
@@ -91,10 +100,21 @@ class RankStore:
         reason = "reported" if status == "crashed" else None
         with self.db.write() as conn:
             _exists(conn, run_id)
-            ins = self.db.insert(run_ranks).values(run_id=run_id, rank=rank, status=status, started_at=now,
-                                                   finished_at=now, last_seen=now, crash_reason=reason)
-            conn.execute(ins.on_conflict_do_update(index_elements=["run_id", "rank"], set_={
-                "status": status, "finished_at": now, "last_seen": now, "crash_reason": reason}))
+            ins = self.db.insert(run_ranks).values(
+                run_id=run_id,
+                rank=rank,
+                status=status,
+                started_at=now,
+                finished_at=now,
+                last_seen=now,
+                crash_reason=reason,
+            )
+            conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=["run_id", "rank"],
+                    set_={"status": status, "finished_at": now, "last_seen": now, "crash_reason": reason},
+                )
+            )
             row = settle(conn, run_id, now)
         if row["status"] != "running":
             # A finished run sends no more batches (a late one restores the state from the store).
@@ -112,13 +132,21 @@ class RankStore:
         changed = []
         for run_id in ids:
             with self.db.run_lock(run_id), self.db.write() as conn:
-                n = conn.execute(update(run_ranks).where(run_ranks.c.run_id == run_id, silent)
-                                 .values(status="crashed", crash_reason="heartbeat", finished_at=now)).rowcount
+                n = conn.execute(
+                    update(run_ranks)
+                    .where(run_ranks.c.run_id == run_id, silent)
+                    .values(status="crashed", crash_reason="heartbeat", finished_at=now)
+                ).rowcount
                 if n:
                     row = settle(conn, run_id, now)
                     changed.append(run_id)
-                    log.warning("run %s: %d rank(s) silent for %.0f s, marked crashed (now %s)", run_id, n, timeout,
-                                row["status"])
+                    log.warning(
+                        "run %s: %d rank(s) silent for %.0f s, marked crashed (now %s)",
+                        run_id,
+                        n,
+                        timeout,
+                        row["status"],
+                    )
             self.db.forget(run_id)
         return changed
 

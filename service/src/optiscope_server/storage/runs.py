@@ -1,4 +1,5 @@
 """Runs and projects: registration, listing, one run's detail, deletion."""
+
 from __future__ import annotations
 
 import collections
@@ -33,8 +34,11 @@ def settle(conn: Connection, run_id: str, now: float) -> Any:
     status = "crashed" if "crashed" in states else "running" if "running" in states or not states else "finished"
     current = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one_or_none()
     if current is not None and current != status:
-        conn.execute(update(runs).where(runs.c.id == run_id).values(
-            status=status, updated_at=now, finished_at=None if status == "running" else now))
+        conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(status=status, updated_at=now, finished_at=None if status == "running" else now)
+        )
     return conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
 
 
@@ -52,6 +56,7 @@ def environment_differences(envs: list[dict]) -> list[str]:
         top, _, sub = key.partition(".")
         v = env.get(top)
         return v.get(sub) if sub and isinstance(v, dict) else v
+
     ignore = {"host", "pid"}
     return sorted(k for k in keys if k not in ignore and len({json.dumps(get(e, k), sort_keys=True) for e in envs}) > 1)
 
@@ -61,8 +66,17 @@ class RunStore:
         self.db = db
 
     # -- writes ------------------------------------------------------------------------------
-    def upsert_run(self, run_id: str, project: str, name: str, config: dict, host: str | None,
-                   rank: int = 0, tags: Iterable[str] = (), environment: dict | None = None) -> dict:
+    def upsert_run(
+        self,
+        run_id: str,
+        project: str,
+        name: str,
+        config: dict,
+        host: str | None,
+        rank: int = 0,
+        tags: Iterable[str] = (),
+        environment: dict | None = None,
+    ) -> dict:
         """Register a run, or a rank of it (idempotent). The first registration sets name and config;
         tags accumulate; each rank keeps its own environment (a registration without one keeps the
         last)."""
@@ -70,19 +84,29 @@ class RunStore:
         ins = self.db.insert
         with self.db.write() as conn:
             ensure_project(conn, project, now)
-            stmt = ins(runs).values(id=run_id, project=project, name=name, status="running",
-                                    config=wire.json_safe(config), host=host, created_at=now, updated_at=now)
+            stmt = ins(runs).values(
+                id=run_id,
+                project=project,
+                name=name,
+                status="running",
+                config=wire.json_safe(config),
+                host=host,
+                created_at=now,
+                updated_at=now,
+            )
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
             row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().one()
             if row["project"] != project:
                 raise Rejected("run_project_mismatch", f"run {run_id} belongs to project {row['project']!r}")
             if tags:
-                conn.execute(ins(run_tags).on_conflict_do_nothing(),
-                             [{"run_id": run_id, "tag": t} for t in sorted(set(tags))])
+                conn.execute(
+                    ins(run_tags).on_conflict_do_nothing(), [{"run_id": run_id, "tag": t} for t in sorted(set(tags))]
+                )
             env = None if environment is None else wire.json_safe(environment)
             # a rank registering again (a resumed process) is running again
-            rank_row = ins(run_ranks).values(run_id=run_id, rank=rank, status="running", host=host, started_at=now,
-                                             environment=env, last_seen=now)
+            rank_row = ins(run_ranks).values(
+                run_id=run_id, rank=rank, status="running", host=host, started_at=now, environment=env, last_seen=now
+            )
             again = {"status": "running", "finished_at": None, "host": host, "last_seen": now, "crash_reason": None}
             if env is not None:
                 again["environment"] = env
@@ -91,8 +115,14 @@ class RunStore:
             out["tags"] = self._tags(conn, run_id)
         return out
 
-    def delete_runs(self, run_id: str | None = None, project: str | None = None, force: bool = False,
-                    actor: str = "anonymous", remote: str | None = None) -> list[str]:
+    def delete_runs(
+        self,
+        run_id: str | None = None,
+        project: str | None = None,
+        force: bool = False,
+        actor: str = "anonymous",
+        remote: str | None = None,
+    ) -> list[str]:
         """Delete one run, or every run of a project, completely: its ranks, series, points,
         idempotency keys, alerts and webhook deliveries go with it (foreign keys cascade), in one
         transaction with its audit entry. A run still running is refused (``run_active``) unless
@@ -101,8 +131,9 @@ class RunStore:
         found = self._to_delete(run_id, project)
         active = [rid for rid, status, _ in found if status == "running"]
         if active and not force:
-            raise Rejected("run_active", f"{len(active)} run(s) still running (e.g. {active[0]}); force=true deletes "
-                                         "them anyway")
+            raise Rejected(
+                "run_active", f"{len(active)} run(s) still running (e.g. {active[0]}); force=true deletes them anyway"
+            )
         ids = sorted(rid for rid, _, _ in found)
         # no batch of these runs is ingested meanwhile (striped locks, taken in one order)
         with contextlib.ExitStack() as held:
@@ -114,8 +145,9 @@ class RunStore:
                     write_audit(conn, actor, "run.delete", found[0].project, run_id, {"force": force}, remote)
                 else:
                     conn.execute(projects.delete().where(projects.c.name == project))
-                    write_audit(conn, actor, "project.delete", project, project, {"runs": len(ids), "force": force},
-                                remote)
+                    write_audit(
+                        conn, actor, "project.delete", project, project, {"runs": len(ids), "force": force}, remote
+                    )
             for rid in ids:
                 self.db.forget(rid)
         return ids
@@ -125,8 +157,10 @@ class RunStore:
         q = q.where(runs.c.id == run_id) if run_id is not None else q.where(runs.c.project == project)
         with self.db.read() as conn:
             found = conn.execute(q).all()
-            known = project is not None and conn.execute(
-                select(projects.c.name).where(projects.c.name == project)).first() is not None
+            known = (
+                project is not None
+                and conn.execute(select(projects.c.name).where(projects.c.name == project)).first() is not None
+            )
         if not found and not known:
             raise NotFound(run_id if run_id is not None else f"project {project}")
         return list(found)
@@ -143,10 +177,20 @@ class RunStore:
             raise NotFound(run_id)
         return dict(row)
 
-    def list_runs(self, project: str | None = None, status: str | None = None, limit: int = 100, *,
-                  created_after: float | None = None, created_before: float | None = None,
-                  config: dict[str, str] | None = None, tags: Iterable[str] = (), sort: str = "created_at",
-                  descending: bool = True, after: tuple | None = None) -> tuple[list[dict], tuple | None]:
+    def list_runs(
+        self,
+        project: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        config: dict[str, str] | None = None,
+        tags: Iterable[str] = (),
+        sort: str = "created_at",
+        descending: bool = True,
+        after: tuple | None = None,
+    ) -> tuple[list[dict], tuple | None]:
         """One page of runs and the key to pass as ``after`` for the next (None on the last page).
 
         Keyset pagination on (sort column, id): a page costs the same wherever it starts, and runs
@@ -192,12 +236,20 @@ class RunStore:
             if row is None:
                 raise NotFound(run_id)
             last = conn.execute(latest(series.c.run_id == run_id).order_by(series.c.name)).all()
-            counts = conn.execute(select(alerts.c.state, func.count()).where(alerts.c.run_id == run_id)
-                                  .group_by(alerts.c.state)).all()
-            unacked = conn.execute(select(func.count()).where(alerts.c.run_id == run_id, alerts.c.state == "firing",
-                                                              alerts.c.acknowledged_at.is_(None))).scalar()
-            ranks = [dict(r) for r in conn.execute(select(run_ranks).where(run_ranks.c.run_id == run_id)
-                                                   .order_by(run_ranks.c.rank)).mappings()]
+            counts = conn.execute(
+                select(alerts.c.state, func.count()).where(alerts.c.run_id == run_id).group_by(alerts.c.state)
+            ).all()
+            unacked = conn.execute(
+                select(func.count()).where(
+                    alerts.c.run_id == run_id, alerts.c.state == "firing", alerts.c.acknowledged_at.is_(None)
+                )
+            ).scalar()
+            ranks = [
+                dict(r)
+                for r in conn.execute(
+                    select(run_ranks).where(run_ranks.c.run_id == run_id).order_by(run_ranks.c.rank)
+                ).mappings()
+            ]
             tags = self._tags(conn, run_id)
         out = dict(row)
         out["last"] = {n: {"step": s, "value": v} for _, n, s, v in last}
@@ -211,26 +263,37 @@ class RunStore:
 
     @staticmethod
     def _tags(conn: Connection, run_id: str) -> list[str]:
-        return list(conn.execute(select(run_tags.c.tag).where(run_tags.c.run_id == run_id)
-                                 .order_by(run_tags.c.tag)).scalars())
+        return list(
+            conn.execute(select(run_tags.c.tag).where(run_tags.c.run_id == run_id).order_by(run_tags.c.tag)).scalars()
+        )
 
     @staticmethod
     def _tags_of(conn: Connection, ids: list[str]) -> dict[str, list[str]]:
         tagged: dict[str, list[str]] = collections.defaultdict(list)
         if ids:
-            for rid, tag in conn.execute(select(run_tags.c.run_id, run_tags.c.tag).where(
-                    run_tags.c.run_id.in_(ids)).order_by(run_tags.c.tag)):
+            for rid, tag in conn.execute(
+                select(run_tags.c.run_id, run_tags.c.tag).where(run_tags.c.run_id.in_(ids)).order_by(run_tags.c.tag)
+            ):
                 tagged[rid].append(tag)
         return tagged
 
     def list_projects(self, only: str | None = None) -> list[dict]:
         """Projects with their number of runs, of running runs, and the last activity of any run."""
-        per = (select(runs.c.project, func.count().label("runs"),
-                      func.sum(case((runs.c.status == "running", 1), else_=0)).label("running"),
-                      func.max(runs.c.updated_at).label("last_activity"))
-               .group_by(runs.c.project).subquery())
-        q = (select(projects.c.name, projects.c.created_at, per.c.runs, per.c.running, per.c.last_activity)
-             .select_from(projects.outerjoin(per, per.c.project == projects.c.name)).order_by(projects.c.name))
+        per = (
+            select(
+                runs.c.project,
+                func.count().label("runs"),
+                func.sum(case((runs.c.status == "running", 1), else_=0)).label("running"),
+                func.max(runs.c.updated_at).label("last_activity"),
+            )
+            .group_by(runs.c.project)
+            .subquery()
+        )
+        q = (
+            select(projects.c.name, projects.c.created_at, per.c.runs, per.c.running, per.c.last_activity)
+            .select_from(projects.outerjoin(per, per.c.project == projects.c.name))
+            .order_by(projects.c.name)
+        )
         if only is not None:
             q = q.where(projects.c.name == only)
         with self.db.read() as conn:

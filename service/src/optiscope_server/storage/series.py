@@ -4,6 +4,7 @@ A batch's points are stored as chunks (one row per series and batch, see ``table
 back merged by step. The catalog of recently seen runs (name -> series id) is kept in memory, so a
 batch of known series costs no catalog query; ids never change once committed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -49,9 +50,21 @@ class SeriesStore:
         ``remember`` once the transaction has committed."""
         ids = self._series_ids(conn, run_id, [c.name for c in prepared])
         if prepared:
-            self._write_chunks(conn, [(ids[c.name], rank, c.step_min, c.step_max,
-                                       None if math.isnan(c.last_value) else c.last_value, c.steps, c.vals)
-                                      for c in prepared])
+            self._write_chunks(
+                conn,
+                [
+                    (
+                        ids[c.name],
+                        rank,
+                        c.step_min,
+                        c.step_max,
+                        None if math.isnan(c.last_value) else c.last_value,
+                        c.steps,
+                        c.vals,
+                    )
+                    for c in prepared
+                ],
+            )
         return ids
 
     def remember(self, run_id: str, ids: dict[str, int]) -> None:
@@ -70,8 +83,10 @@ class SeriesStore:
         300 rows as INSERTs, 3 ms as one binary COPY)."""
         if self.db.dialect == "postgresql":
             raw: Any = conn.connection.dbapi_connection  # psycopg's own connection: COPY
-            with raw.cursor() as cur, \
-                    cur.copy(f"COPY chunks ({', '.join(_CHUNK_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+            with (
+                raw.cursor() as cur,
+                cur.copy(f"COPY chunks ({', '.join(_CHUNK_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy,
+            ):
                 copy.set_types(["int4", "int4", "int8", "int8", "float8", "bytea", "bytea"])
                 for row in rows:
                     copy.write_row(row)
@@ -87,10 +102,15 @@ class SeriesStore:
         missing = set(names) - have.keys()
         if missing:
             if len(have) + len(missing) > self.max_series_per_run:
-                raise Rejected("too_many_series", f"run {run_id} would have {len(have) + len(missing)} series; "
-                                                  f"the limit is {self.max_series_per_run}")
-            conn.execute(self.db.insert(series).on_conflict_do_nothing(),
-                         [{"run_id": run_id, "name": n} for n in sorted(missing)])
+                raise Rejected(
+                    "too_many_series",
+                    f"run {run_id} would have {len(have) + len(missing)} series; "
+                    f"the limit is {self.max_series_per_run}",
+                )
+            conn.execute(
+                self.db.insert(series).on_conflict_do_nothing(),
+                [{"run_id": run_id, "name": n} for n in sorted(missing)],
+            )
             have = dict(conn.execute(select(series.c.name, series.c.id).where(series.c.run_id == run_id)).all())
         return have
 
@@ -102,9 +122,16 @@ class SeriesStore:
             rows = conn.execute(latest(series.c.run_id == run_id, outer=True).order_by(series.c.name)).all()
         return [{"name": n, "last_step": s, "last_value": v} for _, n, s, v in rows]
 
-    def get_series(self, run_id: str, name: str, rank: int | None = None, start: int | None = None,
-                   end: int | None = None, limit: int = 100_000,
-                   max_points: int | None = None) -> tuple[list, list, list, bool, int | None]:
+    def get_series(
+        self,
+        run_id: str,
+        name: str,
+        rank: int | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        limit: int = 100_000,
+        max_points: int | None = None,
+    ) -> tuple[list, list, list, bool, int | None]:
         """(steps, ranks, values, truncated, bucket width) ordered by step then rank, downsampled to
         about ``max_points`` when given (see ``chunks.merge``), at most ``limit`` points."""
         with self.db.read() as conn:
@@ -117,21 +144,31 @@ class SeriesStore:
 
     def series_ids(self, conn: Connection, run_id: str, names: Sequence[str]) -> list[tuple[str, int]]:
         """(name, id) of those of ``names`` the run has."""
-        return [(n, i) for n, i in conn.execute(select(series.c.name, series.c.id).where(
-            series.c.run_id == run_id, series.c.name.in_(list(names)))).all()]
+        return [
+            (n, i)
+            for n, i in conn.execute(
+                select(series.c.name, series.c.id).where(series.c.run_id == run_id, series.c.name.in_(list(names)))
+            ).all()
+        ]
 
     def first_step(self, conn: Connection, sid: int, rank: int) -> int | None:
         """The first step stored for one rank of a series (None: none)."""
-        return conn.execute(select(chunks.c.step_min).where(chunks.c.series_id == sid, chunks.c.rank == rank)
-                            .order_by(chunks.c.step_max).limit(1)).scalar()
+        return conn.execute(
+            select(chunks.c.step_min)
+            .where(chunks.c.series_id == sid, chunks.c.rank == rank)
+            .order_by(chunks.c.step_max)
+            .limit(1)
+        ).scalar()
 
-    def read_chunks(self, conn: Connection, sid: int, rank: int | None, start: int | None,
-                    end: int | None) -> list[Any]:
+    def read_chunks(
+        self, conn: Connection, sid: int, rank: int | None, start: int | None, end: int | None
+    ) -> list[Any]:
         """Chunk rows (rank, step_min, step_max, steps, vals) of one series in storage order. On
         PostgreSQL through a binary cursor: in text, the server sends every bytea hex-encoded
         and the client decodes it, most of the time of a million-point read (about 40 of 70 ms)."""
-        q = select(chunks.c.rank, chunks.c.step_min, chunks.c.step_max, chunks.c.steps, chunks.c.vals) \
-            .where(chunks.c.series_id == sid)
+        q = select(chunks.c.rank, chunks.c.step_min, chunks.c.step_max, chunks.c.steps, chunks.c.vals).where(
+            chunks.c.series_id == sid
+        )
         if rank is not None:
             q = q.where(chunks.c.rank == rank)
         if start is not None:
@@ -151,6 +188,3 @@ class SeriesStore:
     def _run_exists(conn: Connection, run_id: str) -> None:
         if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
             raise NotFound(run_id)
-
-
-

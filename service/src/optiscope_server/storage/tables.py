@@ -1,4 +1,5 @@
 """The schema: every table of the collector's database, one definition for SQLite and PostgreSQL."""
+
 from __future__ import annotations
 
 import math
@@ -42,22 +43,24 @@ class Value(TypeDecorator):
 metadata = MetaData()
 
 runs = Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     Column("id", String(64), primary_key=True),
     Column("project", String(200), nullable=False, index=True),
     Column("name", String(200), nullable=False),
     Column("status", String(16), nullable=False),  # running | finished | crashed
     Column("config", JSON, nullable=False),
     Column("host", String(255)),
-    Column("created_at", Double, nullable=False),   # unix seconds
-    Column("updated_at", Double, nullable=False),   # last ingest or state change
+    Column("created_at", Double, nullable=False),  # unix seconds
+    Column("updated_at", Double, nullable=False),  # last ingest or state change
     Column("finished_at", Double),
 )
 
 # A project is created by the first run registered in it (or the first token made for it); its
 # name is what runs, tokens and the audit log refer to.
 projects = Table(
-    "projects", metadata,
+    "projects",
+    metadata,
     Column("name", String(200), primary_key=True),
     Column("created_at", Double, nullable=False),
 )
@@ -65,7 +68,8 @@ projects = Table(
 # Tags of a run, one row each: "runs tagged x" is one index range on every backend, where a JSON
 # array would need a dialect's own containment operator.
 run_tags = Table(
-    "run_tags", metadata,
+    "run_tags",
+    metadata,
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
     Column("tag", String(100), primary_key=True),
     Index("ix_run_tags_tag", "tag", "run_id"),
@@ -74,7 +78,8 @@ run_tags = Table(
 # The processes of one run (data-parallel ranks): a run is finished once every rank that
 # registered has finished, and crashed as soon as one rank crashed.
 run_ranks = Table(
-    "run_ranks", metadata,
+    "run_ranks",
+    metadata,
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
     Column("rank", Integer, primary_key=True),
     Column("status", String(16), nullable=False),  # running | finished | crashed
@@ -91,7 +96,8 @@ run_ranks = Table(
 )
 
 series = Table(
-    "series", metadata,
+    "series",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("name", String(200), nullable=False),
@@ -104,7 +110,8 @@ series = Table(
 # same (series, rank, step) is not updated in place: reads let the newest chunk win (chunks.c.id is
 # the order of storage) and, within a chunk, the later record.
 chunks = Table(
-    "chunks", metadata,
+    "chunks",
+    metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
     Column("rank", Integer, nullable=False),
@@ -113,7 +120,7 @@ chunks = Table(
     # The value at step_max (the later one if the chunk holds that step twice): the newest point of
     # a series is one index lookup, for /metrics and run summaries, without reading a blob.
     Column("last_value", Value),
-    Column("steps", LargeBinary),                # int64 little-endian; NULL: every step from step_min to step_max
+    Column("steps", LargeBinary),  # int64 little-endian; NULL: every step from step_min to step_max
     Column("vals", LargeBinary, nullable=False),  # float64 little-endian, one per step: NaN and +-Inf bit-exact
     # Range queries and "newest chunk of a series" both walk this index.
     Index("ix_chunks_series_step", "series_id", "step_max", "id"),
@@ -121,7 +128,8 @@ chunks = Table(
 
 # Idempotency keys of stored batches: a repeat of (run, rank, seq) is acknowledged, not stored.
 batches = Table(
-    "batches", metadata,
+    "batches",
+    metadata,
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
     Column("rank", Integer, primary_key=True),
     Column("seq", BigInteger, primary_key=True),
@@ -129,7 +137,8 @@ batches = Table(
 )
 
 alerts = Table(
-    "alerts", metadata,
+    "alerts",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
     Column("rule", String(64), nullable=False),
@@ -155,13 +164,14 @@ alerts = Table(
 # command line, ``source`` config). Secrets sign each delivery (Standard Webhooks); several during a
 # rotation, newest first. An endpoint that answers 410 Gone is disabled, not retried.
 webhooks = Table(
-    "webhooks", metadata,
+    "webhooks",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("url", Text, nullable=False),
-    Column("format", String(16), nullable=False),      # native | slack | alertmanager
+    Column("format", String(16), nullable=False),  # native | slack | alertmanager
     Column("project", String(200)),
-    Column("secrets", JSON),                           # ["whsec_...", ...], newest first; None: unsigned
-    Column("source", String(16), nullable=False),      # api | config
+    Column("secrets", JSON),  # ["whsec_...", ...], newest first; None: unsigned
+    Column("source", String(16), nullable=False),  # api | config
     Column("created_at", Double, nullable=False),
     Column("created_by", String(200)),
     Column("disabled_at", Double),
@@ -171,11 +181,12 @@ webhooks = Table(
 # Transactional outbox: a webhook delivery is written in the same transaction as its alert, so a
 # crash between detection and delivery loses nothing; the dispatcher sends and marks it.
 outbox = Table(
-    "outbox", metadata,
+    "outbox",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("alert_id", Integer, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False),
     Column("webhook_id", Integer, ForeignKey("webhooks.id", ondelete="CASCADE")),
-    Column("msg_id", String(64)),   # the webhook-id header: the same on every retry of this delivery
+    Column("msg_id", String(64)),  # the webhook-id header: the same on every retry of this delivery
     Column("target", Text, nullable=False),
     Column("payload", Text, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
@@ -189,11 +200,12 @@ outbox = Table(
 # API tokens: ``osk_<id>_<secret>``. Only a SHA-256 of the whole token is kept: the secret is 256
 # random bits, so a fast hash is as good as a slow one and costs nothing per request.
 tokens = Table(
-    "tokens", metadata,
+    "tokens",
+    metadata,
     Column("id", String(32), primary_key=True),
     Column("name", String(200), nullable=False),
     Column("project", String(200), nullable=False, index=True),
-    Column("scopes", String(64), nullable=False),   # comma-separated: ingest, read, admin
+    Column("scopes", String(64), nullable=False),  # comma-separated: ingest, read, admin
     Column("secret_hash", String(64), nullable=False),
     Column("created_at", Double, nullable=False),
     Column("created_by", String(200)),
@@ -204,7 +216,8 @@ tokens = Table(
 # Administrative actions (tokens, acknowledgements, deletions): who did what to which object, when.
 # Never deleted with the runs or projects it mentions.
 audit = Table(
-    "audit", metadata,
+    "audit",
+    metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("at", Double, nullable=False),
     Column("actor", String(200), nullable=False),

@@ -4,6 +4,7 @@ outbox delivery's webhook and message id.
 Revision ID: 0003
 Revises: 0002
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -14,17 +15,19 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table("webhooks",
-                    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                    sa.Column("url", sa.Text, nullable=False),
-                    sa.Column("format", sa.String(16), nullable=False),
-                    sa.Column("project", sa.String(200)),
-                    sa.Column("secrets", sa.JSON),
-                    sa.Column("source", sa.String(16), nullable=False),
-                    sa.Column("created_at", sa.Double, nullable=False),
-                    sa.Column("created_by", sa.String(200)),
-                    sa.Column("disabled_at", sa.Double),
-                    sa.Column("disabled_reason", sa.Text))
+    op.create_table(
+        "webhooks",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("url", sa.Text, nullable=False),
+        sa.Column("format", sa.String(16), nullable=False),
+        sa.Column("project", sa.String(200)),
+        sa.Column("secrets", sa.JSON),
+        sa.Column("source", sa.String(16), nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("created_by", sa.String(200)),
+        sa.Column("disabled_at", sa.Double),
+        sa.Column("disabled_reason", sa.Text),
+    )
     with op.batch_alter_table("outbox") as t:
         t.add_column(sa.Column("webhook_id", sa.Integer))
         t.add_column(sa.Column("msg_id", sa.String(64)))
