@@ -7,23 +7,17 @@ the run goes on unobserved rather than crashing the job.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import secrets
-import socket
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import wire
-from .transport import rundoc
-from .transport.batches import BatchWriter
-from .transport.collector import CollectorExporter
-from .transport.exporters import SpoolExporter
-from .transport.http import HttpClient
-from .transport.processor import BatchProcessor
+from . import _runtime, wire
+from ._runtime import COLLECTOR_OPTIONS as COLLECTOR_OPTIONS
+from ._runtime import PROCESSOR_OPTIONS as PROCESSOR_OPTIONS
 from .transport.record import Record
 
 log = logging.getLogger("optiscope")
@@ -33,9 +27,6 @@ DEFAULT_PROJECT = "default"
 FINISH_TIMEOUT = 10.0
 #: Default sampling period of the full optimizer statistics (see bench/overhead.py and the README).
 DEFAULT_EVERY = 100
-#: ``init()`` options that bound the processor (queue, batches) and the collector exporter.
-PROCESSOR_OPTIONS = ("max_queue", "max_batch_records", "flush_interval")
-COLLECTOR_OPTIONS = ("max_pending_batches", "backoff_max", "heartbeat_interval")
 
 
 def new_run_id() -> str:
@@ -70,26 +61,7 @@ class Run:
         self._auto_step = 0
         self._finished = False
         self._warned: set[str] = set()
-        doc = {
-            "project": project,
-            "name": self.name,
-            "rank": rank,
-            "config": json.loads(json.dumps(self.config, default=str)),
-            "host": socket.gethostname(),
-            "pid": self._pid,
-        }
-        kept, dropped = rundoc.clean_tags(tags)
-        if dropped:
-            self._warn_once(
-                "tags",
-                "%d tags dropped (e.g. %r): a tag is 1-100 of letters, digits and _.:/=+- "
-                "(not starting with a symbol other than _), at most %d per run",
-                len(dropped),
-                dropped[0],
-                wire.MAX_TAGS,
-            )
-        if kept:
-            doc["tags"] = kept
+        doc = _runtime.registration_doc(project, self.name, rank, self.config, self._pid, tags, self._warn_once)
         self._env_extra = dict(environment) if isinstance(environment, Mapping) else {}
         self._env_on = environment is not False
         if self._env_on:
@@ -102,44 +74,18 @@ class Run:
             from .detect import default_detectors  # numpy: only when asked
 
             self._detectors = default_detectors(self.config)
-        self._start_transport(token, offline, detect, exporter_options)
+        self._exporter, self._processor = _runtime.start_transport(
+            self.id,
+            rank,
+            self._doc,
+            self.url,
+            token,
+            offline,
+            self._detect if detect else None,
+            exporter_options,
+            self._warn_once,
+        )
         atexit.register(self._atexit)
-
-    def _start_transport(self, token: str | None, offline: bool, detect: bool, options: dict) -> None:
-        """The spool, the exporter (the collector's, or the spool's alone when offline) and the
-        processor that feeds it; ``options`` are init()'s bounds."""
-        options = dict(options)
-        spool_opt = options.pop("spool", True)
-        spool_root = options.pop("spool_dir", None)
-        spool_max = options.pop("spool_max_bytes", None)
-        unknown = sorted(set(options) - set(PROCESSOR_OPTIONS) - set(COLLECTOR_OPTIONS))
-        if unknown:
-            raise TypeError(f"init() got an unexpected keyword argument {unknown[0]!r}")
-        spool = root = None
-        if spool_opt:
-            from .transport.spool import DEFAULT_MAX_BYTES, Spool, default_root
-
-            root = spool_root or default_root()
-            try:
-                spool = Spool(root, self.id, self.rank, self._doc, max_bytes=spool_max or DEFAULT_MAX_BYTES)
-            except OSError:
-                self._warn_once(
-                    "spool", "cannot create the spool under %s; batches are kept in memory only", root, exc_info=True
-                )
-        writer = BatchWriter(self.id, self.rank, self._doc, spool=spool)
-        collector = {k: options[k] for k in COLLECTOR_OPTIONS if k in options}
-        # offline: the collector's bounds have nothing to bound; they are accepted all the same
-        self._exporter = (
-            SpoolExporter(writer)
-            if offline
-            else CollectorExporter(HttpClient(self.url, token), writer, replay_root=root, **collector)
-        )
-        self._processor = BatchProcessor(
-            self._exporter,
-            writer.counters,
-            observe=self._detect if detect else None,
-            **{k: options[k] for k in PROCESSOR_OPTIONS if k in options},
-        )
 
     @property
     def api_url(self) -> str:
@@ -162,26 +108,7 @@ class Run:
 
     def _environment(self, earlier: dict | None = None) -> dict:
         """This rank's fingerprint with the user's entries on top, within the collector's bound."""
-        from .probe.environment import fingerprint  # stdlib only: torch is read, never imported
-
-        env = fingerprint(earlier)
-        try:
-            env, cut = rundoc.bound_environment({**env, **self._env_extra})
-        except Exception:  # e.g. a circular structure among the user's entries: keep the fingerprint
-            self._warn_once(
-                "environment_extra",
-                "the environment entries given to init() cannot be sent as JSON; they are left out",
-                exc_info=True,
-            )
-            env, cut = rundoc.bound_environment(env)
-        if cut:
-            self._warn_once(
-                "environment_size",
-                "the environment is over %d bytes as JSON; left out: %s",
-                wire.MAX_ENVIRONMENT_BYTES,
-                ", ".join(map(str, cut))[:200],
-            )
-        return env
+        return _runtime.environment(self._env_extra, self._warn_once, earlier)
 
     def _refresh_environment(self) -> None:
         # The model usually reaches the GPU between init() and watch(), and the fingerprint names
@@ -218,37 +145,7 @@ class Run:
         float16/float8 activations, which the divergence detectors need on every step.
         """
         try:
-            from .probe.activations import ActivationProbe  # imports torch: only here
-            from .probe.optimizer import OptimizerProbe
-
-            names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
-            # OPTISCOPE_FUSED=0: never compile the fused statistics kernels (eager blocks only)
-            probe = OptimizerProbe(
-                optimizer,
-                self._emit,
-                every=every,
-                names=names,
-                start_step=start_step,
-                fused=os.environ.get("OPTISCOPE_FUSED", "1") != "0",
-                vitals=vitals,
-            )
-            self._probes.append(probe)
-            if model is not None and activations is not False:
-                act = ActivationProbe(
-                    model,
-                    probe.sampling_next,
-                    modules=None if activations is True else list(activations),
-                    native=probe.native,
-                    vitals=vitals,
-                )
-                probe.contributors.append(act)
-                self._closers.append(act.close)
-            if scaler is not None:
-                from .probe.amp import ScalerProbe
-
-                amp = ScalerProbe(scaler, probe)
-                probe.contributors.append(amp)
-                self._closers.append(amp.close)
+            self._attach(optimizer, model, every, activations, scaler, start_step, vitals)
         except Exception:
             self._warn_once("watch", "could not attach to the optimizer; training continues unobserved", exc_info=True)
         try:
@@ -273,21 +170,7 @@ class Run:
                 else:
                     step = self._auto_step
                     self._auto_step += 1
-            clean = {}
-            for k, v in values.items():
-                if not wire.valid_name(k):
-                    self._warn_once(f"name:{k}", "series name %r is invalid and is not recorded", k)
-                elif hasattr(v, "detach"):
-                    if v.numel() != 1:
-                        self._warn_once(f"shape:{k}", "%r is not a scalar and is not recorded", k)
-                        continue
-                    clean[k] = v.detach().reshape(())
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    clean[k] = float(v)
-                elif hasattr(v, "item"):  # numpy scalars
-                    clean[k] = float(v.item())
-                else:
-                    self._warn_once(f"type:{k}", "%r has type %s, not a number; not recorded", k, type(v).__name__)
+            clean = _runtime.clean_values(values, self._warn_once)
             if clean:
                 self._processor.submit(Record(int(step), time.time(), clean))
         except Exception:
@@ -326,6 +209,40 @@ class Run:
         self.log({wire.declare_series(change): 1.0}, step=step)
 
     # -- internal ----------------------------------------------------------------------------
+    def _attach(self, optimizer, model, every: int, activations, scaler, start_step: int | None, vitals: bool) -> None:
+        """``watch``'s probes: the optimizer's, and on it the model's activations and the scaler's."""
+        from .probe.activations import ActivationProbe  # imports torch: only here
+        from .probe.optimizer import OptimizerProbe
+
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else None
+        # OPTISCOPE_FUSED=0: never compile the fused statistics kernels (eager blocks only)
+        probe = OptimizerProbe(
+            optimizer,
+            self._emit,
+            every=every,
+            names=names,
+            start_step=start_step,
+            fused=os.environ.get("OPTISCOPE_FUSED", "1") != "0",
+            vitals=vitals,
+        )
+        self._probes.append(probe)
+        if model is not None and activations is not False:
+            act = ActivationProbe(
+                model,
+                probe.sampling_next,
+                modules=None if activations is True else list(activations),
+                native=probe.native,
+                vitals=vitals,
+            )
+            probe.contributors.append(act)
+            self._closers.append(act.close)
+        if scaler is not None:
+            from .probe.amp import ScalerProbe
+
+            amp = ScalerProbe(scaler, probe)
+            probe.contributors.append(amp)
+            self._closers.append(amp.close)
+
     def _detect(self, records) -> None:
         """On the exporter thread: the same detectors as the collector's, over the same records."""
         for step, _, values in records:
@@ -344,6 +261,29 @@ class Run:
             # An uncaught exception ended the interpreter: Python has set sys.last_type by now.
             crashed = getattr(sys, "last_type", None) is not None
             self.finish(timeout=FINISH_TIMEOUT, status="crashed" if crashed else "finished")
+
+
+def _resolve(
+    project: str | None, url: str | None, token: str | None, run_id: str | None, rank: int | None
+) -> tuple[str, str, str | None, str | None, int]:
+    """``init()``'s arguments that fall back to the environment, resolved and checked:
+    (project, url, token, run_id, rank)."""
+    project = project or os.environ.get("OPTISCOPE_PROJECT") or DEFAULT_PROJECT
+    run_id = run_id or os.environ.get("OPTISCOPE_RUN_ID") or None
+    if run_id is not None and not wire.RUN_ID_RE.fullmatch(run_id):
+        raise ValueError(f"optiscope: invalid run id {run_id!r} (letters, digits, _ and -, at most 64)")
+    if rank is None:
+        try:
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            rank = 0
+    if not 0 <= rank <= wire.MAX_RANK:  # the collector refuses the registration of any other
+        raise ValueError(f"optiscope: rank must be from 0 to {wire.MAX_RANK}, got {rank}")
+    url = url or os.environ.get("OPTISCOPE_URL") or DEFAULT_URL
+    token = token or os.environ.get("OPTISCOPE_TOKEN") or None
+    if not wire.valid_name(project):
+        raise ValueError(f"optiscope: invalid project name {project!r}")
+    return project, url, token, run_id, rank
 
 
 def init(
@@ -376,21 +316,7 @@ def init(
     go to the spool, for ``optiscope sync``, unless ``spool=False``).
     ``heartbeat_interval`` (seconds, default 30, None for none) and the other options are the
     transport's bounds (``transport.processor.BatchProcessor``, ``transport.collector.CollectorExporter``)."""
-    project = project or os.environ.get("OPTISCOPE_PROJECT") or DEFAULT_PROJECT
-    run_id = run_id or os.environ.get("OPTISCOPE_RUN_ID") or None
-    if run_id is not None and not wire.RUN_ID_RE.fullmatch(run_id):
-        raise ValueError(f"optiscope: invalid run id {run_id!r} (letters, digits, _ and -, at most 64)")
-    if rank is None:
-        try:
-            rank = int(os.environ.get("RANK", "0"))
-        except ValueError:
-            rank = 0
-    if not 0 <= rank <= wire.MAX_RANK:  # the collector refuses the registration of any other
-        raise ValueError(f"optiscope: rank must be from 0 to {wire.MAX_RANK}, got {rank}")
-    url = url or os.environ.get("OPTISCOPE_URL") or DEFAULT_URL
-    token = token or os.environ.get("OPTISCOPE_TOKEN") or None
-    if not wire.valid_name(project):
-        raise ValueError(f"optiscope: invalid project name {project!r}")
+    project, url, token, run_id, rank = _resolve(project, url, token, run_id, rank)
     if not isinstance(environment, (bool, Mapping)):
         raise ValueError(f"optiscope: environment must be True, False or a dict, got {type(environment).__name__}")
     if tags is not None and not isinstance(tags, (str, Iterable)):

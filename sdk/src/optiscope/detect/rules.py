@@ -223,23 +223,10 @@ class LrAboveSchedule(StreamDetector):
         if g is None or r is None:
             return []
         st["slow"] = st["slow"] + 1 if g >= self.SLOW or (self.NOISE_K and p.S - p.m >= self.NOISE_K * p.noise) else 0
-        last = list(st["last"])
-        # two losses in a row beyond every loss of the LONG steps before: not a heavy tail's bad batch
-        low = p.unprecedented()
-        fast = (low - p.m) / p.progress if low is not None else -math.inf
-        rising = -math.inf
-        if len(last) == 2 * self.SHORT and median(last[self.SHORT :]) > median(last[: self.SHORT]):
-            rising = (median(last[self.SHORT :]) - p.m) / p.progress
+        fast = self._last_two(p)
+        rising = self._rising(st, p)
         st["short"] = st["short"] + 1 if rising >= self.SHORT_BAR else 0
         if r >= self.RATIO and (st["slow"] >= self.SUSTAIN or st["short"] >= self.SUSTAIN or fast >= self.FAST):
-            spreads = (p.S - p.m) / p.noise if p.noise > 0 else math.inf
-            why = (
-                f"smoothed, {g:.0%} of its progress given back, {spreads:.3g} noise spreads above its best"
-                if st["slow"] >= self.SUSTAIN
-                else f"{rising:.0%} given back over the last {self.SHORT} steps, and rising"
-                if st["short"] >= self.SUSTAIN
-                else f"{fast:.0%} given back on each of the last two steps"
-            )
             return self._set(
                 True,
                 rank,
@@ -247,7 +234,7 @@ class LrAboveSchedule(StreamDetector):
                 step,
                 values.get("lr", math.nan),
                 f"the learning rate is {r:.3g}x the declared schedule and the loss is regressing "
-                f"({why}) at step {step} on rank {rank}",
+                f"({self._why(st, p, g, fast, rising)}) at step {step} on rank {rank}",
                 {
                     "ratio": rounded(r),
                     "ratio_at": self.RATIO,
@@ -267,6 +254,32 @@ class LrAboveSchedule(StreamDetector):
                 f"the learning rate is back on schedule and the loss recovered at step {step} on rank {rank}",
             )
         return []
+
+    def _last_two(self, p: Progress) -> float:
+        """The share of the progress given back on each of the last two steps, -inf unless both
+        losses are unprecedented."""
+        # two losses in a row beyond every loss of the LONG steps before: not a heavy tail's bad batch
+        low = p.unprecedented()
+        return (low - p.m) / p.progress if low is not None else -math.inf
+
+    def _rising(self, st: dict[str, Any], p: Progress) -> float:
+        """The share of the progress the median of the last ``SHORT`` losses gives back, -inf unless
+        it is above the median of the ``SHORT`` before."""
+        last: list[float] = list(st["last"])
+        if len(last) == 2 * self.SHORT and median(last[self.SHORT :]) > median(last[: self.SHORT]):
+            return (median(last[self.SHORT :]) - p.m) / p.progress
+        return -math.inf
+
+    def _why(self, st: dict[str, Any], p: Progress, g: float, fast: float, rising: float) -> str:
+        """Which regression pages, in words: the smoothed one, the short rising one, or the last two steps."""
+        spreads = (p.S - p.m) / p.noise if p.noise > 0 else math.inf
+        return (
+            f"smoothed, {g:.0%} of its progress given back, {spreads:.3g} noise spreads above its best"
+            if st["slow"] >= self.SUSTAIN
+            else f"{rising:.0%} given back over the last {self.SHORT} steps, and rising"
+            if st["short"] >= self.SUSTAIN
+            else f"{fast:.0%} given back on each of the last two steps"
+        )
 
 
 class OverflowForecast(StreamDetector):
@@ -369,25 +382,9 @@ class EarlyDivergence(StreamDetector):
         }
 
     def _record(self, st: dict[str, Any], step: int, values: Mapping[str, float], rank: int) -> list[AlertEvent]:
+        loss = self._observe(st, step, values)
         p: Progress = st["p"]
-        if st["switches"].due(step, values):
-            p.reset(step)
-            st["hold_until"] = step + GRACE_STEPS
-            st["loss"].clear()
-            st["on"] = 0
-        gn = values.get("grad_norm")
-        if gn is not None and math.isfinite(gn):
-            st["gn"].append(gn)
-        loss = values.get("loss")
-        if loss is None or not math.isfinite(loss):
-            return []
-        p.add(step, loss)
-        if p.shock_step == step:
-            st["healing"], st["hold_until"] = True, step + self.HOLD
-        elif p.repeat_step == step:
-            st["healing"], st["hold_until"] = False, -1
-        st["loss"].append(loss)
-        if not p.ready(step) or step < st["hold_until"] or p.gave_back() is None:
+        if loss is None or not p.ready(step) or step < st["hold_until"] or p.gave_back() is None:
             return []
         ls, gs = list(st["loss"]), list(st["gn"])
         if len(ls) < 2 * self.SHORT or len(gs) < self.LONG // 2 + self.SHORT:
@@ -400,28 +397,7 @@ class EarlyDivergence(StreamDetector):
         gn_now, gn_base = median(gs[-self.SHORT :]), median(gs[: -self.SHORT])
         agree = g >= self.LOSS and now > before and gn_now >= self.GRAD * gn_base
         st["on"] = st["on"] + 1 if agree else 0
-        # a sudden collapse: the last two losses are each beyond every loss of the LONG steps before
-        # (a heavy-tailed loss has bad batches, rarely two unprecedented ones in a row), FAST of the
-        # progress given back, and both gradient norms GRAD x their baseline
-        low = p.unprecedented(self.LONG // 2)
-        fast = (
-            self.FAST > 0
-            and low is not None
-            and low - p.m >= self.FAST * p.progress
-            and min(gs[-2:]) >= self.GRAD * gn_base
-        )
-        what = None
-        if st["on"] >= self.SUSTAIN:
-            what = (
-                f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and rising) "
-                f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree"
-            )
-        elif fast and low is not None:
-            what = (
-                f"the last two losses (each above every loss of the {len(p.long) - 2} steps before, "
-                f"{(low - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
-                f"({min(gs[-2:]) / gn_base:.2g}x their baseline) agree"
-            )
+        what = self._what(st, p, g, gs, gn_now, gn_base)
         if what is not None:
             return self._set(
                 True,
@@ -451,3 +427,54 @@ class EarlyDivergence(StreamDetector):
                 f"loss and gradient norm are back to their baselines at step {step} on rank {rank}",
             )
         return []
+
+    def _observe(self, st: dict[str, Any], step: int, values: Mapping[str, float]) -> float | None:
+        """Takes in the record's gradient norm and loss, a declared data change and a shock; the
+        loss if it is finite, else None."""
+        p: Progress = st["p"]
+        if st["switches"].due(step, values):
+            p.reset(step)
+            st["hold_until"] = step + GRACE_STEPS
+            st["loss"].clear()
+            st["on"] = 0
+        gn = values.get("grad_norm")
+        if gn is not None and math.isfinite(gn):
+            st["gn"].append(gn)
+        loss = values.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return None
+        p.add(step, loss)
+        if p.shock_step == step:
+            st["healing"], st["hold_until"] = True, step + self.HOLD
+        elif p.repeat_step == step:
+            st["healing"], st["hold_until"] = False, -1
+        st["loss"].append(loss)
+        return loss
+
+    def _what(
+        self, st: dict[str, Any], p: Progress, g: float, gs: list[float], gn_now: float, gn_base: float
+    ) -> str | None:
+        """What agrees that training is diverging, in words: the sustained loss and gradient norm,
+        or a sudden collapse; None if nothing does."""
+        # a sudden collapse: the last two losses are each beyond every loss of the LONG steps before
+        # (a heavy-tailed loss has bad batches, rarely two unprecedented ones in a row), FAST of the
+        # progress given back, and both gradient norms GRAD x their baseline
+        low = p.unprecedented(self.LONG // 2)
+        fast = (
+            self.FAST > 0
+            and low is not None
+            and low - p.m >= self.FAST * p.progress
+            and min(gs[-2:]) >= self.GRAD * gn_base
+        )
+        if st["on"] >= self.SUSTAIN:
+            return (
+                f"the loss ({g:.0%} of its progress given back over the last {self.SHORT} steps, and rising) "
+                f"and the gradient norm ({gn_now / gn_base:.2g}x its baseline) agree"
+            )
+        if fast and low is not None:
+            return (
+                f"the last two losses (each above every loss of the {len(p.long) - 2} steps before, "
+                f"{(low - p.m) / p.progress:.0%} of the progress given back) and gradient norms "
+                f"({min(gs[-2:]) / gn_base:.2g}x their baseline) agree"
+            )
+        return None

@@ -284,25 +284,7 @@ class EpsHeadroomCollapse(_Sampled):
         tr.below = tr.below + 1 if h >= self.RESOLVE else 0
         b = median(tr.base) if tr.base else math.nan
         if tr.above >= self.SUSTAIN:
-            what = "the model's" if name == "eps_headroom" else f"tensor {name[len(self.needs_prefixes[0]) :]}'s"
-            return self._set(
-                True,
-                rank,
-                name,
-                step,
-                h,
-                f"{what} second moment is at epsilon's scale ({h:.2f} decades of headroom, gradient "
-                f"norm {g:.3g}): Adam's update is eps-dominated at step {step} on rank {rank}",
-                {
-                    "window": [tr.since, step],
-                    "values": [rounded(x) for x in tr.recent],
-                    "baseline": rounded(b),
-                    "threshold": self.FIRE,
-                    "resolve_at": self.RESOLVE,
-                    "grad_norm": rounded(g),
-                    "samples": tr.above,
-                },
-            )
+            return self._fire(tr, name, step, h, g, b, rank)
         if tr.below >= self.SUSTAIN:
             return self._set(
                 False,
@@ -313,3 +295,25 @@ class EpsHeadroomCollapse(_Sampled):
                 f"{name} is back to {h:.2f} decades of headroom at step {step} on rank {rank}",
             )
         return []
+
+    def _fire(self, tr: _Track, name: str, step: int, h: float, g: float, b: float, rank: int) -> list[AlertEvent]:
+        """The eps-dominated alert, with the streak's values as evidence."""
+        what = "the model's" if name == "eps_headroom" else f"tensor {name[len(self.needs_prefixes[0]) :]}'s"
+        return self._set(
+            True,
+            rank,
+            name,
+            step,
+            h,
+            f"{what} second moment is at epsilon's scale ({h:.2f} decades of headroom, gradient "
+            f"norm {g:.3g}): Adam's update is eps-dominated at step {step} on rank {rank}",
+            {
+                "window": [tr.since, step],
+                "values": [rounded(x) for x in tr.recent],
+                "baseline": rounded(b),
+                "threshold": self.FIRE,
+                "resolve_at": self.RESOLVE,
+                "grad_norm": rounded(g),
+                "samples": tr.above,
+            },
+        )

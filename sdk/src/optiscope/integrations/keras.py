@@ -70,6 +70,25 @@ def _is_lso(optimizer) -> bool:
     return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
 
+def _accumulation(optimizer) -> int:
+    """Batches per optimizer update (``gradient_accumulation_steps``, 1 when unset)."""
+    return int(getattr(optimizer, "gradient_accumulation_steps", None) or 1)
+
+
+def _learning_rate(optimizer):
+    """The learning rate the optimizer applies in the coming update, as a device 0-d tensor.
+
+    ``optimizer.learning_rate`` evaluates a schedule at the optimizer's current iteration (the
+    one ``apply`` will use) on the device; a constant learning rate is a variable that callbacks
+    may assign in place later, so it is copied (4 bytes, on the device)."""
+    lr = optimizer.learning_rate
+    if isinstance(lr, keras.Variable):
+        lr = lr.value
+    if isinstance(lr, torch.Tensor):
+        return lr.detach().clone()
+    return lr
+
+
 class _LossCapture:
     """The loss of one batch, exactly as the train step computed it.
 
@@ -191,21 +210,9 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
     def _read_raw(self) -> int:
         return _read_int(self._inner._iterations)
 
-    def _accumulation(self) -> int:
-        return int(getattr(self._inner, "gradient_accumulation_steps", None) or 1)
-
     def _lr(self):
-        """The learning rate the optimizer applies in the coming update, as a device 0-d tensor.
-
-        ``optimizer.learning_rate`` evaluates a schedule at the optimizer's current iteration (the
-        one ``apply`` will use) on the device; a constant learning rate is a variable that callbacks
-        may assign in place later, so it is copied (4 bytes, on the device)."""
-        lr = self._inner.learning_rate
-        if isinstance(lr, keras.Variable):
-            lr = lr.value
-        if isinstance(lr, torch.Tensor):
-            return lr.detach().clone()
-        return lr
+        """The learning rate of the coming update (``_learning_rate``), read at the batch's beginning."""
+        return _learning_rate(self._inner)
 
     # -- Keras hooks --------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -319,7 +326,7 @@ class OptiscopeCallback(KerasStatistics, keras.callbacks.Callback):
             self._batches += 1
             return
         raw = raw_now if raw_now is not None else self._raw
-        n = self._accumulation()
+        n = _accumulation(self._inner)
         p = _Pending(raw=raw, step=raw // n, update=(raw + 1) % n == 0)
         if p.update:
             try:

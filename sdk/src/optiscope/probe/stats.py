@@ -138,6 +138,24 @@ def before_step(
     native: Native | None = None,
 ) -> Before:
     had_v = [adam and "exp_avg_sq" in optimizer.state.get(p, {}) for p in params]
+    v_prev, floors, bc2s = _vu_inputs(params, had_v, optimizer, group_of)
+    lengths = [p.numel() for p in params]
+    grads = _grads(params)
+    if native is not None and _native_fits(native, params, grads, v_prev, floors):
+        if native.ready():
+            snaps = native_addresses(scratch.snapshot(("native",), sum(lengths), device, params[0].dtype), lengths)
+            vu = native.pre(params, snaps, grads, v_prev, floors, lengths)
+            return _before(Before([], [], {}, None, None, had_v, snaps), vu, bc2s, lengths, device)
+        if native.building():
+            kernels = None  # eager blocks until it is built, rather than a second compiler meanwhile
+    out, vu = _before_blocks(params, grads, v_prev, floors, had_v, device, scratch, kernels)
+    return _before(out, vu, bc2s, lengths, device)
+
+
+def _vu_inputs(
+    params: list[torch.Tensor], had_v: list[bool], optimizer, group_of: dict[int, dict]
+) -> tuple[list, list, list]:
+    """Per tensor: v_{t-1} (None without it), the floor eps^2 * bc2 and bc2 (1.0 and 0.0 without it)."""
     # v-underestimation: g^2 / max(v / bc2, eps^2) = bc2 * g^2 / max(v, eps^2 * bc2), v = v_{t-1}.
     v_prev, floors, bc2s = [], [], []
     memo: dict[tuple, tuple] = {}
@@ -152,15 +170,21 @@ def before_step(
             v_prev.append(None)
             floors.append(1.0)
             bc2s.append(0.0)
-    lengths = [p.numel() for p in params]
-    grads = _grads(params)
-    if native is not None and _native_fits(native, params, grads, v_prev, floors):
-        if native.ready():
-            snaps = native_addresses(scratch.snapshot(("native",), sum(lengths), device, params[0].dtype), lengths)
-            vu = native.pre(params, snaps, grads, v_prev, floors, lengths)
-            return _before(Before([], [], {}, None, None, had_v, snaps), vu, bc2s, lengths, device)
-        if native.building():
-            kernels = None  # eager blocks until it is built, rather than a second compiler meanwhile
+    return v_prev, floors, bc2s
+
+
+def _before_blocks(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    v_prev: list,
+    floors: list,
+    had_v: list[bool],
+    device: torch.device,
+    scratch: Scratch,
+    kernels: Kernels | None,
+) -> tuple[Before, torch.Tensor]:
+    """The snapshot and the per-tensor v-underestimation sums (not yet bias-corrected), through
+    fused kernels where they serve and eager blocks elsewhere."""
     sums = Sums(len(params), device)
     thetas = [_flat(p) for p in params]
     grads = [_flat(g) for g in grads]
@@ -193,9 +217,7 @@ def before_step(
         ):
             for b, snap in zip(unit, views):
                 eager(b, snap)
-    return _before(
-        Before(blocks, snapshots, whole, None, None, had_v, None, kernels), sums.total("vu"), bc2s, lengths, device
-    )
+    return Before(blocks, snapshots, whole, None, None, had_v, None, kernels), sums.total("vu")
 
 
 def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
