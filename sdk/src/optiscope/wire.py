@@ -280,6 +280,8 @@ class Batch:
 
 
 _NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+#: How a JSON document spells NaN, +Inf and -Inf (what ``encode_value`` writes).
+NONFINITE_SPELLINGS = tuple(_NONFINITE_OUT.values())
 _NONFINITE_IN = {
     "NaN": math.nan,
     "nan": math.nan,

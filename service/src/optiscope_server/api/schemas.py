@@ -317,7 +317,7 @@ BATCH_JSON_V1 = {
                         "maxProperties": wire.MAX_VALUES_PER_RECORD,
                         "propertyNames": {"pattern": wire.NAME_RE.pattern, "maxLength": wire.MAX_NAME_LEN},
                         "additionalProperties": {
-                            "anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]
+                            "anyOf": [{"type": "number"}, {"enum": list(wire.NONFINITE_SPELLINGS)}]
                         },
                     },
                 ],
