@@ -13,7 +13,7 @@ from .auth import Verifier
 from .ingest import Ingestor
 from .metrics import Metrics
 from .settings import Settings
-from .storage import Database, LatestValues, RankStore, Reaper, RunStore, SeriesStore
+from .storage import Database, LatestValues, ProjectStore, RankStore, Reaper, RunStore, SeriesStore
 
 
 class Collector:
@@ -21,6 +21,7 @@ class Collector:
         self.settings = settings
         self.db = Database(settings.db_url)
         self.runs = RunStore(self.db)
+        self.projects = ProjectStore(self.db)
         self.series = SeriesStore(self.db, settings.max_series_per_run)
         # a batch rewrites last_seen at most this often, well inside the heartbeat timeout
         self.ranks = RankStore(self.db, seen_interval=min(5.0, settings.heartbeat_timeout / 4))

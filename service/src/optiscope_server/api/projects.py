@@ -19,7 +19,7 @@ router = APIRouter(prefix="/api/v1/projects", responses=ERRORS)
 @router.get("", tags=["history"], response_model=m.ProjectList)
 def list_projects(who: Read, collector: CollectorDep) -> m.ProjectList:
     """The projects the caller can see, with their number of runs and last activity."""
-    return m.ProjectList(projects=[m.ProjectOut(**p) for p in collector.runs.list_projects(who.project)])
+    return m.ProjectList(projects=[m.ProjectOut(**p) for p in collector.projects.list_projects(who.project)])
 
 
 @router.delete("/{project}", tags=["retention"], response_model=m.Deleted)

@@ -19,7 +19,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from ..storage.audit import write_audit
-from ..storage.runs import ensure_project
+from ..storage.projects import ensure_project
 from ..storage.tables import tokens
 from .principals import SCOPES, Principal
 

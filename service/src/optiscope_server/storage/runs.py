@@ -1,4 +1,4 @@
-"""Runs and projects: registration, listing, one run's detail, deletion."""
+"""Runs: registration, listing, one run's detail, deletion (of a run or of a project's runs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Text, case, cast, exists, func, select, tuple_, update
+from sqlalchemy import Text, cast, exists, func, select, tuple_, update
 from sqlalchemy.engine import Connection
 
 from optiscope import wire
@@ -18,13 +18,8 @@ from .audit import write_audit
 from .database import Database
 from .errors import NotFound, Rejected
 from .latest import latest
+from .projects import ensure_project
 from .tables import alerts, projects, run_ranks, run_tags, runs, series
-
-
-def ensure_project(conn: Connection, project: str, now: float) -> None:
-    """A project exists from the first run registered in it (or the first token made for it)."""
-    ins = Database.insert_for(conn)
-    conn.execute(ins(projects).values(name=project, created_at=now).on_conflict_do_nothing())
 
 
 def settle(conn: Connection, run_id: str, now: float) -> Any:
@@ -276,28 +271,6 @@ class RunStore:
             ):
                 tagged[rid].append(tag)
         return tagged
-
-    def list_projects(self, only: str | None = None) -> list[dict]:
-        """Projects with their number of runs, of running runs, and the last activity of any run."""
-        per = (
-            select(
-                runs.c.project,
-                func.count().label("runs"),
-                func.sum(case((runs.c.status == "running", 1), else_=0)).label("running"),
-                func.max(runs.c.updated_at).label("last_activity"),
-            )
-            .group_by(runs.c.project)
-            .subquery()
-        )
-        q = (
-            select(projects.c.name, projects.c.created_at, per.c.runs, per.c.running, per.c.last_activity)
-            .select_from(projects.outerjoin(per, per.c.project == projects.c.name))
-            .order_by(projects.c.name)
-        )
-        if only is not None:
-            q = q.where(projects.c.name == only)
-        with self.db.read() as conn:
-            return [{**dict(r), "runs": r.runs or 0, "running": r.running or 0} for r in conn.execute(q).mappings()]
 
     # -- ingest ------------------------------------------------------------------------------
     @staticmethod
