@@ -64,12 +64,27 @@ def sync(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     client = HttpClient(args.url, args.token)
-    left = 0
+    left: dict[str, int] = {}
     for d in pending_spools(args.dir or default_root()):
         outcome, sent = replay(d, client)
-        print(f"{d.name}: {outcome}, {sent} batches sent")
-        left += outcome != "done"
+        print(f"{d.name}: {outcome}, {sent} batches acknowledged")
+        if outcome != "done":
+            left[outcome] = left.get(outcome, 0) + 1
+    for kind, why in SYNC_ADVICE.items():
+        if kind in left:
+            print(f"optiscope sync: {left[kind]} spool(s) {why}; nothing of them was deleted", file=sys.stderr)
     return 1 if left else 0
+
+
+#: What ``sync`` tells the user about the spools it had to leave, by outcome.
+SYNC_ADVICE = {
+    "unauthorized": "were refused for lack of a valid token (HTTP 401/403): set OPTISCOPE_TOKEN or --token to a "
+    "token with the ingest scope in the run's project, then run optiscope sync again",
+    "refused": "were refused by the collector (the run was deleted, belongs to another project, or a batch is "
+    "too large for it): see the collector's answer in its log",
+    "unreachable": "could not be delivered: the collector did not answer or asked to retry later",
+    "busy": "belong to runs still writing them",
+}
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ class CollectorSession:
     def replay_spools(self, root: Path, own: Path | None) -> int:
         """Send what earlier runs on this machine left under ``root`` (killed, or ended while the
         collector was away), except ``own``; spools of live runs are skipped. Returns the batches
-        sent; stops at the first spool the collector does not take."""
+        sent; stops when the collector cannot be reached. A spool this run's token may not deliver
+        (another project's, say) is left whole for ``optiscope sync`` with the right token."""
         sent = 0
         for d in pending_spools(root):
             if d == own:
@@ -90,6 +91,14 @@ class CollectorSession:
                 sent += n
                 if outcome == "unreachable":
                     break
+                if outcome in ("unauthorized", "refused"):
+                    self._warn(
+                        "replay-" + outcome,
+                        "left an earlier run's spool at %s as it was: the collector %s it (run `optiscope sync` "
+                        "with a token of that run's project)",
+                        d,
+                        "refused this token for" if outcome == "unauthorized" else "refused",
+                    )
             except Exception:
                 self._warn("replay", "could not replay the spool at %s", d)
         return sent

@@ -18,12 +18,13 @@ batches it already has.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import rundoc
 from .http import RETRYABLE, Body, Transport, TransportError
@@ -32,6 +33,8 @@ MAGIC = b"OSB1"
 HEADER = struct.Struct(">4sII")
 SEGMENT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024  # per run and rank
+
+log = logging.getLogger("optiscope")
 
 
 def default_root() -> Path:
@@ -165,9 +168,36 @@ class Lock:
             self._fd = None
 
 
-def replay(directory: Path, client: Transport) -> tuple[str, int]:
-    """Send what one spool directory holds; returns (outcome, batches sent). Outcomes: "done"
-    (delivered and removed), "busy" (its writer is alive), "unreachable" (kept for later)."""
+#: What the collector answers to a batch it will never accept, whoever sends it: the batch goes to
+#: the quarantine folder (with one log line) instead of holding up the batches behind it.
+MALFORMED = frozenset({400, 422})
+#: The sender's credentials are refused: everything is kept for a sender that has the right ones.
+UNAUTHORIZED = frozenset({401, 403})
+QUARANTINE = "quarantine"
+
+
+#: What replaying one spool came to:
+#: ``done`` every batch acknowledged (or quarantined as malformed), the end of the run acknowledged,
+#: the spool removed; ``busy`` its writer is alive; ``unreachable`` no answer, or one that asks to
+#: retry (5xx, 429), kept for later; ``unauthorized`` 401 or 403, kept whole for a sender with the
+#: right token; ``refused`` another refusal (the run is gone or belongs elsewhere, the body is too
+#: large), kept whole for a person to look at.
+Outcome = Literal["done", "busy", "unreachable", "unauthorized", "refused"]
+
+
+def _verdict(status: int | None) -> Outcome | None:
+    """None when the answer releases what was sent (2xx), else why the replay stops here."""
+    if status is not None and 200 <= status < 300:
+        return None
+    if status is None or status in RETRYABLE or status >= 500:
+        return "unreachable"
+    return "unauthorized" if status in UNAUTHORIZED else "refused"
+
+
+def replay(directory: Path, client: Transport) -> tuple[Outcome, int]:
+    """Send what one spool directory holds; returns (outcome, batches acknowledged). Only an
+    acknowledgement releases a batch: a segment is deleted once each of its batches was answered
+    2xx, or was malformed and moved to the quarantine folder beside the spools."""
     directory = Path(directory)
     lock = Lock(directory)
     if not lock.acquire():
@@ -175,23 +205,24 @@ def replay(directory: Path, client: Transport) -> tuple[str, int]:
     try:
         meta = json.loads((directory / "run.json").read_text())
         run_id = meta["run"]
-        sent = 0
         status, _ = rundoc.put_run(lambda m, p, b: _status(client, m, p, b), run_id, meta["doc"])
-        if status is None or status in RETRYABLE:
-            return "unreachable", 0
+        stop = _verdict(status)
+        if stop is not None:
+            return stop, 0
+        sent = 0
         for seg in sorted(directory.glob("*.seg")):
-            for body in read_frames(seg):
-                status = _status(client, "POST", f"/api/v1/runs/{run_id}/batches", body)
-                if status is None or status in RETRYABLE:
-                    return "unreachable", sent
-                sent += 1  # 2xx, or refused for good (4xx): either way done with it
+            stop, n = _replay_segment(directory, seg, run_id, client)
+            sent += n
+            if stop is not None:
+                return stop, sent
             seg.unlink()
         end = directory / "end.json"
         # No end.json: the writer died before finish() (killed, out of memory): the run crashed.
         final = json.loads(end.read_text())["status"] if end.exists() else "crashed"
         status = _status(client, "POST", f"/api/v1/runs/{run_id}/finish", {"status": final, "rank": meta["rank"]})
-        if status is None or status in RETRYABLE:
-            return "unreachable", sent
+        stop = _verdict(status)
+        if stop is not None:
+            return stop, sent
         for p in directory.iterdir():
             if p.name != "lock":
                 p.unlink(missing_ok=True)
@@ -200,6 +231,31 @@ def replay(directory: Path, client: Transport) -> tuple[str, int]:
         return "done", sent
     finally:
         lock.release()
+
+
+def _replay_segment(directory: Path, seg: Path, run_id: str, client: Transport) -> tuple[Outcome | None, int]:
+    """Send one segment's batches; (why it stopped or None when every batch is settled, batches
+    acknowledged)."""
+    sent = 0
+    for i, body in enumerate(read_frames(seg)):
+        status = _status(client, "POST", f"/api/v1/runs/{run_id}/batches", body)
+        if status in MALFORMED:
+            _quarantine(directory, seg, i, body, status)
+            continue
+        stop = _verdict(status)
+        if stop is not None:
+            return stop, sent
+        sent += 1
+    return None, sent
+
+
+def _quarantine(directory: Path, seg: Path, index: int, body: bytes, status: int | None) -> None:
+    """Keep a batch the collector will never accept, out of the way of the ones it will."""
+    folder = directory.parent / QUARANTINE / directory.name
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{seg.stem}-{index}.batch"
+    path.write_bytes(body)
+    log.warning("optiscope: the collector refused a spooled batch as malformed (HTTP %s); kept at %s", status, path)
 
 
 def _status(client: Transport, method: str, path: str, body: Body) -> int | None:
