@@ -91,13 +91,16 @@ def test_heartbeats_to_a_vanished_collector_cost_nothing(spool_dir):
 
 
 def test_an_unregistered_run_sends_no_heartbeats():
-    fake = FakeCollector(put_status=401)  # the collector refuses the run: nothing it sends counts
+    fake = FakeCollector(put_status=401)  # the collector refuses the run's token: nothing it sends counts
     try:
         run = optiscope.init(project="hb", url=fake.url, heartbeat_interval=0.1, flush_interval=0.2)
-        wait_until(lambda: len(fake.puts()) >= 2, what="the registration, refused")
+        run.log({"x": 1.0}, step=0)
+        wait_until(fake.puts, what="the registration, refused")
         time.sleep(0.5)
         assert fake.heartbeats() == [] and run.counters["heartbeats"] == 0
-        run.finish(timeout=1)
+        # the same token cannot succeed later: it is not tried again, and the batch waits in the spool
+        assert len(fake.puts()) == 1 and fake.batches() == []
+        assert run.finish(timeout=1) is False
     finally:
         fake.close()
 

@@ -133,3 +133,61 @@ def test_sync_without_the_token_keeps_the_spool_and_says_what_to_do(tmp_path, sp
         assert sp.pending_spools(spool_dir) == []
     finally:
         c.stop()
+
+
+def test_a_token_created_mid_run_keeps_the_rest_in_the_spool_for_sync(tmp_path, spool_dir, caplog):
+    """The collector starts open; a token is created while a run sends. The batches refused with
+    401 are not dropped: they stay in the spool with the run's end, one line says what to do, and
+    `optiscope sync` with the new token delivers every point and finishes the run."""
+    import optiscope
+
+    from conftest import get_json, wait_until
+
+    db = f"sqlite:///{tmp_path / 'o.db'}"
+    c = Collector(db, cwd=tmp_path).start()
+    try:
+        run = optiscope.init(project="p", url=c.url, max_batch_records=10, flush_interval=0.05)
+        for step in range(100):
+            run.log({"x": float(step)}, step=step)
+        wait_until(lambda: run.counters["sent_points"] >= 100, what="the first 100 points delivered")
+        made = subprocess.run(
+            [str(BIN / "optiscope"), "token", "create", "--project", "p", "--scope", "admin", "--db", db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        token = made.stdout.strip()
+        assert made.returncode == 0 and token.startswith("osk_"), made.stderr
+        wait_until(lambda: _refused(c.url), what="the collector closed to requests without a token")
+        with caplog.at_level(logging.WARNING, logger="optiscope"):
+            for step in range(100, 200):
+                run.log({"x": float(step)}, step=step)
+            assert run.finish(timeout=10) is False  # not delivered: kept
+        lines = [r.getMessage() for r in caplog.records if "refused this run's token" in r.getMessage()]
+        assert len(lines) == 1 and "OPTISCOPE_TOKEN" in lines[0] and "optiscope sync" in lines[0]
+        assert "dropping it" not in caplog.text
+        [left] = sp.pending_spools(spool_dir)
+        spooled = {s for b in _frames(left) for s, _, values in wire.decode_batch(b).records if "x" in values}
+        assert set(range(100, 200)) <= spooled
+
+        env = {**os.environ, "OPTISCOPE_SPOOL_DIR": str(spool_dir), "OPTISCOPE_TOKEN": token}
+        r = subprocess.run(
+            [str(BIN / "optiscope"), "sync", "--url", c.url], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = get_json(f"{c.url}/api/v1/runs/{run.id}/series/x", token)
+        assert got["steps"] == list(range(200)) and got["values"] == [float(s) for s in range(200)]
+        assert get_json(f"{c.url}/api/v1/runs/{run.id}", token)["status"] == "finished"
+    finally:
+        c.stop()
+
+
+def _refused(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/api/v1/runs", timeout=5)
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    return False

@@ -29,7 +29,7 @@ from typing import Any
 from .. import wire
 from .batches import BatchWriter, EncodedBatch
 from .exporters import warn_undelivered
-from .http import RETRYABLE, Transport
+from .http import RETRYABLE, UNAUTHORIZED, Transport
 from .record import Point, WarnOnce
 from .session import CollectorSession
 
@@ -68,6 +68,7 @@ class CollectorExporter:
         self._send_at = 0.0
         self._finish_acked = False
         self._done = False
+        self._refused: int | None = None  # 401/403: this token will not do; nothing more is sent
         self._warn = WarnOnce()
 
     @property
@@ -151,11 +152,15 @@ class CollectorExporter:
 
     def _drain(self) -> bool:
         """Register the run if needed, then send pending batches oldest first. False = back off."""
+        if self._refused is not None:
+            return True  # the batches wait in the spool for `optiscope sync` with the right token
         if not self._registered or self._doc_stale:
             status = self.session.register(self.writer.run_doc)
             if status is None or status in RETRYABLE:
                 self.counters["retries"] += 1
                 return False
+            if status in UNAUTHORIZED:
+                return self._refuse(status)
             if self._doc_stale:  # a registered run's new document: accepted or not, the data goes on
                 self._doc_stale = False
             else:
@@ -169,6 +174,8 @@ class CollectorExporter:
             if status is None or status in RETRYABLE:
                 self.counters["retries"] += 1
                 return False
+            if status in UNAUTHORIZED:  # not released: only an acknowledgement releases a batch
+                return self._refuse(status)
             self._pending.popleft()
             split = status == 413 and self._split(batch)
             if batch.spooled:  # acknowledged, refused for good, or split (its halves are on disk by now)
@@ -180,6 +187,22 @@ class CollectorExporter:
                 self.counters["sent_points"] += batch.points
             else:
                 self.counters["rejected_batches"] += 1
+        return True
+
+    def _refuse(self, status: int) -> bool:
+        """The collector refuses this run's token (401: none or unknown, say tokens were created
+        after the run started; 403: its scope or project). Sending again cannot succeed, so
+        nothing more is sent; every batch stays in the spool, with the run's end, for `optiscope
+        sync` with the right token. One log line says so."""
+        self._refused = status
+        self._warn(
+            "unauthorized",
+            "the collector refused this run's token (HTTP %d); nothing more is sent and every batch is kept in "
+            "%s: set OPTISCOPE_TOKEN to a token with the ingest scope in project %r, then run `optiscope sync`",
+            status,
+            f"the spool at {self.writer.spool_dir}" if self.writer.spool_dir else "memory only (the spool is off)",
+            self.writer.run_doc.get("project"),
+        )
         return True
 
     def _split(self, batch: EncodedBatch) -> bool:
@@ -199,7 +222,7 @@ class CollectorExporter:
         Called only after a drain that sent everything: a heartbeat never waits in front of a batch.
         One attempt: failed or refused, the next is an interval later (the clock is any request)."""
         interval = self.heartbeat_interval
-        if interval is None or not self._registered or self._pending:
+        if interval is None or not self._registered or self._pending or self._refused is not None:
             return
         if time.monotonic() - self.session.last_request < interval:
             return
@@ -209,7 +232,7 @@ class CollectorExporter:
 
     def _end(self, status: str) -> None:
         """Mark the run ended; when that is worth trying again (unreachable, 429, 5xx), back off."""
-        if self._registered:
+        if self._registered and self._refused is None:  # a refused run's end waits in the spool too
             answer = self.session.finish(status)
             if answer is None or answer in RETRYABLE:
                 self.counters["retries"] += 1

@@ -24,6 +24,9 @@ from .. import wire
 GZIP_MIN_BYTES = 1024
 #: Statuses worth retrying: the collector is restarting, overloaded or behind a failing proxy.
 RETRYABLE = frozenset({429, 502, 503, 504})
+#: The sender's credentials are refused: sending again with the same token cannot succeed, and
+#: nothing sent is released (the batches wait in the spool for a sender with the right token).
+UNAUTHORIZED = frozenset({401, 403})
 
 #: A request's body: encoded wire bytes, or a JSON document.
 Body = bytes | dict[str, Any] | None

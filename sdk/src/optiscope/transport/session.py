@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundoc
-from .http import RETRYABLE, Body, Transport, TransportError
+from .http import RETRYABLE, UNAUTHORIZED, Body, Transport, TransportError
 from .record import WarnOnce
 from .spool import pending_spools, replay
 
@@ -45,7 +45,8 @@ class CollectorSession:
             # the collector says when to come back (bounded by backoff_max)
             self.retry_after = min(self.backoff_max, float(headers["retry-after"]))
         self.last_request = time.monotonic()
-        if status >= 400 and status not in RETRYABLE and status != 413 and status not in quiet:
+        refused_for_good = status not in RETRYABLE and status not in UNAUTHORIZED and status != 413
+        if status >= 400 and refused_for_good and status not in quiet:  # the caller says what a 401/403 means
             reason = _reason(payload)
             self._warn(
                 f"http{status}:{reason}", "%s %s rejected with %d (%s); dropping it", method, path, status, reason

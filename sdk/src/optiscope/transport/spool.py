@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import rundoc
-from .http import RETRYABLE, Body, Transport, TransportError
+from .http import RETRYABLE, UNAUTHORIZED, Body, Transport, TransportError
 
 MAGIC = b"OSB1"
 HEADER = struct.Struct(">4sII")
@@ -171,8 +171,6 @@ class Lock:
 #: What the collector answers to a batch it will never accept, whoever sends it: the batch goes to
 #: the quarantine folder (with one log line) instead of holding up the batches behind it.
 MALFORMED = frozenset({400, 422})
-#: The sender's credentials are refused: everything is kept for a sender that has the right ones.
-UNAUTHORIZED = frozenset({401, 403})
 QUARANTINE = "quarantine"
 
 
