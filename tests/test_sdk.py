@@ -273,3 +273,16 @@ def test_run_id_and_rank_are_checked():
         optiscope.init(url=f"http://127.0.0.1:{free_port()}", run_id="no spaces allowed")
     with pytest.raises(ValueError):
         optiscope.init(url=f"http://127.0.0.1:{free_port()}", rank=-1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"url": "127.0.0.1:8737"}, {"url": "ftp://127.0.0.1/"}, {"no_such_option": 1}, {"run_id": "no spaces allowed"}],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(spool_dir, bad):
+    """A refused init() leaves no spool: the next run would replay it as an empty crashed run."""
+    args = {"project": "p", "url": f"http://127.0.0.1:{free_port()}", **bad}
+    with pytest.raises((ValueError, TypeError)):
+        optiscope.init(**args)
+    assert not spool_dir.exists() or list(spool_dir.iterdir()) == []
+    assert sp.pending_spools(spool_dir) == []

@@ -107,6 +107,9 @@ def start_transport(
     unknown = sorted(set(options) - set(PROCESSOR_OPTIONS) - set(COLLECTOR_OPTIONS))
     if unknown:
         raise TypeError(f"init() got an unexpected keyword argument {unknown[0]!r}")
+    # Checked before anything is written: a malformed URL must not leave a spool behind, which the
+    # next run would replay as an empty crashed run.
+    client = None if offline else HttpClient(url, token)
     spool = root = None
     if spool_opt:
         from .transport.spool import DEFAULT_MAX_BYTES, Spool, default_root
@@ -120,9 +123,7 @@ def start_transport(
     collector = {k: options[k] for k in COLLECTOR_OPTIONS if k in options}
     # offline: the collector's bounds have nothing to bound; they are accepted all the same
     exporter: SpoolExporter | CollectorExporter = (
-        SpoolExporter(writer)
-        if offline
-        else CollectorExporter(HttpClient(url, token), writer, replay_root=root, **collector)
+        SpoolExporter(writer) if client is None else CollectorExporter(client, writer, replay_root=root, **collector)
     )
     processor = BatchProcessor(
         exporter,
