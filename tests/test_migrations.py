@@ -157,3 +157,17 @@ def test_replicas_starting_together_migrate_once(pg_url):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
     engine.dispose()
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_not_a_traceback(tmp_path):
+    """A typo in --db (a missing directory, a database that does not exist) is a message and exit 2,
+    for every command that opens the database, with the password left out."""
+    missing = f"sqlite:///{tmp_path / 'no-such-dir' / 'o.db'}"
+    pg = "postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/optiscope_no_such_database"
+    for args in (["serve", "--port", "1"], ["db", "current"], ["db", "upgrade"], ["token", "list"]):
+        for db in (missing, pg):
+            r = subprocess.run([OPTISCOPE, *args, "--db", db], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, (args, db, r.stderr)
+            assert "cannot open the database" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert "hunter2" not in r.stderr
+    assert not (tmp_path / "no-such-dir").exists()

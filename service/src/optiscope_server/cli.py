@@ -13,6 +13,9 @@ import os
 import socket
 import sys
 
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
+
 from optiscope import wire
 
 from .alerting import endpoints, signing
@@ -32,7 +35,9 @@ def serve(argv: list[str]) -> int:
     except ValueError as e:
         print(f"optiscope serve: {e}", file=sys.stderr)
         return 2
-    engine = make_engine(settings.db_url)  # applies pending migrations before anything listens
+    engine = open_database("optiscope serve", settings.db_url)  # applies pending migrations before anything listens
+    if engine is None:
+        return 2
     try:
         has_tokens = Verifier(engine).any_token()
     finally:
@@ -50,6 +55,28 @@ def serve(argv: list[str]) -> int:
 
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
+
+
+def open_database(prog: str, url: str, migrate: bool = True) -> Engine | None:
+    """The engine of ``url`` (migrated unless told not to), or None after one line that says why it
+    cannot be opened (a missing directory, a server that refuses): no traceback for a user's typo."""
+    try:
+        engine = make_engine(url, migrate=migrate)
+        with engine.connect():
+            pass
+    except (OperationalError, OSError, ValueError) as e:
+        why = getattr(e, "orig", None) or e
+        print(f"{prog}: cannot open the database {_redacted(url)}: {why}", file=sys.stderr)
+        return None
+    return engine
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for a message."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: say it as given
+        return url
 
 
 def check_webhooks(settings: Settings) -> None:
@@ -73,7 +100,9 @@ def db(argv: list[str]) -> int:
     )
     add_db_argument(p)
     args = p.parse_args(argv)
-    engine = make_engine(args.db, migrate=False)
+    engine = open_database("optiscope db", args.db, migrate=False)
+    if engine is None:
+        return 2
     try:
         if args.action == "upgrade":
             before, after = migrate.upgrade(engine)
@@ -117,7 +146,9 @@ def token(argv: list[str]) -> int:
         add_db_argument(sp)
     args = p.parse_args(argv)
 
-    engine = make_engine(args.db)
+    engine = open_database("optiscope token", args.db)
+    if engine is None:
+        return 2
     try:
         if args.action == "create":
             if not wire.valid_name(args.project):
