@@ -191,3 +191,21 @@ def _refused(url: str) -> bool:
     except urllib.error.HTTPError as e:
         return e.code == 401
     return False
+
+
+def test_a_spool_is_readable_by_its_owner_only(tmp_path, http_receiver):
+    """A spool holds a run's config, environment and values: folders 0700, files 0600, whatever the
+    umask; the quarantine too."""
+    old = os.umask(0o022)
+    try:
+        root = tmp_path / "new-root" / "spool"
+        d = _spool(root)
+        r = http_receiver(handler=_answering(lambda seq: 422 if seq == 0 else 500))
+        assert sp.replay(d, HttpClient(r.url))[0] == "unreachable"
+    finally:
+        os.umask(old)
+    made = [root.parent, root, d, root / sp.QUARANTINE, root / sp.QUARANTINE / d.name]
+    assert all((p.stat().st_mode & 0o777) == 0o700 for p in made), [oct(p.stat().st_mode) for p in made]
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"run.json", "end.json", "lock"} and any(p.suffix == ".seg" for p in files)
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in files), {p.name: oct(p.stat().st_mode) for p in files}

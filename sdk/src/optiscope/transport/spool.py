@@ -65,12 +65,30 @@ def read_frames(path: Path) -> Iterator[bytes]:
         pos = end
 
 
+# A spool holds a run's config, environment and values: readable by its owner only.
+def _private_dir(path: Path) -> None:
+    """``path`` and the folders made for it, owner-only (an existing folder is tightened too)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for p in (path, *missing):
+        os.chmod(p, 0o700)
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _private_write(path: Path, data: bytes) -> None:
+    with open(path, "wb", opener=_private_opener) as f:
+        f.write(data)
+
+
 class Spool:
     """The spool of one (run, rank). Used by the exporter thread only: no locking."""
 
     def __init__(self, root: Path, run_id: str, rank: int, run_doc: dict[str, Any], max_bytes: int = DEFAULT_MAX_BYTES):
         self.dir = Path(root) / f"{run_id}-{rank}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.dir)
         self.lock = Lock(self.dir)
         self.lock.acquire()  # a replayer in another process leaves this spool alone while we live
         self.run_id, self.rank = run_id, rank
@@ -86,7 +104,7 @@ class Spool:
         """Keep the run's registration document, the one a replay registers. Written to a temporary
         file and renamed: a process killed mid-write leaves the old document, never half of one."""
         tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps({"run": self.run_id, "rank": self.rank, "doc": run_doc}))
+        _private_write(tmp, json.dumps({"run": self.run_id, "rank": self.rank, "doc": run_doc}).encode())
         os.replace(tmp, self.dir / "run.json")
 
     def append(self, seq: int, body: bytes) -> bool:
@@ -98,7 +116,7 @@ class Spool:
         if self._segment is None or self._segment_size + len(data) > SEGMENT_BYTES:
             self._segment, self._segment_size = self.dir / f"{seq:020d}.seg", 0
             self._unacked[self._segment] = set()
-        with open(self._segment, "ab") as f:
+        with open(self._segment, "ab", opener=_private_opener) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the point of a spool: it survives the process
@@ -133,7 +151,7 @@ class Spool:
                 p.unlink(missing_ok=True)
             self.dir.rmdir()
         else:
-            (self.dir / "end.json").write_text(json.dumps({"status": status}))
+            _private_write(self.dir / "end.json", json.dumps({"status": status}).encode())
         self.lock.release()
 
 
@@ -250,9 +268,9 @@ def _replay_segment(directory: Path, seg: Path, run_id: str, client: Transport) 
 def _quarantine(directory: Path, seg: Path, index: int, body: bytes, status: int | None) -> None:
     """Keep a batch the collector will never accept, out of the way of the ones it will."""
     folder = directory.parent / QUARANTINE / directory.name
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_dir(folder)
     path = folder / f"{seg.stem}-{index}.batch"
-    path.write_bytes(body)
+    _private_write(path, body)
     log.warning("optiscope: the collector refused a spooled batch as malformed (HTTP %s); kept at %s", status, path)
 
 
