@@ -200,6 +200,9 @@ def test_webhook_input_is_checked(fast):
 
     assert status({"url": "ftp://example.com/x"}) == 422
     assert status({"url": "http://user:pw@example.com/x"}) == 422
+    for port in ("99999", "0", "65536"):  # out of range: refused at creation, not at the first send
+        assert status({"url": f"https://example.com:{port}/x"}) == 422
+    assert status({"url": "https://example.com:8443/x"}) == 201
     assert status({"url": "https://example.com/x", "format": "teams"}) == 422
     assert status({"url": "https://example.com/x", "secret": "not-a-secret"}) == 422
     assert status({"url": "https://example.com/x", "secret": signing.new_secret()}) == 201

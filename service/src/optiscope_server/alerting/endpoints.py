@@ -35,6 +35,12 @@ def check_url(url: str) -> None:
         raise ValueError("a webhook URL is http:// or https:// with a host")
     if parts.username or parts.password:
         raise ValueError("a webhook URL carries no user or password (sign with a secret instead)")
+    try:
+        port = parts.port  # urllib checks the range when asked
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("a webhook URL's port is from 1 to 65535")
 
 
 # -- the table --------------------------------------------------------------------------------
