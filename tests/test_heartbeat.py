@@ -140,3 +140,19 @@ def test_the_collector_acknowledges_heartbeats(sqlite_collector):
     assert "hb-e2e" in detail["tags"]
     assert detail["environment"]["cluster"] == "a" and "cluster" in detail["environment_differs"]
     assert run.finish(timeout=10) and other.finish(timeout=10)
+
+
+def test_heartbeat_and_finish_never_create_a_rank(sqlite_collector):
+    """Ranks register (PUT the run); a heartbeat or an end for a rank that never did is a 404 and
+    leaves the run's ranks as they were."""
+    import httpx
+
+    url = sqlite_collector.url + "/api/v1/runs/hb-ranks"
+    assert httpx.put(url, json={"project": "hb", "name": "n", "rank": 0}).status_code == 200
+    for path, body in (("/heartbeat", {"rank": 7}), ("/finish", {"rank": 2**31 - 1, "status": "crashed"})):
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == 404 and r.json()["reason"] == "not_found", r.text
+    run = sqlite_collector.api("/runs/hb-ranks")
+    assert [r["rank"] for r in run["ranks"]] == [0] and run["status"] == "running"
+    assert httpx.post(url + "/heartbeat", json={"rank": 0}).status_code == 200
+    assert httpx.post(url + "/finish", json={"rank": 0}).json()["status"] == "finished"

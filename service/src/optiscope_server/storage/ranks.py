@@ -62,20 +62,16 @@ class RankStore:
             while len(self._seen_at) > SEEN_MEMO_RANKS:
                 self._seen_at.popitem(last=False)
 
-    def seen(self, conn: Connection, run_id: str, rank: int, now: float, register: bool = False) -> Any:
+    def seen(self, conn: Connection, run_id: str, rank: int, now: float) -> Any:
         """Note that a rank was heard from; a rank that silence marked crashed is running again.
-        Returns the run row when ``register`` or when the run's status may have changed."""
+        Returns the run row when the run's status may have changed (None otherwise)."""
         got = conn.execute(
             update(run_ranks)
             .where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
             .values(last_seen=now)
             .returning(run_ranks.c.crash_reason)
         ).first()
-        if got is None and register:
-            conn.execute(
-                run_ranks.insert().values(run_id=run_id, rank=rank, status="running", started_at=now, last_seen=now)
-            )
-        elif got is not None and got.crash_reason == "heartbeat":
+        if got is not None and got.crash_reason == "heartbeat":
             conn.execute(
                 update(run_ranks)
                 .where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
@@ -83,37 +79,28 @@ class RankStore:
             )
             log.info("run %s rank %d is heard from again after being marked crashed", run_id, rank)
             return settle(conn, run_id, now)
-        return settle(conn, run_id, now) if register else None
+        return None
 
     # -- requests ----------------------------------------------------------------------------
     def heartbeat(self, run_id: str, rank: int = 0) -> dict:
-        """A rank is alive: note the time, and revive it if silence had marked it crashed."""
+        """A registered rank is alive: note the time, and revive it if silence had marked it crashed."""
         now = time.time()
         with self.db.write() as conn:
-            _exists(conn, run_id)
-            row = self.seen(conn, run_id, rank, now, register=True)
+            _registered(conn, run_id, rank)
+            self.seen(conn, run_id, rank, now)
+            row = settle(conn, run_id, now)
         return dict(row)
 
     def finish_run(self, run_id: str, status: str, rank: int = 0) -> dict:
-        """Mark a rank finished or crashed (reported by the SDK); returns the run's row."""
+        """Mark a registered rank finished or crashed (reported by the SDK); returns the run's row."""
         now = time.time()
         reason = "reported" if status == "crashed" else None
         with self.db.write() as conn:
-            _exists(conn, run_id)
-            ins = self.db.insert(run_ranks).values(
-                run_id=run_id,
-                rank=rank,
-                status=status,
-                started_at=now,
-                finished_at=now,
-                last_seen=now,
-                crash_reason=reason,
-            )
+            _registered(conn, run_id, rank)
             conn.execute(
-                ins.on_conflict_do_update(
-                    index_elements=["run_id", "rank"],
-                    set_={"status": status, "finished_at": now, "last_seen": now, "crash_reason": reason},
-                )
+                update(run_ranks)
+                .where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
+                .values(status=status, finished_at=now, last_seen=now, crash_reason=reason)
             )
             row = settle(conn, run_id, now)
         if row["status"] != "running":
@@ -151,9 +138,14 @@ class RankStore:
         return changed
 
 
-def _exists(conn: Connection, run_id: str) -> None:
+def _registered(conn: Connection, run_id: str, rank: int) -> None:
+    """404 unless the run exists and the rank registered in it: a heartbeat or an end names a rank,
+    it never creates one (ranks go up to 2**31 - 1)."""
     if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
         raise NotFound(run_id)
+    known = select(run_ranks.c.rank).where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
+    if conn.execute(known).first() is None:
+        raise NotFound(f"{run_id} has no rank {rank}: a rank registers (PUT the run) before it sends")
 
 
 class Reaper:
