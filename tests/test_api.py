@@ -81,6 +81,9 @@ def test_rejections_are_clear_and_lose_nothing(sqlite_collector):
     assert len(bomb) < 100_000
     assert reason(post(c, bomb, headers={"Content-Encoding": "gzip"}), 413) == "body_too_large"
     assert reason(post(c, b"garbage", headers={"Content-Encoding": "gzip"}), 400) == "bad_encoding"
+    whole = gzip.compress(batch(seq=8, records=[(1, 1.0, {"loss": 9.0})]))
+    for bad in (whole[:-6], whole + b"trailing", whole + gzip.compress(b"{}")):  # cut short; more after its end
+        assert reason(post(c, bad, headers={"Content-Encoding": "gzip"}), 400) == "bad_encoding"
     assert reason(post(c, batch(seq=8), headers={"Content-Encoding": "br"}), 415) == "unsupported_encoding"
     r = httpx.put(f"{c.url}/api/v1/runs/run2", json={"project": "p", "name": "n", "surprise": 1})
     assert r.status_code == 422 and "surprise" in r.text

@@ -36,6 +36,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, "bad_encoding", f"gzip body cannot be decompressed: {e}") from None
         if len(body) > limit or d.unconsumed_tail:
             raise ApiError(413, "body_too_large", f"decompressed body exceeds {limit} bytes")
+        if not d.eof or d.unused_data:  # cut short, or more after the first member: not what was sent
+            raise ApiError(400, "bad_encoding", "the gzip body is truncated or has data after its end")
     elif encoding not in ("identity", ""):
         raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported (gzip is)")
     return body
