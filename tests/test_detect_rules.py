@@ -876,3 +876,16 @@ def test_eps_collapse_ignores_a_tensor_with_only_rounding_noise_for_a_gradient()
     assert feed(EpsHeadroomCollapse, tiny) == []
     real = sampled(name, [0.3] * 6, **{"grad_norm/param/c1.bias": np.full(6, 1e-3), "grad_norm": np.full(6, 2.0)})
     assert [e.state for e in feed(EpsHeadroomCollapse, real)] == ["firing"]
+
+
+def test_a_config_number_beyond_float64_is_ignored_not_fatal():
+    """A run's config is the user's JSON: 10**400 is valid there. The detectors built from it treat
+    it as undeclared instead of failing every batch of the run."""
+    from optiscope.detect.schedule import declared_steps
+
+    huge = 10**400
+    assert declared_schedule({"lr": huge}) is None
+    assert declared_steps({"data_mixture_switch_steps": [huge, 5, True, math.nan]}, "data_mixture_switch_steps") == [5]
+    for config in ({"lr": huge}, {"data_mixture_switch_steps": [huge]}, {"lr": 1e-3, "warmup_steps": huge}):
+        for d in default_detectors(config):
+            d.update(1, {"loss": 1.0, "lr": 1e-3, "grad_norm": 1.0})

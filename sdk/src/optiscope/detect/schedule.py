@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 PEAK_KEYS = ("lr_peak", "peak_lr", "max_lr", "lr", "learning_rate")
 WARMUP_KEYS = ("warmup_steps", "num_warmup_steps", "warmup")
@@ -23,10 +23,21 @@ COSINE = {"linear_warmup_cosine", "warmup_cosine", "cosine", "cosine_with_warmup
 LINEAR = {"linear_warmup_linear", "linear", "linear_with_warmup", "linear_decay", "warmup_linear"}
 
 
+def _finite(v: Any) -> TypeGuard[int | float]:
+    """A number a float holds: not a bool, not NaN or Inf, not an integer beyond float64 (a config
+    is the user's JSON: 10**400 is valid there, and must not make every batch of the run fail)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _number(config: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
     for k in keys:
         v = config.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if _finite(v):
             return float(v)
     return None
 
@@ -76,4 +87,4 @@ def declared_steps(config: Mapping[str, Any] | None, key: str) -> list[int]:
     v = (config or {}).get(key)
     if not isinstance(v, (list, tuple)):
         return []
-    return sorted(int(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+    return sorted(int(x) for x in v if _finite(x))
