@@ -5,6 +5,7 @@ a revoked token and a token of too small a scope; the audit log of administrativ
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,17 @@ def test_public_address_needs_authentication_and_then_always_requires_it(tmp_pat
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_token_create_refuses_a_default_database_no_collector_uses(tmp_path):
+    """Without --db or OPTISCOPE_DB, `token create` in a folder with no optiscope.db would make a
+    database nobody reads: it refuses, makes no file, and says which database it looked for; with
+    the database there, the token is made and the database named."""
+    env = {k: v for k, v in os.environ.items() if k != "OPTISCOPE_DB"}
+    args = [OPTISCOPE, "token", "create", "--project", "p", "--scope", "read"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and str(tmp_path / "optiscope.db") in r.stderr, r.stderr
+    assert not (tmp_path / "optiscope.db").exists()
+    assert subprocess.run([OPTISCOPE, "db", "upgrade"], cwd=tmp_path, env=env, timeout=120).returncode == 0
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("osk_") and "sqlite:///optiscope.db" in r.stderr, r.stderr

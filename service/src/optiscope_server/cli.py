@@ -123,8 +123,7 @@ def _actor() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
-def token(argv: list[str]) -> int:
-    """``optiscope token create|list|revoke``: tokens live in the collector's database."""
+def _token_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optiscope token", description="API tokens, scoped to one project.")
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("create", help="make a token; it is printed once and only its hash is kept")
@@ -144,8 +143,22 @@ def token(argv: list[str]) -> int:
     r.add_argument("id")
     for sp in (c, ls, r):
         add_db_argument(sp)
-    args = p.parse_args(argv)
+    return p
 
+
+def token(argv: list[str]) -> int:
+    """``optiscope token create|list|revoke``: tokens live in the collector's database."""
+    args = _token_parser().parse_args(argv)
+    defaulted = "OPTISCOPE_DB" not in os.environ and not any(a == "--db" or a.startswith("--db=") for a in argv)
+    path = make_url(args.db).database if args.db.startswith("sqlite") else None
+    if defaulted and path and not os.path.exists(path):
+        # A token in a database no collector uses is a token nobody can use: say so rather than make one.
+        print(
+            f"optiscope token: no collector database at {os.path.abspath(path)} (the default, optiscope.db in "
+            "the working directory); pass --db or set OPTISCOPE_DB to the database `optiscope serve` uses",
+            file=sys.stderr,
+        )
+        return 2
     engine = open_database("optiscope token", args.db)
     if engine is None:
         return 2
@@ -157,8 +170,8 @@ def token(argv: list[str]) -> int:
             secret, row = create_token(engine, args.project, args.scope, args.name or "+".join(args.scope), _actor())
             print(secret)
             print(
-                f"id {row['id']}, project {row['project']}, scopes {row['scopes']}: store it now, it is not "
-                "shown again",
+                f"id {row['id']}, project {row['project']}, scopes {row['scopes']}, in {_redacted(args.db)}: "
+                "store it now, it is not shown again",
                 file=sys.stderr,
             )
         elif args.action == "list":
