@@ -18,7 +18,7 @@ from typing import Any
 from . import _runtime, wire
 from ._runtime import COLLECTOR_OPTIONS as COLLECTOR_OPTIONS
 from ._runtime import PROCESSOR_OPTIONS as PROCESSOR_OPTIONS
-from .transport.record import Record
+from .transport.record import Record, WarnOnce
 
 log = logging.getLogger("optiscope")
 
@@ -60,7 +60,7 @@ class Run:
         self._closers: list = []
         self._auto_step = 0
         self._finished = False
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce()  # one line per kind of trouble, never one per step
         doc = _runtime.registration_doc(project, self.name, rank, self.config, self._pid, tags, self._warn_once)
         self._env_extra = dict(environment) if isinstance(environment, Mapping) else {}
         self._env_on = environment is not False
@@ -97,11 +97,6 @@ class Run:
         """Delivery counters: sent_batches, sent_points, dropped, retries, rejected_batches, bad_values,
         spooled_batches, spool_full, replayed_batches, split_batches, heartbeats."""
         return dict(self._processor.counters)
-
-    def _warn_once(self, key: str, msg: str, *args, exc_info: bool = False) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning("optiscope: " + msg, *args, exc_info=exc_info)
 
     def _active(self) -> bool:
         return not self._finished and os.getpid() == self._pid

@@ -74,7 +74,7 @@ class WarnOnce:
     def __init__(self) -> None:
         self._seen: set[str] = set()
 
-    def __call__(self, key: str, msg: str, *args: object) -> None:
+    def __call__(self, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
         if key not in self._seen:
             self._seen.add(key)
-            log.warning("optiscope: " + msg, *args)
+            log.warning("optiscope: " + msg, *args, exc_info=exc_info)

@@ -13,6 +13,7 @@ from optiscope.detect import AlertEvent
 from ..storage.audit import write_audit
 from ..storage.database import Database
 from ..storage.errors import NotFound
+from ..storage.runs import require_run
 from ..storage.tables import alerts, runs
 from .events import evidence_json, webhook_event
 from .outbox import Outbox
@@ -143,8 +144,8 @@ class AlertStore:
         if before is not None:
             q = q.where(alerts.c.id < before)
         with self.db.read() as conn:
-            if run_id is not None and conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-                raise NotFound(run_id)
+            if run_id is not None:
+                require_run(conn, run_id)
             return [dict(r) for r in conn.execute(q).mappings()]
 
     def get_alert(self, alert_id: int) -> dict:

@@ -21,8 +21,8 @@ from sqlalchemy.engine import Connection
 
 from .database import Database
 from .errors import NotFound
-from .runs import settle
-from .tables import run_ranks, runs
+from .runs import require_run, settle
+from .tables import run_ranks
 
 log = logging.getLogger("optiscope.server")
 
@@ -141,8 +141,7 @@ class RankStore:
 def _registered(conn: Connection, run_id: str, rank: int) -> None:
     """404 unless the run exists and the rank registered in it: a heartbeat or an end names a rank,
     it never creates one (ranks go up to 2**31 - 1)."""
-    if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-        raise NotFound(run_id)
+    require_run(conn, run_id)
     known = select(run_ranks.c.rank).where(run_ranks.c.run_id == run_id, run_ranks.c.rank == rank)
     if conn.execute(known).first() is None:
         raise NotFound(f"{run_id} has no rank {rank}: a rank registers (PUT the run) before it sends")

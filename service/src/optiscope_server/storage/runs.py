@@ -22,6 +22,12 @@ from .projects import ensure_project
 from .tables import alerts, projects, run_ranks, run_tags, runs, series
 
 
+def require_run(conn: Connection, run_id: str) -> None:
+    """NotFound (a 404) unless the run exists."""
+    if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
+        raise NotFound(run_id)
+
+
 def settle(conn: Connection, run_id: str, now: float) -> Any:
     """The run's status from its ranks': crashed if one crashed, finished when all finished.
     Returns the run's row."""
@@ -164,13 +170,6 @@ class RunStore:
     def run_project(self, run_id: str) -> str | None:
         with self.db.read() as conn:
             return conn.execute(select(runs.c.project).where(runs.c.id == run_id)).scalar()
-
-    def get_run_row(self, run_id: str) -> dict:
-        with self.db.read() as conn:
-            row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
-        if row is None:
-            raise NotFound(run_id)
-        return dict(row)
 
     def list_runs(
         self,

@@ -20,7 +20,8 @@ from .chunks import Chunk, merge
 from .database import Database
 from .errors import NotFound, Rejected
 from .latest import latest
-from .tables import batches, chunks, runs, series
+from .runs import require_run
+from .tables import batches, chunks, series
 
 _CHUNK_COLUMNS = ("series_id", "rank", "step_min", "step_max", "last_value", "steps", "vals")
 #: Runs whose catalog is kept in memory; the least recently used leaves.
@@ -118,7 +119,7 @@ class SeriesStore:
     def list_series(self, run_id: str) -> list[dict]:
         """The run's series, each with its last step and value."""
         with self.db.read() as conn:
-            self._run_exists(conn, run_id)
+            require_run(conn, run_id)
             rows = conn.execute(latest(series.c.run_id == run_id, outer=True).order_by(series.c.name)).all()
         return [{"name": n, "last_step": s, "last_value": v} for _, n, s, v in rows]
 
@@ -137,7 +138,7 @@ class SeriesStore:
         with self.db.read() as conn:
             sid = conn.execute(select(series.c.id).where(series.c.run_id == run_id, series.c.name == name)).scalar()
             if sid is None:
-                self._run_exists(conn, run_id)  # 404 for the run rather than the series when both are missing
+                require_run(conn, run_id)  # 404 for the run rather than the series when both are missing
                 raise NotFound(f"{run_id}/{name}")
             rows = self.read_chunks(conn, sid, rank, start, end)
         return merge(rows, start, end, limit, max_points)
@@ -183,8 +184,3 @@ class SeriesStore:
         with raw.cursor(binary=True) as cur:
             cur.execute(str(sql), sql.params)
             return cur.fetchall()
-
-    @staticmethod
-    def _run_exists(conn: Connection, run_id: str) -> None:
-        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-            raise NotFound(run_id)
